@@ -1,0 +1,164 @@
+//! The `ferrotune` binary on good and bad input: bad input gives a one-line error naming
+//! the file (and line or field), a non-zero exit, and never a panic.
+
+use std::path::Path;
+use std::process::Command;
+
+use ferrotune::testing::{write_tiny_csv, write_tiny_model, TinySpec};
+
+fn ferrotune(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_recipe(dir: &Path, extra: &str) -> String {
+    let model = dir.join("model");
+    if !model.exists() {
+        write_tiny_model(&model, &TinySpec::default()).unwrap();
+        write_tiny_csv(&dir.join("train.csv"), 64).unwrap();
+    }
+    let recipe = dir.join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "model_name_or_path = {:?}\ntrain_file = {:?}\nvalidation_split = 0.25\n\
+             num_train_epochs = 2\nlearning_rate = 1e-3\nmax_seq_length = 16\n{extra}",
+            model,
+            dir.join("train.csv")
+        ),
+    )
+    .unwrap();
+    recipe.to_string_lossy().into_owned()
+}
+
+fn assert_clean_error(code: i32, stderr: &str, needles: &[&str]) {
+    assert_ne!(code, 0, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "`{n}` not in: {stderr}");
+    }
+}
+
+#[test]
+fn train_predict_eval_inspect() {
+    let t = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(t.path(), "");
+    let out = t.path().join("run");
+    let (code, stdout, stderr) = ferrotune(&[
+        "train",
+        "--recipe",
+        &recipe,
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--set",
+        "num_train_epochs=2",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("epoch 1: eval_loss"), "{stdout}");
+    assert!(stdout.contains("epoch 2: eval_loss"), "{stdout}");
+    let model = out.join("model");
+    let m = model.to_str().unwrap();
+
+    let input = t.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"text\": \"the film was good .\"}\n{\"text\": \"awful plot\"}\n",
+    )
+    .unwrap();
+    let pred = t.path().join("pred.jsonl");
+    let (code, _, stderr) = ferrotune(&[
+        "predict",
+        "--model",
+        m,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        pred.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&pred)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let s =
+        lines[0]["scores"]["pos"].as_f64().unwrap() + lines[0]["scores"]["neg"].as_f64().unwrap();
+    assert!((s - 1.0).abs() < 1e-5);
+    assert!(lines[0]["label"] == "pos" || lines[0]["label"] == "neg");
+
+    let csv_out = t.path().join("pred.csv");
+    let (code, _, _) = ferrotune(&[
+        "predict",
+        "--model",
+        m,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        csv_out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    let csv = std::fs::read_to_string(&csv_out).unwrap();
+    assert!(csv.starts_with("label,neg,pos\n"), "{csv}");
+    assert_eq!(csv.lines().count(), 3);
+
+    let (code, stdout, stderr) = ferrotune(&[
+        "eval",
+        "--model",
+        m,
+        "--input",
+        t.path().join("train.csv").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("\"eval_accuracy\""), "{stdout}");
+
+    let (code, stdout, _) = ferrotune(&["inspect", "--model", m]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("BertForSequenceClassification"), "{stdout}");
+    assert!(stdout.contains("labels:       2 (neg, pos)"), "{stdout}");
+}
+
+#[test]
+fn bad_recipe_and_data_give_one_line_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(t.path(), "learning_rat = 2e-5\n");
+    let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe]);
+    assert_clean_error(
+        code,
+        &stderr,
+        &["recipe.toml:7", "learning_rat", "learning_rate"],
+    );
+
+    let recipe = write_recipe(t.path(), "");
+    let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe, "--set", "sed=3"]);
+    assert_clean_error(code, &stderr, &["sed", "seed"]);
+
+    let recipe = write_recipe(t.path(), "label_column = \"sentiment\"\n");
+    let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe]);
+    assert_clean_error(code, &stderr, &["train.csv", "sentiment"]);
+
+    let (code, _, stderr) = ferrotune(&["train", "--recipe", "does-not-exist.toml"]);
+    assert_clean_error(code, &stderr, &["does-not-exist.toml"]);
+
+    let (code, _, stderr) = ferrotune(&[
+        "predict",
+        "--model",
+        t.path().to_str().unwrap(),
+        "--input",
+        "x.txt",
+    ]);
+    assert_clean_error(code, &stderr, &["config.json"]);
+}

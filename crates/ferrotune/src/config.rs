@@ -1,0 +1,460 @@
+//! The training recipe: a TOML file plus `--set key=value` overrides, validated once.
+//!
+//! Key names follow Hugging Face `run_glue.py` / `TrainingArguments` where one exists
+//! (`learning_rate`, `num_train_epochs`, `warmup_ratio`, ...). `per_device_train_batch_size`
+//! may also be written `batch_size`. Unknown keys are errors (a typo must never be silently
+//! ignored), and every error names the recipe file and the key. Relative paths in a recipe
+//! are taken relative to the current directory, as `transformers` does.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::reader::EncodingErrors;
+use crate::error::{Error, Result};
+use crate::models::Pooling;
+use crate::train::schedule::SchedulerKind;
+
+/// Every setting of a fine-tuning run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Directory of the pretrained model (`config.json`, `model.safetensors`, tokenizer).
+    pub model_name_or_path: PathBuf,
+    /// Training data: a CSV, TSV or JSONL file, or a directory with one folder per class.
+    pub train_file: PathBuf,
+    /// Evaluation data, in the same format. Without it, `validation_split` is used.
+    pub validation_file: Option<PathBuf>,
+    /// Fraction of the training data held out (seeded and stratified) for evaluation when no
+    /// `validation_file` is given.
+    pub validation_split: Option<f64>,
+    /// Column (CSV/TSV header or JSON key) holding the text.
+    pub text_column: String,
+    /// Column holding the second text of a pair (sentence-pair tasks), if any.
+    pub text_pair_column: Option<String>,
+    /// Column holding the label.
+    pub label_column: String,
+    /// What to do with bytes that are not UTF-8: `error` (default) or `replace`.
+    pub encoding_errors: EncodingErrors,
+    /// Longer inputs are truncated to this many tokens (special tokens included).
+    pub max_seq_length: usize,
+    /// Training batch size (alias `batch_size`).
+    #[serde(alias = "batch_size")]
+    pub per_device_train_batch_size: usize,
+    /// Evaluation batch size.
+    pub per_device_eval_batch_size: usize,
+    /// Peak learning rate of AdamW.
+    pub learning_rate: f64,
+    /// Number of passes over the training data.
+    pub num_train_epochs: usize,
+    /// Fraction of the optimisation steps used for linear warm-up.
+    pub warmup_ratio: f64,
+    /// Warm-up steps; when > 0 it takes precedence over `warmup_ratio` (as in transformers).
+    pub warmup_steps: usize,
+    /// Learning-rate schedule after warm-up.
+    pub lr_scheduler_type: SchedulerKind,
+    /// Decoupled weight decay (not applied to biases and LayerNorm weights).
+    pub weight_decay: f64,
+    /// AdamW β₁.
+    pub adam_beta1: f64,
+    /// AdamW β₂.
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    pub adam_epsilon: f64,
+    /// Gradients are clipped to this global L2 norm (0 disables clipping).
+    pub max_grad_norm: f64,
+    /// Seed for the data split, shuffling, dropout and new weights.
+    pub seed: u64,
+    /// Use only the first N training examples (after the split).
+    pub max_train_samples: Option<usize>,
+    /// Use only the first N evaluation examples.
+    pub max_eval_samples: Option<usize>,
+    /// Where the run writes its model, metrics and resolved config.
+    pub output_dir: PathBuf,
+    /// Sequence representation for the head: `pooler` (BERT's, what transformers exports),
+    /// `cls` or `mean`.
+    pub pooling: Pooling,
+    /// Log the training loss every N optimisation steps.
+    pub logging_steps: usize,
+    /// Which evaluation metric picks the exported epoch: `accuracy`, `macro_f1` or `loss`
+    /// (an `eval_` prefix is accepted).
+    pub metric_for_best_model: String,
+    /// Override of the checkpoint's hidden dropout.
+    pub hidden_dropout_prob: Option<f64>,
+    /// Override of the checkpoint's attention dropout.
+    pub attention_probs_dropout_prob: Option<f64>,
+    /// Override of the classifier dropout.
+    pub classifier_dropout: Option<f64>,
+    /// Threads for the tensor kernels (default: all cores).
+    pub threads: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model_name_or_path: PathBuf::new(),
+            train_file: PathBuf::new(),
+            validation_file: None,
+            validation_split: None,
+            text_column: "text".into(),
+            text_pair_column: None,
+            label_column: "label".into(),
+            encoding_errors: EncodingErrors::Error,
+            max_seq_length: 128,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 32,
+            learning_rate: 5e-5,
+            num_train_epochs: 3,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            lr_scheduler_type: SchedulerKind::Linear,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            max_train_samples: None,
+            max_eval_samples: None,
+            output_dir: PathBuf::from("runs/ferrotune"),
+            pooling: Pooling::Pooler,
+            logging_steps: 50,
+            metric_for_best_model: "accuracy".into(),
+            hidden_dropout_prob: None,
+            attention_probs_dropout_prob: None,
+            classifier_dropout: None,
+            threads: None,
+        }
+    }
+}
+
+/// The keys a recipe may contain.
+pub fn known_keys() -> Vec<String> {
+    match serde_json::to_value(TrainConfig::default()) {
+        Ok(serde_json::Value::Object(m)) => {
+            let mut k: Vec<String> = m.keys().cloned().collect();
+            k.push("batch_size".into());
+            k
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn suggestion(key: &str, known: &[String]) -> String {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), k))
+        .min()
+        .filter(|(d, _)| *d <= 3)
+        .map(|(_, k)| format!(" (did you mean `{k}`?)"))
+        .unwrap_or_default()
+}
+
+/// The 1-based line of `text` where top-level `key` is set, if found.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .map(|rest| rest.trim_start().starts_with('='))
+                .unwrap_or(false)
+        })
+        .map(|i| i + 1)
+}
+
+/// Parses one `--set key=value` override. The value is read as a TOML value (`2e-5`,
+/// `true`, `"text"`, `[1, 2]`); anything that is not valid TOML is taken as a string.
+pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| Error::Config(format!("--set `{s}`: expected key=value")))?;
+    let k = k.trim().to_string();
+    let v = v.trim();
+    let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(v.to_string()));
+    Ok((k, value))
+}
+
+impl TrainConfig {
+    /// Reads a recipe file and applies `--set` overrides, then validates the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_str(&text, path, overrides)
+    }
+
+    /// Like [`TrainConfig::load`], from the recipe's text (`path` names it in messages).
+    pub fn from_toml_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            Error::at(path, line, None, e.message().to_string())
+        })?;
+        let known = known_keys();
+        for key in table.keys() {
+            if !known.contains(key) {
+                return Err(Error::at(
+                    path,
+                    line_of_key(text, key),
+                    Some(key),
+                    format!("unknown recipe key{}", suggestion(key, &known)),
+                ));
+            }
+        }
+        for o in overrides {
+            let (k, v) = parse_override(o)?;
+            if !known.contains(&k) {
+                return Err(Error::Config(format!(
+                    "--set {k}: unknown recipe key{}",
+                    suggestion(&k, &known)
+                )));
+            }
+            if k == "batch_size" {
+                table.remove("per_device_train_batch_size");
+            }
+            if k == "per_device_train_batch_size" {
+                table.remove("batch_size");
+            }
+            table.insert(k, v);
+        }
+        let mut cfg = TrainConfig::default();
+        // Deserialize key by key so that a wrong type names its key.
+        for (k, v) in table {
+            let mut one = toml::Table::new();
+            one.insert(k.clone(), v);
+            let partial: TrainConfig = toml::Value::Table(one).try_into().map_err(|e| {
+                let msg = toml::de::Error::message(&e).to_string();
+                Error::at(path, line_of_key(text, &k), Some(&k), msg)
+            })?;
+            cfg.merge_key(&k, partial);
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Copies the field named `key` from `other`.
+    fn merge_key(&mut self, key: &str, other: TrainConfig) {
+        // Round-trip through JSON: the one place that maps key names to fields.
+        if let (Ok(serde_json::Value::Object(mut mine)), Ok(serde_json::Value::Object(theirs))) =
+            (serde_json::to_value(&*self), serde_json::to_value(&other))
+        {
+            let key = if key == "batch_size" {
+                "per_device_train_batch_size"
+            } else {
+                key
+            };
+            if let Some(v) = theirs.get(key) {
+                mine.insert(key.to_string(), v.clone());
+            }
+            if let Ok(cfg) = serde_json::from_value(serde_json::Value::Object(mine)) {
+                *self = cfg;
+            }
+        }
+    }
+
+    /// Checks every value; the error names the key.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(Error::at(path, None, Some(key), msg));
+        if self.model_name_or_path.as_os_str().is_empty() {
+            return bad("model_name_or_path", "is required".into());
+        }
+        if self.train_file.as_os_str().is_empty() {
+            return bad("train_file", "is required".into());
+        }
+        match (&self.validation_file, self.validation_split) {
+            (None, None) => {
+                return bad(
+                    "validation_split",
+                    "set validation_file or validation_split (e.g. 0.2)".into(),
+                )
+            }
+            (_, Some(f)) if !(f > 0.0 && f < 1.0) => {
+                return bad("validation_split", format!("must be in (0, 1), got {f}"))
+            }
+            _ => {}
+        }
+        if self.max_seq_length < 2 {
+            return bad("max_seq_length", "must be at least 2".into());
+        }
+        if self.per_device_train_batch_size == 0 {
+            return bad("per_device_train_batch_size", "must be at least 1".into());
+        }
+        if self.per_device_eval_batch_size == 0 {
+            return bad("per_device_eval_batch_size", "must be at least 1".into());
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad(
+                "learning_rate",
+                format!("must be > 0, got {}", self.learning_rate),
+            );
+        }
+        if self.num_train_epochs == 0 {
+            return bad("num_train_epochs", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad(
+                "warmup_ratio",
+                format!("must be in [0, 1), got {}", self.warmup_ratio),
+            );
+        }
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
+            return bad(
+                "weight_decay",
+                format!("must be >= 0, got {}", self.weight_decay),
+            );
+        }
+        for (k, b) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(k, format!("must be in [0, 1), got {b}"));
+            }
+        }
+        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
+            return bad("adam_epsilon", "must be > 0".into());
+        }
+        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
+            return bad("max_grad_norm", "must be >= 0 (0 disables clipping)".into());
+        }
+        if self.logging_steps == 0 {
+            return bad("logging_steps", "must be at least 1".into());
+        }
+        if self.threads == Some(0) {
+            return bad("threads", "must be at least 1".into());
+        }
+        for (k, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
+            ("classifier_dropout", self.classifier_dropout),
+        ] {
+            if let Some(p) = p {
+                if !(0.0..1.0).contains(&p) {
+                    return bad(k, format!("must be in [0, 1), got {p}"));
+                }
+            }
+        }
+        if self.best_metric().is_none() {
+            return bad(
+                "metric_for_best_model",
+                format!(
+                    "unknown metric `{}` (expected accuracy, macro_f1 or loss)",
+                    self.metric_for_best_model
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The metric that picks the best epoch, without an `eval_` prefix, and whether greater
+    /// is better.
+    pub fn best_metric(&self) -> Option<(&'static str, bool)> {
+        let m = self.metric_for_best_model.trim_start_matches("eval_");
+        match m {
+            "accuracy" => Some(("accuracy", true)),
+            "macro_f1" | "f1" => Some(("macro_f1", true)),
+            "loss" => Some(("loss", false)),
+            _ => None,
+        }
+    }
+
+    /// The resolved recipe as TOML (written to the output directory).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> String {
+        "model_name_or_path = \"m\"\ntrain_file = \"t.csv\"\nvalidation_split = 0.2\n".into()
+    }
+
+    #[test]
+    fn reads_keys_and_overrides() {
+        let text = base() + "learning_rate = 2e-5\nbatch_size = 16\n";
+        let c = TrainConfig::from_toml_str(
+            &text,
+            Path::new("r.toml"),
+            &["num_train_epochs=5".into(), "text_column=sentence".into()],
+        )
+        .unwrap();
+        assert_eq!(c.learning_rate, 2e-5);
+        assert_eq!(c.per_device_train_batch_size, 16);
+        assert_eq!(c.num_train_epochs, 5);
+        assert_eq!(c.text_column, "sentence");
+        assert_eq!(c.max_seq_length, 128);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_file_line_and_key() {
+        let text = base() + "learning_rat = 2e-5\n";
+        let e = TrainConfig::from_toml_str(&text, Path::new("r.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("r.toml:4: field `learning_rat`"), "{e}");
+        assert!(e.contains("did you mean `learning_rate`"), "{e}");
+        let e = TrainConfig::from_toml_str(&base(), Path::new("r.toml"), &["lr=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--set lr: unknown recipe key"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_value_name_the_key() {
+        let text = base() + "learning_rate = \"fast\"\n";
+        let e = TrainConfig::from_toml_str(&text, Path::new("r.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("r.toml:4: field `learning_rate`"), "{e}");
+        let e =
+            TrainConfig::from_toml_str(&base(), Path::new("r.toml"), &["warmup_ratio=1.5".into()])
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("field `warmup_ratio`: must be in [0, 1)"), "{e}");
+        let e = TrainConfig::from_toml_str(&base(), Path::new("r.toml"), &["pooling=max".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("field `pooling`"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let text = base() + "seed = = 3\n";
+        let e = TrainConfig::from_toml_str(&text, Path::new("r.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("r.toml:4:"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+
+    #[test]
+    fn missing_required_keys() {
+        let e = TrainConfig::from_toml_str("train_file = \"x\"\n", Path::new("r.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("field `model_name_or_path`: is required"), "{e}");
+    }
+}

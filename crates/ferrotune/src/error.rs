@@ -1,0 +1,103 @@
+//! One error type for the library.
+//!
+//! Every error a user can cause (a bad recipe, a bad data file, a bad checkpoint) is a
+//! one-line message that names the file and, where there is one, the line and the field.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Where in an input a problem was found: the file, and optionally the line and field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The file (or directory) being read.
+    pub path: PathBuf,
+    /// 1-based line number, where the input has lines.
+    pub line: Option<usize>,
+    /// The column, key, tensor or field concerned.
+    pub field: Option<String>,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        Ok(())
+    }
+}
+
+/// The library's error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A problem with the contents of an input file (data, recipe, model files).
+    #[error("{loc}: {msg}")]
+    Input {
+        /// Where.
+        loc: Location,
+        /// What is wrong, in one line.
+        msg: String,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An invalid configuration value (recipe key or `--set` override).
+    #[error("config: {0}")]
+    Config(String),
+    /// An error from the tensor library.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Anything else, already phrased for the user.
+    #[error("{0}")]
+    Msg(String),
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An error in file `path` with no line or field.
+    pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Input {
+            loc: Location {
+                path: path.as_ref().to_path_buf(),
+                line: None,
+                field: None,
+            },
+            msg: msg.into(),
+        }
+    }
+
+    /// An error at `path:line`, optionally naming a field.
+    pub fn at(
+        path: impl AsRef<Path>,
+        line: Option<usize>,
+        field: Option<&str>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Input {
+            loc: Location {
+                path: path.as_ref().to_path_buf(),
+                line,
+                field: field.map(str::to_string),
+            },
+            msg: msg.into(),
+        }
+    }
+
+    /// An I/O error on `path`.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Writes a fine-tuned model as a Hugging Face directory that
+//! `transformers.AutoModelForSequenceClassification.from_pretrained` loads:
+//! `config.json` (with `architectures`, `id2label`, `label2id`, `num_labels`,
+//! `problem_type`), `model.safetensors` under HF tensor names (`bert.…`, `classifier.…`),
+//! and the tokenizer files.
+//!
+//! The directory is written under a temporary name and renamed into place, so a crash never
+//! leaves a half-written model.
+//!
+//! transformers' `BertForSequenceClassification` always applies BERT's pooler; a model
+//! trained with `pooling = "cls"` or `"mean"` is exported all the same, but only ferrotune
+//! (which reads `config.json`'s `ferrotune.pooling`) reproduces its predictions.
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+use crate::models::{HfConfig, ParamStore};
+use crate::predict::ExportInfo;
+
+/// Everything the exporter needs.
+pub struct ExportSpec<'a> {
+    /// The pretrained model's configuration (its raw JSON is carried over).
+    pub base: &'a HfConfig,
+    /// The pretrained model's directory (tokenizer side files are copied from it).
+    pub source_dir: &'a Path,
+    /// The trained parameters.
+    pub params: &'a ParamStore,
+    /// The tokenizer as used in training.
+    pub tokenizer: &'a Tokenizer,
+    /// Label names by id.
+    pub labels: &'a [String],
+    /// Hugging Face `problem_type`.
+    pub problem_type: &'a str,
+    /// Settings ferrotune needs to reproduce predictions.
+    pub info: ExportInfo,
+}
+
+/// The `config.json` of the exported model.
+pub fn export_config(spec: &ExportSpec) -> Value {
+    let mut cfg: Map<String, Value> = spec.base.raw.clone();
+    let id2label: Map<String, Value> = spec
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), json!(l)))
+        .collect();
+    let label2id: Map<String, Value> = spec
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), json!(i)))
+        .collect();
+    cfg.insert(
+        "architectures".into(),
+        json!(["BertForSequenceClassification"]),
+    );
+    cfg.insert("id2label".into(), Value::Object(id2label));
+    cfg.insert("label2id".into(), Value::Object(label2id));
+    cfg.insert("num_labels".into(), json!(spec.labels.len()));
+    cfg.insert("problem_type".into(), json!(spec.problem_type));
+    cfg.insert(
+        "ferrotune".into(),
+        serde_json::to_value(&spec.info).unwrap_or(Value::Null),
+    );
+    Value::Object(cfg)
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+/// Writes the model directory `dir` (replacing any previous one).
+pub fn export_model(dir: &Path, spec: &ExportSpec) -> Result<()> {
+    let tmp = dir.with_extension("partial");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+
+    let cfg = serde_json::to_string_pretty(&export_config(spec))
+        .map_err(|e| Error::Msg(format!("cannot serialise config.json: {e}")))?;
+    write(&tmp.join("config.json"), cfg.as_bytes())?;
+
+    let st = tmp.join("model.safetensors");
+    candle_core::safetensors::save(&spec.params.named_tensors(), &st)
+        .map_err(|e| Error::file(&st, format!("cannot write: {e}")))?;
+
+    let tok = tmp.join("tokenizer.json");
+    spec.tokenizer
+        .save(&tok, false)
+        .map_err(|e| Error::file(&tok, format!("cannot write: {e}")))?;
+    for side in ["vocab.txt", "special_tokens_map.json"] {
+        let src = spec.source_dir.join(side);
+        if src.exists() {
+            std::fs::copy(&src, tmp.join(side)).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    let mut tok_cfg: Map<String, Value> =
+        std::fs::read_to_string(spec.source_dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+    tok_cfg.insert("model_max_length".into(), json!(spec.info.max_seq_length));
+    tok_cfg
+        .entry("tokenizer_class".to_string())
+        .or_insert(json!("BertTokenizer"));
+    let tok_cfg = serde_json::to_string_pretty(&Value::Object(tok_cfg)).unwrap_or_default();
+    write(&tmp.join("tokenizer_config.json"), tok_cfg.as_bytes())?;
+
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    Ok(())
+}

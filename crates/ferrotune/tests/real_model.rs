@@ -1,0 +1,159 @@
+//! Tests on the real all-MiniLM-L6-v2 checkpoint and the BBC News data. They run when the
+//! assets are present (`python3 scripts/fetch-assets`; `.ci/run` always fetches them) and
+//! print why they were skipped otherwise.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, D};
+use ferrotune::data::batch::{make_batch, tokenize};
+use ferrotune::data::reader::Example;
+use ferrotune::models::bert::{BertClassifier, Weights};
+use ferrotune::models::tokenizer::load_tokenizer;
+use ferrotune::models::{Ctx, HfConfig, Pooling};
+
+fn assets() -> Option<PathBuf> {
+    let dir = std::env::var_os("FERROTUNE_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets"));
+    if dir.join("all-MiniLM-L6-v2/model.safetensors").exists() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "skipped: assets not found in {} (run scripts/fetch-assets)",
+            dir.display()
+        );
+        None
+    }
+}
+
+fn example(text: &str) -> Example {
+    Example {
+        id: "x".into(),
+        line: 1,
+        text: text.into(),
+        text_pair: None,
+        label: None,
+    }
+}
+
+#[test]
+fn minilm_matches_the_reference_values() {
+    let Some(assets) = assets() else { return };
+    let dir = assets.join("all-MiniLM-L6-v2");
+    let cfg = HfConfig::from_dir(&dir).unwrap();
+    let tok = load_tokenizer(&dir, 256).unwrap();
+    let l = BertClassifier::load(
+        &cfg,
+        Weights::Safetensors(&dir.join("model.safetensors")),
+        2,
+        Pooling::Mean,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let texts = ["A man is eating food.", "A man is eating a piece of bread."];
+    let ex: Vec<Example> = texts.iter().map(|t| example(t)).collect();
+    let feats = tokenize(&tok, &ex).unwrap();
+    // ASSETS.md: the ids of the first sentence.
+    assert_eq!(
+        feats[0].ids,
+        vec![101, 1037, 2158, 2003, 5983, 2833, 1012, 102]
+    );
+
+    let batch = make_batch(&[&feats[0], &feats[1]], 0, &Device::Cpu).unwrap();
+    let hidden = l.model.encode(&mut Ctx::eval(), &batch).unwrap();
+    let first: Vec<f32> = hidden
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .narrow(0, 0, 5)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want = [
+        -0.00255041f32,
+        0.11769731,
+        0.00373789,
+        0.24470814,
+        -0.5172313,
+    ];
+    for (a, b) in first.iter().zip(want) {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "last_hidden_state[0,0,:5] = {first:?}, want {want:?}"
+        );
+    }
+    let pooled = l.model.pool(&mut Ctx::eval(), &batch, &hidden).unwrap();
+    let norm = pooled
+        .sqr()
+        .unwrap()
+        .sum_keepdim(D::Minus1)
+        .unwrap()
+        .sqrt()
+        .unwrap();
+    let emb = pooled
+        .broadcast_div(&norm)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let want = [
+        0.03324157f32,
+        0.00440606,
+        -0.00627694,
+        0.04837871,
+        -0.13870225,
+    ];
+    for (a, b) in emb[0].iter().zip(want) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "embedding[:5] = {:?}, want {want:?}",
+            &emb[0][..5]
+        );
+    }
+    let cos: f32 = emb[0].iter().zip(&emb[1]).map(|(a, b)| a * b).sum();
+    assert!((cos - 0.755).abs() < 0.001, "cosine {cos}");
+}
+
+#[test]
+fn bbc_news_reads_as_five_topics() {
+    let Some(assets) = assets() else { return };
+    let ex = ferrotune::data::reader::read_examples(
+        &assets.join("bbc-news"),
+        &ferrotune::data::reader::ReaderOptions {
+            text_column: "text".into(),
+            text_pair_column: None,
+            label_column: Some("label".into()),
+            encoding_errors: ferrotune::data::reader::EncodingErrors::Replace,
+        },
+    )
+    .unwrap();
+    assert_eq!(ex.len(), 2225);
+    let labels = ferrotune::data::labels::LabelMap::from_examples(&ex, &assets).unwrap();
+    assert_eq!(
+        labels.labels(),
+        ["business", "entertainment", "politics", "sports", "tech"]
+    );
+}
+
+/// A short real fine-tune: 400 BBC articles, 64 tokens, one epoch. The full recipe
+/// (`recipes/bbc-news.toml`) is the README's main command; this checks the real path in CI.
+#[test]
+fn short_real_fine_tune_learns_the_topics() {
+    let Some(assets) = assets() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let text = format!(
+        "model_name_or_path = {:?}\ntrain_file = {:?}\nvalidation_split = 0.2\n\
+         output_dir = {:?}\nmax_seq_length = 64\nper_device_train_batch_size = 16\n\
+         learning_rate = 2e-4\nnum_train_epochs = 1\nwarmup_ratio = 0.1\nweight_decay = 0.01\n\
+         max_train_samples = 400\nmax_eval_samples = 200\nencoding_errors = \"replace\"\npooling = \"mean\"\nseed = 42\n",
+        assets.join("all-MiniLM-L6-v2"),
+        assets.join("bbc-news"),
+        t.path().join("run")
+    );
+    let cfg = ferrotune::TrainConfig::from_toml_str(&text, Path::new("t.toml"), &[]).unwrap();
+    let s = ferrotune::train::train(&cfg, &mut ferrotune::train::Silent).unwrap();
+    let acc = s.epochs[0].eval_accuracy;
+    eprintln!("short fine-tune: {:?}", s.epochs[0]);
+    assert!(acc >= 0.85, "accuracy {acc} after a short fine-tune");
+}

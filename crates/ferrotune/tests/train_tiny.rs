@@ -1,0 +1,222 @@
+//! End to end on a tiny random model written in the real file formats: train, evaluate,
+//! export, reload, predict; determinism; data errors.
+
+use std::path::{Path, PathBuf};
+
+use ferrotune::predict::Predictor;
+use ferrotune::testing::{write_tiny_csv, write_tiny_model, TinySpec};
+use ferrotune::train::{train, Silent};
+use ferrotune::TrainConfig;
+
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    write_tiny_model(&model, &TinySpec::default()).unwrap();
+    let csv = dir.join("train.csv");
+    write_tiny_csv(&csv, 96).unwrap();
+    (model, csv)
+}
+
+fn recipe(model: &Path, csv: &Path, out: &Path, extra: &str) -> TrainConfig {
+    // `extra` holds `key = value` lines that override the base recipe.
+    let sets: Vec<String> = extra.lines().map(|l| l.replacen(" = ", "=", 1)).collect();
+    let text = format!(
+        "model_name_or_path = {:?}\ntrain_file = {:?}\nvalidation_split = 0.25\n\
+         output_dir = {:?}\nper_device_train_batch_size = 8\nlearning_rate = 5e-3\n\
+         num_train_epochs = 6\nwarmup_ratio = 0.1\nweight_decay = 0.01\nmax_seq_length = 16\n\
+         logging_steps = 5\nseed = 3\n",
+        model, csv, out
+    );
+    TrainConfig::from_toml_str(&text, Path::new("test.toml"), &sets).unwrap()
+}
+
+#[test]
+fn trains_exports_and_predicts_the_same() {
+    let t = tempfile::tempdir().unwrap();
+    let (model, csv) = setup(t.path());
+    let out = t.path().join("run");
+    let cfg = recipe(&model, &csv, &out, "");
+    let summary = train(&cfg, &mut Silent).unwrap();
+    assert_eq!(summary.epochs.len(), 6);
+    // The task is separable by one word; the tiny model must learn it.
+    let best = &summary.epochs[summary.best_epoch - 1];
+    assert!(best.eval_accuracy >= 0.9, "{:?}", summary.epochs);
+
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let evals: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["split"] == "eval")
+        .collect();
+    assert_eq!(evals.len(), 6);
+    assert_eq!(evals[0]["epoch"], 1);
+    assert!(metrics.contains("\"split\":\"train\""));
+    assert!(out.join("split.json").exists());
+    assert!(out.join("recipe.resolved.toml").exists());
+
+    // The export is a Hugging Face directory, and predicting with it reproduces the
+    // trainer's evaluation of the best epoch.
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg_json["architectures"][0],
+        "BertForSequenceClassification"
+    );
+    assert_eq!(cfg_json["id2label"]["0"], "neg");
+    assert_eq!(cfg_json["label2id"]["pos"], 1);
+    assert_eq!(cfg_json["num_labels"], 2);
+    assert_eq!(cfg_json["problem_type"], "single_label_classification");
+    let names = ferrotune::models::safetensors_shapes(&out.join("model/model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect::<Vec<_>>();
+    assert!(names.contains(&"bert.embeddings.word_embeddings.weight".to_string()));
+    assert!(names.contains(&"bert.pooler.dense.weight".to_string()));
+    assert!(names.contains(&"classifier.weight".to_string()));
+
+    let p = Predictor::load(&out.join("model")).unwrap();
+    let split: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("split.json")).unwrap()).unwrap();
+    let all = ferrotune::data::reader::read_examples(
+        &csv,
+        &ferrotune::data::reader::ReaderOptions {
+            text_column: "text".into(),
+            text_pair_column: None,
+            label_column: Some("label".into()),
+            encoding_errors: Default::default(),
+        },
+    )
+    .unwrap();
+    let eval_ids: Vec<&str> = split["eval"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let eval: Vec<_> = all
+        .into_iter()
+        .filter(|e| eval_ids.contains(&e.id.as_str()))
+        .collect();
+    assert_eq!(eval.len(), eval_ids.len());
+    let r = p.evaluate(&eval, &csv, "label").unwrap();
+    assert!((r.report.accuracy - best.eval_accuracy).abs() < 1e-12);
+    assert!(
+        (r.loss - best.eval_loss).abs() < 1e-4,
+        "{} vs {}",
+        r.loss,
+        best.eval_loss
+    );
+    let probs = p.predict_probs(&eval, |_| {}).unwrap();
+    for row in &probs {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn same_seed_same_threads_gives_identical_results() {
+    let t = tempfile::tempdir().unwrap();
+    let (model, csv) = setup(t.path());
+    let run = |name: &str| {
+        let out = t.path().join(name);
+        train(
+            &recipe(&model, &csv, &out, "num_train_epochs = 2\n"),
+            &mut Silent,
+        )
+        .unwrap();
+        (
+            std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+            std::fs::read(out.join("model/model.safetensors")).unwrap(),
+        )
+    };
+    let (m1, w1) = run("a");
+    let (m2, w2) = run("b");
+    assert_eq!(m1, m2);
+    assert!(
+        w1 == w2,
+        "model.safetensors differs between two identical runs"
+    );
+    // A different seed gives different weights.
+    let out = t.path().join("c");
+    train(
+        &recipe(&model, &csv, &out, "num_train_epochs = 2\n").clone_with_seed(4),
+        &mut Silent,
+    )
+    .unwrap();
+    assert!(std::fs::read(out.join("model/model.safetensors")).unwrap() != w1);
+}
+
+trait WithSeed {
+    fn clone_with_seed(&self, seed: u64) -> Self;
+}
+impl WithSeed for TrainConfig {
+    fn clone_with_seed(&self, seed: u64) -> Self {
+        let mut c = self.clone();
+        c.seed = seed;
+        c
+    }
+}
+
+fn train_err(extra: &str, edit: impl Fn(&Path, &Path)) -> String {
+    let t = tempfile::tempdir().unwrap();
+    let (model, csv) = setup(t.path());
+    edit(&model, &csv);
+    let cfg = recipe(&model, &csv, &t.path().join("run"), extra);
+    let e = train(&cfg, &mut Silent)
+        .expect_err("expected an error")
+        .to_string();
+    assert_eq!(e.lines().count(), 1, "not one line: {e}");
+    e
+}
+
+#[test]
+fn an_evaluation_label_never_seen_in_training_is_named() {
+    let t = tempfile::tempdir().unwrap();
+    let val = t.path().join("val.csv");
+    std::fs::write(
+        &val,
+        "text,label\nthe film was good .,pos\nthe plot was fine .,meh\n",
+    )
+    .unwrap();
+    let e = train_err(
+        &format!("validation_file = {:?}\nvalidation_split = 0.5\n", val),
+        |_, _| {},
+    );
+    // validation_file takes precedence over validation_split.
+    assert!(e.contains("val.csv:3") && e.contains("`meh`"), "{e}");
+}
+
+#[test]
+fn missing_column_empty_file_bad_utf8_unknown_model_type() {
+    let e = train_err("text_column = \"sentence\"\n", |_, _| {});
+    assert!(e.contains("train.csv") && e.contains("`sentence`"), "{e}");
+
+    let e = train_err("", |_, csv| std::fs::write(csv, "").unwrap());
+    assert!(e.contains("train.csv"), "{e}");
+
+    let e = train_err("", |_, csv| {
+        let mut b = std::fs::read(csv).unwrap();
+        b.extend_from_slice(b"the film was \xff\xfe bad .,neg\n");
+        std::fs::write(csv, b).unwrap();
+    });
+    assert!(e.contains("train.csv:98") && e.contains("UTF-8"), "{e}");
+
+    let e = train_err("", |model, _| {
+        let p = model.join("config.json");
+        let s = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"bert\"", "\"gpt2\"");
+        std::fs::write(p, s).unwrap();
+    });
+    assert!(
+        e.contains("config.json") && e.contains("model_type") && e.contains("gpt2"),
+        "{e}"
+    );
+
+    let e = train_err("", |model, _| {
+        let p = model.join("model.safetensors");
+        let b = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &b[..b.len() - 100]).unwrap();
+    });
+    assert!(e.contains("model.safetensors"), "{e}");
+}
