@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferrotune::data::reader::{read_examples, EncodingErrors, ReaderOptions};
-use ferrotune::predict::{format_predictions, write_predictions, Predictor};
+use ferrotune::predict::Predictor;
 use ferrotune::train::Progress;
 use ferrotune::{Error, TrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -176,16 +176,15 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             opts.text_pair_column = p.info.text_pair_column.clone();
             let ex = read_examples(&input, &opts)?;
             let r = p.evaluate(&ex, &input, &label_column)?;
-            println!("{}", r.report.per_class_table(&p.labels));
-            println!(
-                "{}",
-                serde_json::json!({
-                    "eval_examples": ex.len(),
-                    "eval_loss": r.loss,
-                    "eval_accuracy": r.report.accuracy,
-                    "eval_macro_f1": r.report.macro_f1,
-                })
-            );
+            if let Some(report) = &r.report {
+                println!("{}", report.per_class_table(&p.labels));
+            }
+            let mut line = serde_json::Map::new();
+            line.insert("eval_examples".into(), ex.len().into());
+            for (k, v) in &r.metrics {
+                line.insert(format!("eval_{k}"), serde_json::json!(v));
+            }
+            println!("{}", serde_json::Value::Object(line));
         }
         Cmd::Predict {
             model,
@@ -206,11 +205,11 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             pb.finish();
             match output {
                 Some(path) => {
-                    write_predictions(&path, &p.labels, &probs)?;
+                    p.write(&path, &probs)?;
                     eprintln!("{} predictions written to {}", probs.len(), path.display());
                 }
                 None => {
-                    let bytes = format_predictions(&p.labels, &probs, false)?;
+                    let bytes = p.format(&probs, false)?;
                     use std::io::Write;
                     std::io::stdout()
                         .write_all(&bytes)

@@ -13,7 +13,75 @@ use serde::{Deserialize, Serialize};
 use crate::data::reader::EncodingErrors;
 use crate::error::{Error, Result};
 use crate::models::Pooling;
+use crate::train::loss::LossKind;
 use crate::train::schedule::SchedulerKind;
+
+/// The task, as Hugging Face's `problem_type` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemType {
+    /// One class per example (softmax).
+    SingleLabelClassification,
+    /// Any number of classes per example (one sigmoid per class).
+    MultiLabelClassification,
+    /// One or several real-valued targets.
+    Regression,
+}
+
+impl ProblemType {
+    /// The Hugging Face spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProblemType::SingleLabelClassification => "single_label_classification",
+            ProblemType::MultiLabelClassification => "multi_label_classification",
+            ProblemType::Regression => "regression",
+        }
+    }
+}
+
+/// Class weights for cross-entropy: explicit, one per class in label order, or
+/// `"balanced"` (`n_examples / (n_classes · count(class))`, as scikit-learn).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClassWeights {
+    /// One weight per class, in label order.
+    List(Vec<f64>),
+    /// `"balanced"`.
+    Named(String),
+}
+
+/// Which parameters are frozen for the whole run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreezeMode {
+    /// Everything trains.
+    None,
+    /// The embeddings are frozen.
+    Embeddings,
+    /// Embeddings and every encoder layer are frozen: only the pooler and the head train
+    /// (a linear probe).
+    Backbone,
+}
+
+/// The optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// AdamW (decoupled weight decay).
+    Adamw,
+    /// SGD with optional momentum / Nesterov (weight decay as L2, as PyTorch).
+    Sgd,
+}
+
+/// What to do with a data row that cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadRow {
+    /// Stop before training, naming the file, line and reason.
+    Error,
+    /// Leave the row out; each one goes to `OUTPUT_DIR/skipped_rows.jsonl` with its reason.
+    Skip,
+}
 
 /// Every setting of a fine-tuning run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,9 +144,9 @@ pub struct TrainConfig {
     pub pooling: Pooling,
     /// Log the training loss every N optimisation steps.
     pub logging_steps: usize,
-    /// Which evaluation metric picks the exported epoch: `accuracy`, `macro_f1` or `loss`
-    /// (an `eval_` prefix is accepted).
-    pub metric_for_best_model: String,
+    /// Which evaluation metric picks the exported epoch (an `eval_` prefix is accepted).
+    /// Default: `accuracy` (single-label), `micro_f1` (multi-label), `mse` (regression).
+    pub metric_for_best_model: Option<String>,
     /// Override of the checkpoint's hidden dropout.
     pub hidden_dropout_prob: Option<f64>,
     /// Override of the checkpoint's attention dropout.
@@ -87,6 +155,68 @@ pub struct TrainConfig {
     pub classifier_dropout: Option<f64>,
     /// Threads for the tensor kernels (default: all cores).
     pub threads: Option<usize>,
+    /// `error` (default) or `skip` rows that cannot be used.
+    pub on_bad_row: OnBadRow,
+    /// Drop examples whose text (and text pair) repeats an earlier one, before splitting.
+    pub deduplicate: bool,
+    /// The task (default `single_label_classification`).
+    pub problem_type: ProblemType,
+    /// The loss (default: `cross_entropy` for single-label, `binary_cross_entropy` for
+    /// multi-label, `mse` for regression).
+    pub loss: Option<LossKind>,
+    /// Cross-entropy label smoothing ε in [0, 1).
+    pub label_smoothing: f64,
+    /// Cross-entropy class weights (a list in label order, or `"balanced"`).
+    pub class_weights: Option<ClassWeights>,
+    /// Binary cross-entropy weight of positives, one per label (or one for all).
+    pub pos_weight: Option<Vec<f64>>,
+    /// Focal loss γ ≥ 0 (0 gives cross-entropy).
+    pub focal_gamma: f64,
+    /// Focal loss α: for the binary / multi-label form the weight of positives in [0, 1].
+    pub focal_alpha: Option<f64>,
+    /// Smooth-L1 β ≥ 0.
+    pub smooth_l1_beta: f64,
+    /// Huber δ > 0.
+    pub huber_delta: f64,
+    /// Multi-label: a label is predicted when its probability is at least this.
+    pub threshold: f64,
+    /// Multi-label in CSV/TSV: the separator between labels in one cell (e.g. `";"`).
+    pub label_separator: Option<String>,
+    /// Coefficient of Σ|w| over the trainable weights, added to the loss.
+    pub l1_penalty: f64,
+    /// Coefficient of Σw² over the trainable weights, added to the loss (unlike
+    /// `weight_decay`, which AdamW applies outside the gradient).
+    pub l2_penalty: f64,
+    /// Frozen for the whole run: `none`, `embeddings` or `backbone`.
+    pub freeze: FreezeMode,
+    /// Also freeze the first N encoder layers (and the embeddings).
+    pub freeze_layers: usize,
+    /// ULMFiT gradual unfreezing: start with the head alone, unfreeze one layer group per
+    /// epoch (or every `unfreeze_every_steps`), from the top down.
+    pub gradual_unfreeze: bool,
+    /// With `gradual_unfreeze`, unfreeze every N optimisation steps instead of every epoch.
+    pub unfreeze_every_steps: Option<usize>,
+    /// Discriminative learning rates: the encoder layer `l` below the top gets
+    /// `learning_rate × decay^l` (top layer l = 1), the embeddings `decay^(L+1)`; the pooler
+    /// and head keep `learning_rate`. In (0, 1]; 1 disables.
+    pub layerwise_lr_decay: f64,
+    /// Learning rate of the pooler and head (default `learning_rate`).
+    pub head_learning_rate: Option<f64>,
+    /// `adamw` or `sgd`.
+    pub optimizer: OptimizerKind,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// SGD Nesterov momentum.
+    pub nesterov: bool,
+    /// Gradients of N batches are summed before each optimizer step (the same update as
+    /// one batch N times larger).
+    pub gradient_accumulation_steps: usize,
+    /// Stop after this many evaluations without improvement of `metric_for_best_model`.
+    pub early_stopping_patience: Option<usize>,
+    /// Slanted triangular schedule: fraction of steps spent increasing.
+    pub stlr_cut_frac: f64,
+    /// Slanted triangular schedule: ratio of the peak to the lowest learning rate.
+    pub stlr_ratio: f64,
 }
 
 impl Default for TrainConfig {
@@ -119,11 +249,39 @@ impl Default for TrainConfig {
             output_dir: PathBuf::from("runs/ferrotune"),
             pooling: Pooling::Pooler,
             logging_steps: 50,
-            metric_for_best_model: "accuracy".into(),
+            metric_for_best_model: None,
             hidden_dropout_prob: None,
             attention_probs_dropout_prob: None,
             classifier_dropout: None,
             threads: None,
+            on_bad_row: OnBadRow::Error,
+            deduplicate: false,
+            problem_type: ProblemType::SingleLabelClassification,
+            loss: None,
+            label_smoothing: 0.0,
+            class_weights: None,
+            pos_weight: None,
+            focal_gamma: 2.0,
+            focal_alpha: None,
+            smooth_l1_beta: 1.0,
+            huber_delta: 1.0,
+            threshold: 0.5,
+            label_separator: None,
+            l1_penalty: 0.0,
+            l2_penalty: 0.0,
+            freeze: FreezeMode::None,
+            freeze_layers: 0,
+            gradual_unfreeze: false,
+            unfreeze_every_steps: None,
+            layerwise_lr_decay: 1.0,
+            head_learning_rate: None,
+            optimizer: OptimizerKind::Adamw,
+            momentum: 0.0,
+            nesterov: false,
+            gradient_accumulation_steps: 1,
+            early_stopping_patience: None,
+            stlr_cut_frac: 0.1,
+            stlr_ratio: 32.0,
         }
     }
 }
@@ -354,12 +512,166 @@ impl TrainConfig {
                 }
             }
         }
+        let nonneg = |k: &str, v: f64| -> Result<()> {
+            if v.is_nan() || v < 0.0 || v.is_infinite() {
+                return Err(Error::at(
+                    path,
+                    None,
+                    Some(k),
+                    format!("must be >= 0, got {v}"),
+                ));
+            }
+            Ok(())
+        };
+        nonneg("focal_gamma", self.focal_gamma)?;
+        nonneg("smooth_l1_beta", self.smooth_l1_beta)?;
+        nonneg("l1_penalty", self.l1_penalty)?;
+        nonneg("l2_penalty", self.l2_penalty)?;
+        nonneg("momentum", self.momentum)?;
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad(
+                "label_smoothing",
+                format!("must be in [0, 1), got {}", self.label_smoothing),
+            );
+        }
+        if self.huber_delta.is_nan() || self.huber_delta <= 0.0 {
+            return bad(
+                "huber_delta",
+                format!("must be > 0, got {}", self.huber_delta),
+            );
+        }
+        if let Some(a) = self.focal_alpha {
+            if !(0.0..=1.0).contains(&a) {
+                return bad("focal_alpha", format!("must be in [0, 1], got {a}"));
+            }
+        }
+        if !(self.threshold > 0.0 && self.threshold < 1.0) {
+            return bad(
+                "threshold",
+                format!("must be in (0, 1), got {}", self.threshold),
+            );
+        }
+        if !(self.layerwise_lr_decay > 0.0 && self.layerwise_lr_decay <= 1.0) {
+            return bad(
+                "layerwise_lr_decay",
+                format!("must be in (0, 1], got {}", self.layerwise_lr_decay),
+            );
+        }
+        if let Some(h) = self.head_learning_rate {
+            if h.is_nan() || h <= 0.0 {
+                return bad("head_learning_rate", format!("must be > 0, got {h}"));
+            }
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("gradient_accumulation_steps", "must be at least 1".into());
+        }
+        if self.early_stopping_patience == Some(0) {
+            return bad("early_stopping_patience", "must be at least 1".into());
+        }
+        if self.unfreeze_every_steps == Some(0) {
+            return bad("unfreeze_every_steps", "must be at least 1".into());
+        }
+        if self.nesterov && (self.optimizer != OptimizerKind::Sgd || self.momentum <= 0.0) {
+            return bad(
+                "nesterov",
+                "needs optimizer = \"sgd\" and momentum > 0".into(),
+            );
+        }
+        if !(self.stlr_cut_frac > 0.0 && self.stlr_cut_frac < 1.0) {
+            return bad(
+                "stlr_cut_frac",
+                format!("must be in (0, 1), got {}", self.stlr_cut_frac),
+            );
+        }
+        if self.stlr_ratio.is_nan() || self.stlr_ratio < 1.0 {
+            return bad(
+                "stlr_ratio",
+                format!("must be >= 1, got {}", self.stlr_ratio),
+            );
+        }
+        if let Some(ClassWeights::Named(n)) = &self.class_weights {
+            if n != "balanced" {
+                return bad(
+                    "class_weights",
+                    format!("expected a list of numbers or \"balanced\", got \"{n}\""),
+                );
+            }
+        }
+        if let Some(ClassWeights::List(w)) = &self.class_weights {
+            if w.iter().any(|x| x.is_nan() || *x < 0.0) {
+                return bad("class_weights", "weights must be >= 0".into());
+            }
+        }
+        if let Some(w) = &self.pos_weight {
+            if w.is_empty() || w.iter().any(|x| x.is_nan() || *x < 0.0) {
+                return bad(
+                    "pos_weight",
+                    "must be a non-empty list of numbers >= 0".into(),
+                );
+            }
+        }
+        let loss = self.loss_kind();
+        let fits = match self.problem_type {
+            ProblemType::SingleLabelClassification => {
+                matches!(loss, LossKind::CrossEntropy | LossKind::Focal)
+            }
+            ProblemType::MultiLabelClassification => {
+                matches!(loss, LossKind::BinaryCrossEntropy | LossKind::Focal)
+            }
+            ProblemType::Regression => {
+                matches!(loss, LossKind::Mse | LossKind::SmoothL1 | LossKind::Huber)
+            }
+        };
+        if !fits {
+            return bad(
+                "loss",
+                format!(
+                    "`{}` does not fit problem_type `{}`",
+                    loss.name(),
+                    self.problem_type.as_str()
+                ),
+            );
+        }
+        let single = self.problem_type == ProblemType::SingleLabelClassification;
+        if self.class_weights.is_some() && !single {
+            return bad(
+                "class_weights",
+                "only applies to single-label classification (cross_entropy, or focal as α)".into(),
+            );
+        }
+        if self.focal_alpha.is_some()
+            && !(loss == LossKind::Focal
+                && self.problem_type == ProblemType::MultiLabelClassification)
+        {
+            return bad(
+                "focal_alpha",
+                "only applies to multi-label focal loss (for single-label focal, per-class α \
+                 is `class_weights`)"
+                    .into(),
+            );
+        }
+        if self.label_smoothing != 0.0 && loss != LossKind::CrossEntropy {
+            return bad(
+                "label_smoothing",
+                "only applies to loss = \"cross_entropy\"".into(),
+            );
+        }
+        if self.pos_weight.is_some() && loss != LossKind::BinaryCrossEntropy {
+            return bad(
+                "pos_weight",
+                "only applies to loss = \"binary_cross_entropy\"".into(),
+            );
+        }
         if self.best_metric().is_none() {
             return bad(
                 "metric_for_best_model",
                 format!(
-                    "unknown metric `{}` (expected accuracy, macro_f1 or loss)",
-                    self.metric_for_best_model
+                    "unknown metric `{}` for {} (classification: accuracy, macro_f1, \
+                     micro_f1, weighted_f1, mcc; multi-label: micro_f1, macro_f1, \
+                     subset_accuracy; regression: mse, mae, rmse, r2, pearson, spearman; \
+                     any: loss)",
+                    self.metric_for_best_model.as_deref().unwrap_or(""),
+                    self.problem_type.as_str()
                 ),
             );
         }
@@ -367,15 +679,57 @@ impl TrainConfig {
     }
 
     /// The metric that picks the best epoch, without an `eval_` prefix, and whether greater
-    /// is better.
+    /// is better. The names depend on the task.
     pub fn best_metric(&self) -> Option<(&'static str, bool)> {
-        let m = self.metric_for_best_model.trim_start_matches("eval_");
-        match m {
-            "accuracy" => Some(("accuracy", true)),
-            "macro_f1" | "f1" => Some(("macro_f1", true)),
+        let default = match self.problem_type {
+            ProblemType::SingleLabelClassification => "accuracy",
+            ProblemType::MultiLabelClassification => "micro_f1",
+            ProblemType::Regression => "mse",
+        };
+        let m = self
+            .metric_for_best_model
+            .as_deref()
+            .unwrap_or(default)
+            .trim_start_matches("eval_");
+        let common = match m {
             "loss" => Some(("loss", false)),
             _ => None,
-        }
+        };
+        let task = match self.problem_type {
+            ProblemType::SingleLabelClassification => match m {
+                "accuracy" => Some(("accuracy", true)),
+                "macro_f1" | "f1" => Some(("macro_f1", true)),
+                "micro_f1" => Some(("micro_f1", true)),
+                "weighted_f1" => Some(("weighted_f1", true)),
+                "mcc" => Some(("mcc", true)),
+                _ => None,
+            },
+            ProblemType::MultiLabelClassification => match m {
+                "micro_f1" | "f1" => Some(("micro_f1", true)),
+                "macro_f1" => Some(("macro_f1", true)),
+                "subset_accuracy" | "accuracy" => Some(("subset_accuracy", true)),
+                _ => None,
+            },
+            ProblemType::Regression => match m {
+                "mse" => Some(("mse", false)),
+                "mae" => Some(("mae", false)),
+                "rmse" => Some(("rmse", false)),
+                "r2" => Some(("r2", true)),
+                "pearson" => Some(("pearson", true)),
+                "spearman" => Some(("spearman", true)),
+                _ => None,
+            },
+        };
+        common.or(task)
+    }
+
+    /// The loss in use: `loss`, or the task's default.
+    pub fn loss_kind(&self) -> LossKind {
+        self.loss.unwrap_or(match self.problem_type {
+            ProblemType::SingleLabelClassification => LossKind::CrossEntropy,
+            ProblemType::MultiLabelClassification => LossKind::BinaryCrossEntropy,
+            ProblemType::Regression => LossKind::Mse,
+        })
     }
 
     /// The resolved recipe as TOML (written to the output directory).

@@ -23,6 +23,7 @@ pub mod eval;
 pub mod export;
 pub mod models;
 pub mod predict;
+pub mod task;
 pub mod testing;
 pub mod train;
 

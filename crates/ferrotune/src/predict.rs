@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use tokenizers::Tokenizer;
 
+use crate::config::ProblemType;
 use crate::data::batch::{length_sorted_batches, make_batch, pad_id, tokenize, Features};
 use crate::data::reader::Example;
 use crate::error::{Error, Result};
@@ -57,6 +58,16 @@ pub struct ExportInfo {
     pub text_pair_column: Option<String>,
     /// Label column of the training data (used by `ferrotune eval`).
     pub label_column: String,
+    /// Multi-label decision threshold.
+    #[serde(default = "half")]
+    pub threshold: f64,
+    /// Multi-label separator in CSV/TSV label cells.
+    #[serde(default)]
+    pub label_separator: Option<String>,
+}
+
+fn half() -> f64 {
+    0.5
 }
 
 /// A fine-tuned model loaded for inference from an exported directory.
@@ -69,6 +80,8 @@ pub struct Predictor {
     pub labels: Vec<String>,
     /// Training-time settings read from `config.json`.
     pub info: ExportInfo,
+    /// The task (`problem_type` of `config.json`; single-label when absent).
+    pub problem_type: ProblemType,
     /// The directory it was loaded from.
     pub dir: PathBuf,
     /// Examples per forward pass.
@@ -100,6 +113,8 @@ impl Predictor {
                 text_column: "text".into(),
                 text_pair_column: None,
                 label_column: "label".into(),
+                threshold: 0.5,
+                label_separator: None,
             },
         };
         let device = Device::Cpu;
@@ -131,7 +146,21 @@ impl Predictor {
         }
         let tokenizer = load_tokenizer(dir, info.max_seq_length)?;
         let pad = pad_id(&tokenizer);
+        let problem_type = match cfg.problem_type.as_deref() {
+            None | Some("single_label_classification") => ProblemType::SingleLabelClassification,
+            Some("multi_label_classification") => ProblemType::MultiLabelClassification,
+            Some("regression") => ProblemType::Regression,
+            Some(other) => {
+                return Err(Error::at(
+                    &cfg_path,
+                    None,
+                    Some("problem_type"),
+                    format!("unknown problem type `{other}`"),
+                ))
+            }
+        };
         Ok(Predictor {
+            problem_type,
             model: loaded.model,
             tokenizer,
             labels,
@@ -143,33 +172,106 @@ impl Predictor {
         })
     }
 
-    /// Class probabilities for each example, in input order.
-    pub fn predict_probs(
+    /// The head's raw outputs (logits, or regression values) for each example, in input
+    /// order.
+    pub fn predict_logits(
         &self,
         examples: &[Example],
         on_batch: impl FnMut(usize),
     ) -> Result<Vec<Vec<f32>>> {
         let feats = tokenize(&self.tokenizer, examples)?;
-        let logits = infer_logits(
+        infer_logits(
             &self.model,
             &feats,
             self.batch_size,
             self.pad,
             &self.device,
             on_batch,
-        )?;
-        Ok(logits.iter().map(|l| softmax(l)).collect())
+        )
     }
-}
 
-/// Writes predictions atomically (temporary file, then rename): JSONL, one line per input,
-/// `{"label": "<top label>", "scores": {"<label>": probability, ...}}`, or CSV with columns
-/// `label` and one per label name when `path` ends in `.csv`.
-pub fn write_predictions(path: &Path, labels: &[String], probs: &[Vec<f32>]) -> Result<()> {
-    let bytes = format_predictions(labels, probs, is_csv(path))?;
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    /// Outputs for each example, in input order: class probabilities (softmax) for
+    /// single-label, per-label probabilities (sigmoid) for multi-label, values for
+    /// regression.
+    pub fn predict_probs(
+        &self,
+        examples: &[Example],
+        on_batch: impl FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        let logits = self.predict_logits(examples, on_batch)?;
+        Ok(logits.iter().map(|l| self.activate(l)).collect())
+    }
+
+    /// Logits → outputs (see [`Predictor::predict_probs`]).
+    pub fn activate(&self, logits: &[f32]) -> Vec<f32> {
+        match self.problem_type {
+            ProblemType::SingleLabelClassification => softmax(logits),
+            ProblemType::MultiLabelClassification => {
+                logits.iter().map(|&z| crate::task::sigmoid(z)).collect()
+            }
+            ProblemType::Regression => logits.to_vec(),
+        }
+    }
+
+    /// Writes outputs atomically (temporary file, then rename) as JSONL, or CSV when `path`
+    /// ends in `.csv`; see [`Predictor::format`].
+    pub fn write(&self, path: &Path, outputs: &[Vec<f32>]) -> Result<()> {
+        let bytes = self.format(outputs, is_csv(path))?;
+        let tmp = path.with_extension("partial");
+        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Outputs as JSONL, one line per input — single-label
+    /// `{"label": "<top label>", "scores": {"<label>": p, ...}}`; multi-label
+    /// `{"labels": [<labels with p ≥ threshold>], "scores": {...}}`; regression
+    /// `{"value": v}` (one target) or `{"values": {"<name>": v, ...}}` — or as CSV with a
+    /// column per label.
+    pub fn format(&self, outputs: &[Vec<f32>], csv: bool) -> Result<Vec<u8>> {
+        let labels = &self.labels;
+        match self.problem_type {
+            ProblemType::SingleLabelClassification => format_predictions(labels, outputs, csv),
+            ProblemType::MultiLabelClassification | ProblemType::Regression if csv => {
+                let mut out = Vec::new();
+                let mut w = csv::Writer::from_writer(&mut out);
+                let err = |e: csv::Error| Error::Msg(format!("csv: {e}"));
+                w.write_record(labels).map_err(err)?;
+                for o in outputs {
+                    w.write_record(o.iter().map(|x| x.to_string()))
+                        .map_err(err)?;
+                }
+                w.flush().map_err(|e| Error::Msg(format!("csv: {e}")))?;
+                drop(w);
+                Ok(out)
+            }
+            task => {
+                let mut out = Vec::new();
+                for o in outputs {
+                    let named: serde_json::Map<String, serde_json::Value> = labels
+                        .iter()
+                        .zip(o)
+                        .map(|(l, &x)| (l.clone(), serde_json::json!(x)))
+                        .collect();
+                    let line = match task {
+                        ProblemType::MultiLabelClassification => {
+                            let on: Vec<&String> = labels
+                                .iter()
+                                .zip(o)
+                                .filter(|(_, &p)| p as f64 >= self.info.threshold)
+                                .map(|(l, _)| l)
+                                .collect();
+                            serde_json::json!({"labels": on, "scores": named})
+                        }
+                        _ if o.len() == 1 => serde_json::json!({"value": o[0]}),
+                        _ => serde_json::json!({"values": named}),
+                    };
+                    out.extend_from_slice(line.to_string().as_bytes());
+                    out.push(b'\n');
+                }
+                Ok(out)
+            }
+        }
+    }
 }
 
 /// True when `path` names a CSV file.
@@ -196,7 +298,7 @@ pub fn argmax(row: &[f32]) -> usize {
         .0
 }
 
-/// Predictions as JSONL (or CSV) bytes.
+/// Single-label predictions as JSONL (or CSV) bytes.
 pub fn format_predictions(labels: &[String], probs: &[Vec<f32>], csv: bool) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     if csv {
@@ -228,36 +330,41 @@ pub fn format_predictions(labels: &[String], probs: &[Vec<f32>], csv: bool) -> R
     Ok(out)
 }
 
-/// The result of evaluating a model on a labelled file.
-pub struct EvalResult {
-    /// Mean cross-entropy.
-    pub loss: f64,
-    /// All classification metrics.
-    pub report: crate::eval::metrics::ClassificationReport,
-}
-
 impl Predictor {
-    /// Evaluates on labelled examples read from `path` (labels must be among the model's).
+    /// Evaluates on labelled examples read from `path` (labels must be among the model's);
+    /// the metrics are those of training's per-epoch evaluation, under the task's default
+    /// loss.
     pub fn evaluate(
         &self,
         examples: &[Example],
         path: &Path,
         label_column: &str,
-    ) -> Result<EvalResult> {
+    ) -> Result<crate::task::Evaluation> {
         let map = crate::data::labels::LabelMap::from_labels(self.labels.clone());
-        let y: Vec<usize> = examples
-            .iter()
-            .map(|e| map.encode(e, path, label_column))
-            .collect::<Result<_>>()?;
-        let probs = self.predict_probs(examples, |_| {})?;
-        let loss = probs
-            .iter()
-            .zip(&y)
-            .map(|(p, &y)| -(p[y].max(1e-30) as f64).ln())
-            .sum::<f64>()
-            / probs.len().max(1) as f64;
-        let preds: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
-        let report = crate::eval::metrics::classification_report(&preds, &y, self.labels.len());
-        Ok(EvalResult { loss, report })
+        let sep = self.info.label_separator.as_deref();
+        let targets = crate::task::encode_targets(
+            self.problem_type,
+            &map,
+            examples,
+            path,
+            label_column,
+            sep,
+        )?;
+        let logits = self.predict_logits(examples, |_| {})?;
+        let cfg = crate::config::TrainConfig {
+            problem_type: self.problem_type,
+            ..Default::default()
+        };
+        let loss = crate::train::loss::LossConfig {
+            kind: cfg.loss_kind(),
+            ..Default::default()
+        };
+        crate::task::evaluate_outputs(
+            self.problem_type,
+            &logits,
+            &targets,
+            &loss,
+            self.info.threshold,
+        )
     }
 }

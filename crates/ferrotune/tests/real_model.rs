@@ -153,7 +153,7 @@ fn short_real_fine_tune_learns_the_topics() {
     );
     let cfg = ferrotune::TrainConfig::from_toml_str(&text, Path::new("t.toml"), &[]).unwrap();
     let s = ferrotune::train::train(&cfg, &mut ferrotune::train::Silent).unwrap();
-    let acc = s.epochs[0].eval_accuracy;
+    let acc = s.epochs[0].get("accuracy");
     eprintln!("short fine-tune: {:?}", s.epochs[0]);
     assert!(acc >= 0.85, "accuracy {acc} after a short fine-tune");
 }

@@ -111,6 +111,46 @@ impl Default for ReaderOptions {
 /// number of fields, a JSON line is not an object, or the text is not valid UTF-8 and
 /// [`EncodingErrors::Error`] is set.
 pub fn read_examples(path: &Path, opts: &ReaderOptions) -> Result<Vec<Example>> {
+    read_any(path, opts, None)
+}
+
+/// A row left out by [`read_examples_skipping`], with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedRow {
+    /// 1-based line of the row.
+    pub line: usize,
+    /// The error it would have raised (one line naming file, line and field).
+    pub reason: String,
+}
+
+impl SkippedRow {
+    /// A row skipped for error `e`.
+    pub fn new(line: usize, e: Error) -> Self {
+        SkippedRow {
+            line,
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Like [`read_examples`], but a CSV/TSV/JSONL row that cannot be read (an empty label, a
+/// field that is not UTF-8, a row of the wrong width, a line that is not a JSON object) is
+/// left out and reported instead of stopping the read (`on_bad_row = "skip"`). Errors that
+/// concern the whole file (missing column, empty file) still stop it.
+pub fn read_examples_skipping(
+    path: &Path,
+    opts: &ReaderOptions,
+) -> Result<(Vec<Example>, Vec<SkippedRow>)> {
+    let mut skipped = Vec::new();
+    let ex = read_any(path, opts, Some(&mut skipped))?;
+    Ok((ex, skipped))
+}
+
+fn read_any(
+    path: &Path,
+    opts: &ReaderOptions,
+    skipped: Option<&mut Vec<SkippedRow>>,
+) -> Result<Vec<Example>> {
     let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         return read_class_dirs(path, opts);
@@ -120,9 +160,9 @@ pub fn read_examples(path: &Path, opts: &ReaderOptions) -> Result<Vec<Example>> 
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
     match ext.as_str() {
-        "csv" => read_delimited(path, b',', opts),
-        "tsv" => read_delimited(path, b'\t', opts),
-        "jsonl" | "ndjson" | "json" => read_json_lines(path, opts),
+        "csv" => read_delimited(path, b',', opts, skipped),
+        "tsv" => read_delimited(path, b'\t', opts, skipped),
+        "jsonl" | "ndjson" | "json" => read_json_lines(path, opts, skipped),
         "txt" => read_text_lines(path, opts),
         "" => Err(Error::file(
             path,
@@ -308,7 +348,12 @@ struct Columns {
     label: Option<usize>,
 }
 
-fn read_delimited(path: &Path, delimiter: u8, opts: &ReaderOptions) -> Result<Vec<Example>> {
+fn read_delimited(
+    path: &Path,
+    delimiter: u8,
+    opts: &ReaderOptions,
+    mut skipped: Option<&mut Vec<SkippedRow>>,
+) -> Result<Vec<Example>> {
     let data = read_file(path)?;
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
@@ -378,42 +423,49 @@ fn read_delimited(path: &Path, delimiter: u8, opts: &ReaderOptions) -> Result<Ve
     let mut out = Vec::new();
     while reader.read_byte_record(&mut record).map_err(csv_err)? {
         let line = record_line(&record);
-        if record.len() != headers.len() {
-            return Err(Error::at(
-                path,
-                Some(line),
-                None,
-                format!(
-                    "expected {} fields as in the header, found {}",
-                    headers.len(),
-                    record.len()
-                ),
-            ));
-        }
-        let cell = |i: usize| record.get(i).unwrap_or_default();
-        let text = decode_field(cell(cols.text), line, &opts.text_column)?;
-        let text_pair = match (cols.pair, &opts.text_pair_column) {
-            (Some(i), Some(c)) => Some(decode_field(cell(i), line, c)?),
-            _ => None,
-        };
-        let label = match (cols.label, &opts.label_column) {
-            (Some(i), Some(c)) => {
-                let raw = decode_field(cell(i), line, c)?;
-                let raw = raw.trim();
-                if raw.is_empty() {
-                    return Err(Error::at(path, Some(line), Some(c), "empty label"));
-                }
-                Some(RawLabel::Text(raw.to_string()))
+        let row = || -> Result<Example> {
+            if record.len() != headers.len() {
+                return Err(Error::at(
+                    path,
+                    Some(line),
+                    None,
+                    format!(
+                        "expected {} fields as in the header, found {}",
+                        headers.len(),
+                        record.len()
+                    ),
+                ));
             }
-            _ => None,
+            let cell = |i: usize| record.get(i).unwrap_or_default();
+            let text = decode_field(cell(cols.text), line, &opts.text_column)?;
+            let text_pair = match (cols.pair, &opts.text_pair_column) {
+                (Some(i), Some(c)) => Some(decode_field(cell(i), line, c)?),
+                _ => None,
+            };
+            let label = match (cols.label, &opts.label_column) {
+                (Some(i), Some(c)) => {
+                    let raw = decode_field(cell(i), line, c)?;
+                    let raw = raw.trim();
+                    if raw.is_empty() {
+                        return Err(Error::at(path, Some(line), Some(c), "empty label"));
+                    }
+                    Some(RawLabel::Text(raw.to_string()))
+                }
+                _ => None,
+            };
+            Ok(Example {
+                id: format!("line {line}"),
+                line,
+                text,
+                text_pair,
+                label,
+            })
         };
-        out.push(Example {
-            id: format!("line {line}"),
-            line,
-            text,
-            text_pair,
-            label,
-        });
+        match (row(), skipped.as_deref_mut()) {
+            (Ok(e), _) => out.push(e),
+            (Err(e), Some(sk)) => sk.push(SkippedRow::new(line, e)),
+            (Err(e), None) => return Err(e),
+        }
     }
     if out.is_empty() {
         return Err(Error::file(
@@ -549,35 +601,45 @@ fn json_error_msg(e: &serde_json::Error) -> String {
     }
 }
 
-fn read_json_lines(path: &Path, opts: &ReaderOptions) -> Result<Vec<Example>> {
+fn read_json_lines(
+    path: &Path,
+    opts: &ReaderOptions,
+    mut skipped: Option<&mut Vec<SkippedRow>>,
+) -> Result<Vec<Example>> {
     let mut out = Vec::new();
     for (line, text) in decoded_lines(path, opts.encoding_errors)? {
-        // A whole-file JSON array is a common mistake: say so.
-        let hint = if text.trim_start().starts_with('[') {
-            " (the file must hold one JSON object per line (JSON Lines), not an array)"
-        } else {
-            ""
+        let row = || -> Result<Example> {
+            // A whole-file JSON array is a common mistake: say so.
+            let hint = if text.trim_start().starts_with('[') {
+                " (the file must hold one JSON object per line (JSON Lines), not an array)"
+            } else {
+                ""
+            };
+            let value: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::at(path, Some(line), None, json_error_msg(&e) + hint))?;
+            let Value::Object(obj) = value else {
+                let msg = format!("expected a JSON object, found {}{hint}", json_kind(&value));
+                return Err(Error::at(path, Some(line), None, msg));
+            };
+            Ok(Example {
+                id: format!("line {line}"),
+                line,
+                text: json_text(path, line, &obj, &opts.text_column)?,
+                text_pair: match &opts.text_pair_column {
+                    Some(c) => Some(json_text(path, line, &obj, c)?),
+                    None => None,
+                },
+                label: match &opts.label_column {
+                    Some(c) => Some(json_label(path, line, &obj, c)?),
+                    None => None,
+                },
+            })
         };
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::at(path, Some(line), None, json_error_msg(&e) + hint))?;
-        let Value::Object(obj) = value else {
-            let msg = format!("expected a JSON object, found {}{hint}", json_kind(&value));
-            return Err(Error::at(path, Some(line), None, msg));
-        };
-        let example = Example {
-            id: format!("line {line}"),
-            line,
-            text: json_text(path, line, &obj, &opts.text_column)?,
-            text_pair: match &opts.text_pair_column {
-                Some(c) => Some(json_text(path, line, &obj, c)?),
-                None => None,
-            },
-            label: match &opts.label_column {
-                Some(c) => Some(json_label(path, line, &obj, c)?),
-                None => None,
-            },
-        };
-        out.push(example);
+        match (row(), skipped.as_deref_mut()) {
+            (Ok(e), _) => out.push(e),
+            (Err(e), Some(sk)) => sk.push(SkippedRow::new(line, e)),
+            (Err(e), None) => return Err(e),
+        }
     }
     if out.is_empty() {
         return Err(Error::file(path, "no examples: the file has no JSON lines"));

@@ -606,6 +606,7 @@ mod tests {
     use crate::data::batch::make_batch;
     use crate::data::batch::Features;
     use crate::testing::{write_tiny_model, TinySpec};
+    use crate::train::loss::{LossConfig, Targets};
     use crate::train::trainer::loss_and_grads;
     use rand::SeedableRng;
 
@@ -619,6 +620,14 @@ mod tests {
             type_ids: vec![0; 3],
         };
         make_batch(&[&a, &b], 0, &Device::Cpu).unwrap()
+    }
+
+    fn train_ctx<'a>(frozen: &'a [bool], rng: &'a mut ChaCha8Rng) -> Ctx<'a> {
+        Ctx {
+            train: true,
+            frozen,
+            rng: Some(rng),
+        }
     }
 
     fn load(dir: &Path, pooling: Pooling) -> Result<Loaded> {
@@ -686,12 +695,21 @@ mod tests {
         write_tiny_model(t.path(), &TinySpec::default()).unwrap();
         for pooling in [Pooling::Pooler, Pooling::Mean] {
             let l = load(t.path(), pooling).unwrap();
-            let y = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
+            let y = Targets::Classes(Tensor::new(&[0u32, 2], &Device::Cpu).unwrap());
+            let lc = LossConfig::default();
             let mut rng = ChaCha8Rng::seed_from_u64(0);
             // Nothing frozen: every tensor gets a non-zero gradient.
             let frozen = vec![false; l.params.num_groups()];
-            let (_, grads) =
-                loss_and_grads(&l.model, &l.params, &batch(), &y, &frozen, &mut rng).unwrap();
+            let (_, grads) = loss_and_grads(
+                &l.model,
+                &l.params,
+                &batch(),
+                &y,
+                &lc,
+                1.0,
+                train_ctx(&frozen, &mut rng),
+            )
+            .unwrap();
             for (p, g) in l.params.params.iter().zip(&grads) {
                 let g = g
                     .as_ref()
@@ -706,8 +724,16 @@ mod tests {
             let mut frozen = vec![false; l.params.num_groups()];
             frozen[0] = true;
             frozen[1] = true;
-            let (_, grads) =
-                loss_and_grads(&l.model, &l.params, &batch(), &y, &frozen, &mut rng).unwrap();
+            let (_, grads) = loss_and_grads(
+                &l.model,
+                &l.params,
+                &batch(),
+                &y,
+                &lc,
+                1.0,
+                train_ctx(&frozen, &mut rng),
+            )
+            .unwrap();
             for (p, g) in l.params.params.iter().zip(&grads) {
                 if p.group <= 1 {
                     assert!(g.is_none(), "{} is frozen but got a gradient", p.name);

@@ -1,6 +1,7 @@
 //! The training loop: data → tokens → batches → forward → loss → backward → clip → AdamW →
 //! schedule, with an evaluation after every epoch and the best epoch exported.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,20 +13,22 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use crate::config::TrainConfig;
+use crate::config::{ClassWeights, FreezeMode, OnBadRow, OptimizerKind, ProblemType, TrainConfig};
 use crate::data::batch::{make_batch, pad_id, tokenize, Features};
 use crate::data::labels::LabelMap;
-use crate::data::reader::{read_examples, Example, ReaderOptions};
+use crate::data::reader::{
+    read_examples, read_examples_skipping, Example, RawLabel, ReaderOptions,
+};
 use crate::data::split::stratified_split;
 use crate::error::{Error, Result};
-use crate::eval::metrics::classification_report;
 use crate::export::{export_model, ExportSpec};
 use crate::models::bert::{BertClassifier, Weights};
 use crate::models::tokenizer::load_tokenizer;
 use crate::models::{Batch, Ctx, HfConfig, ParamStore};
 use crate::predict::{infer_logits, ExportInfo};
-use crate::train::loss::cross_entropy;
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::task::{encode_targets, evaluate_outputs, headline, label_map, Evaluation, TargetData};
+use crate::train::loss::{compute, LossConfig, Targets};
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer, Sgd};
 use crate::train::schedule::{warmup_from_ratio, LrSchedule};
 
 /// What the trainer reports as it goes. The library prints nothing itself; the CLI shows
@@ -50,21 +53,14 @@ impl Progress for Silent {}
 pub struct EpochMetrics {
     /// 1-based epoch.
     pub epoch: usize,
-    /// Mean cross-entropy on the evaluation set.
-    pub eval_loss: f64,
-    /// Accuracy.
-    pub eval_accuracy: f64,
-    /// Macro-averaged F1.
-    pub eval_macro_f1: f64,
+    /// Metric name (without `eval_`) → value; see [`crate::task::evaluate_outputs`].
+    pub metrics: BTreeMap<String, f64>,
 }
 
 impl EpochMetrics {
-    fn get(&self, name: &str) -> f64 {
-        match name {
-            "loss" => self.eval_loss,
-            "macro_f1" => self.eval_macro_f1,
-            _ => self.eval_accuracy,
-        }
+    /// A metric by name (without `eval_`); NaN when absent.
+    pub fn get(&self, name: &str) -> f64 {
+        self.metrics.get(name).copied().unwrap_or(f64::NAN)
     }
 }
 
@@ -79,6 +75,10 @@ pub struct TrainSummary {
     pub model_dir: PathBuf,
     /// Seconds spent in training steps (evaluation excluded).
     pub train_seconds: f64,
+    /// Optimisation steps taken.
+    pub steps: usize,
+    /// True when early stopping ended the run.
+    pub stopped_early: bool,
 }
 
 /// Everything loaded and prepared before the first step.
@@ -93,12 +93,14 @@ pub struct Prepared {
     pub params: ParamStore,
     /// The tokenizer.
     pub tokenizer: tokenizers::Tokenizer,
-    /// The label set of the training data.
+    /// Class names (classification) or target names (regression).
     pub labels: LabelMap,
-    /// Tokenized training examples and their label ids.
-    pub train: (Vec<Features>, Vec<u32>),
-    /// Tokenized evaluation examples and their label ids.
-    pub eval: (Vec<Features>, Vec<u32>),
+    /// Tokenized training examples and their targets.
+    pub train: (Vec<Features>, TargetData),
+    /// Tokenized evaluation examples and their targets.
+    pub eval: (Vec<Features>, TargetData),
+    /// The loss.
+    pub loss: LossConfig,
     /// Padding id.
     pub pad: u32,
     /// Notes for the user (new head, ...).
@@ -127,6 +129,99 @@ fn write_split(path: &Path, cfg: &TrainConfig, train: &[Example], eval: &[Exampl
     std::fs::write(path, v.to_string()).map_err(|e| Error::io(path, e))
 }
 
+/// Rows left out under `on_bad_row = "skip"`, and notes about data clean-up.
+#[derive(Default)]
+struct SkipLog {
+    rows: Vec<serde_json::Value>,
+    notes: Vec<String>,
+}
+
+impl SkipLog {
+    /// Reads a data file, skipping bad rows when the recipe says so.
+    fn read(
+        &mut self,
+        cfg: &TrainConfig,
+        path: &Path,
+        opts: &ReaderOptions,
+    ) -> Result<Vec<Example>> {
+        match cfg.on_bad_row {
+            OnBadRow::Error => read_examples(path, opts),
+            OnBadRow::Skip => {
+                let (ex, skipped) = read_examples_skipping(path, opts)?;
+                if !skipped.is_empty() {
+                    self.notes.push(format!(
+                        "{} row(s) of {} skipped (see skipped_rows.jsonl)",
+                        skipped.len(),
+                        path.display()
+                    ));
+                }
+                self.rows.extend(
+                    skipped
+                        .into_iter()
+                        .map(|s| json!({"file": path, "line": s.line, "reason": s.reason})),
+                );
+                Ok(ex)
+            }
+        }
+    }
+
+    /// Keeps the examples whose targets encode; the others are skipped rows.
+    fn keep_encodable(
+        &mut self,
+        examples: Vec<Example>,
+        path: &Path,
+        encode: impl Fn(&Example) -> Result<TargetData>,
+    ) -> Vec<Example> {
+        let before = examples.len();
+        let kept: Vec<Example> = examples
+            .into_iter()
+            .filter(|e| match encode(e) {
+                Ok(_) => true,
+                Err(err) => {
+                    self.rows
+                        .push(json!({"file": path, "line": e.line, "reason": err.to_string()}));
+                    false
+                }
+            })
+            .collect();
+        if kept.len() < before {
+            self.notes.push(format!(
+                "{} row(s) of {} skipped: target not a number (see skipped_rows.jsonl)",
+                before - kept.len(),
+                path.display()
+            ));
+        }
+        kept
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        let p = dir.join("skipped_rows.jsonl");
+        if self.rows.is_empty() {
+            let _ = std::fs::remove_file(&p);
+            return Ok(());
+        }
+        let text: String = self.rows.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+    }
+}
+
+/// Drops examples whose (text, text pair) repeats an earlier one; the first is kept.
+pub fn deduplicate(examples: Vec<Example>, notes: &mut Vec<String>) -> Vec<Example> {
+    let before = examples.len();
+    let mut seen = std::collections::HashSet::new();
+    let kept: Vec<Example> = examples
+        .into_iter()
+        .filter(|e| seen.insert((e.text.clone(), e.text_pair.clone())))
+        .collect();
+    if kept.len() < before {
+        notes.push(format!(
+            "{} duplicate example(s) dropped",
+            before - kept.len()
+        ));
+    }
+    kept
+}
+
 /// Checks that `dir` can be created and written, before anything slow happens.
 pub fn ensure_writable(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -136,20 +231,98 @@ pub fn ensure_writable(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The loss of a run, with class weights resolved against the training targets.
+pub fn loss_config(cfg: &TrainConfig, labels: &LabelMap, train: &TargetData) -> Result<LossConfig> {
+    let class_weights = match (&cfg.class_weights, train) {
+        (None, _) => None,
+        (Some(ClassWeights::List(w)), _) => {
+            if w.len() != labels.len() {
+                return Err(Error::Config(format!(
+                    "`class_weights` has {} values but the training data has {} classes ({})",
+                    w.len(),
+                    labels.len(),
+                    labels.labels().join(", ")
+                )));
+            }
+            Some(w.clone())
+        }
+        (Some(ClassWeights::Named(_)), TargetData::Classes(y)) => {
+            // scikit-learn's "balanced": n / (k · count(c)).
+            let k = labels.len();
+            let mut count = vec![0usize; k];
+            y.iter().for_each(|&c| count[c as usize] += 1);
+            Some(
+                count
+                    .iter()
+                    .map(|&c| y.len() as f64 / (k as f64 * c.max(1) as f64))
+                    .collect(),
+            )
+        }
+        (Some(ClassWeights::Named(_)), _) => None,
+    };
+    let pos_weight = match &cfg.pos_weight {
+        Some(w) if w.len() == 1 => Some(vec![w[0]; labels.len()]),
+        Some(w) if w.len() != labels.len() => {
+            return Err(Error::Config(format!(
+                "`pos_weight` has {} values but there are {} labels",
+                w.len(),
+                labels.len()
+            )))
+        }
+        other => other.clone(),
+    };
+    Ok(LossConfig {
+        kind: cfg.loss_kind(),
+        label_smoothing: cfg.label_smoothing,
+        class_weights,
+        pos_weight,
+        focal_gamma: cfg.focal_gamma,
+        focal_alpha: cfg.focal_alpha,
+        smooth_l1_beta: cfg.smooth_l1_beta,
+        huber_delta: cfg.huber_delta,
+    })
+}
+
 /// Reads the data and the model, tokenizes: everything up to the first training step.
 /// Data errors come before the model is loaded.
 pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
     ensure_writable(&cfg.output_dir)?;
     let opts = reader_options(cfg);
-    let all_train = read_examples(&cfg.train_file, &opts)?;
-    let (mut train, mut eval, eval_path) = match &cfg.validation_file {
-        Some(vf) => (all_train, read_examples(vf, &opts)?, vf.clone()),
-        None => {
+    let task = cfg.problem_type;
+    let sep = cfg.label_separator.as_deref();
+    let field = cfg.label_column.as_str();
+    let mut skipped = SkipLog::default();
+    // Reads a file; under `on_bad_row = "skip"` a regression target that is not a number
+    // is a bad row too.
+    let mut read = |path: &Path| -> Result<Vec<Example>> {
+        let ex = skipped.read(cfg, path, &opts)?;
+        if cfg.on_bad_row == OnBadRow::Skip && task == ProblemType::Regression {
+            let probe = LabelMap::from_labels(vec![field.to_string()]);
+            return Ok(skipped.keep_encodable(ex, path, |e| {
+                encode_targets(task, &probe, std::slice::from_ref(e), path, field, sep)
+            }));
+        }
+        Ok(ex)
+    };
+    let mut all_train = read(&cfg.train_file)?;
+    let eval_file = match &cfg.validation_file {
+        Some(vf) => Some(read(vf)?),
+        None => None,
+    };
+    if cfg.deduplicate {
+        all_train = deduplicate(all_train, &mut skipped.notes);
+    }
+    let (mut train, mut eval, eval_path) = match (&cfg.validation_file, eval_file) {
+        (Some(vf), Some(ev)) => (all_train, ev, vf.clone()),
+        _ => {
             let frac = cfg.validation_split.unwrap_or(0.2);
-            let label_of = |e: &Example| match &e.label {
-                Some(crate::data::reader::RawLabel::Text(t)) => t.clone(),
-                Some(crate::data::reader::RawLabel::List(l)) => l.join(","),
-                None => String::new(),
+            // Regression targets are not classes: no stratification.
+            let regression = cfg.problem_type == ProblemType::Regression;
+            let label_of = |e: &Example| match (&e.label, regression) {
+                (_, true) => String::new(),
+                (Some(RawLabel::Text(t)), _) => t.clone(),
+                (Some(RawLabel::List(l)), _) => l.join(","),
+                (None, _) => String::new(),
             };
             let (t, e) = stratified_split(all_train, label_of, frac, cfg.seed);
             write_split(&cfg.output_dir.join("split.json"), cfg, &t, &e)?;
@@ -162,20 +335,18 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
     if let Some(n) = cfg.max_eval_samples {
         eval.truncate(n);
     }
+    skipped.write(&cfg.output_dir)?;
     if train.is_empty() {
         return Err(Error::file(&cfg.train_file, "no training examples"));
     }
     if eval.is_empty() {
         return Err(Error::file(&eval_path, "no evaluation examples"));
     }
-    let labels = LabelMap::from_examples(&train, &cfg.train_file)?;
-    let encode = |ex: &[Example], path: &Path| -> Result<Vec<u32>> {
-        ex.iter()
-            .map(|e| Ok(labels.encode(e, path, &cfg.label_column)? as u32))
-            .collect()
-    };
-    let train_y = encode(&train, &cfg.train_file)?;
-    let eval_y = encode(&eval, &eval_path)?;
+    let labels = label_map(task, &train, &cfg.train_file, &cfg.label_column, sep)?;
+    let train_y = encode_targets(task, &labels, &train, &cfg.train_file, field, sep)?;
+    let eval_y = encode_targets(task, &labels, &eval, &eval_path, field, sep)?;
+    let loss = loss_config(cfg, &labels, &train_y)?;
+    loss.validate()?;
 
     let hf = HfConfig::from_dir(&cfg.model_name_or_path)?;
     if cfg.max_seq_length > hf.max_position_embeddings {
@@ -206,13 +377,13 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
         cfg.attention_probs_dropout_prob,
         cfg.classifier_dropout,
     );
-    let mut notes = Vec::new();
+    let mut notes = skipped.notes.clone();
     if loaded.new_pooler {
         notes.push("the pooler is newly initialised (not in the checkpoint)".to_string());
     }
     if loaded.new_head {
         notes.push(format!(
-            "a new classifier head for {} labels is initialised",
+            "a new head with {} outputs is initialised",
             labels.len()
         ));
     }
@@ -228,29 +399,29 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
         labels,
         train: (train_f, train_y),
         eval: (eval_f, eval_y),
+        loss,
         pad,
         notes,
     })
 }
 
-/// Forward, loss and backward on one batch. Returns the loss and, for each parameter, its
-/// flattened gradient (`None` for a frozen parameter, which gets none).
+/// Forward, loss and backward on one batch in training context `ctx` (its frozen groups
+/// and dropout generator), the loss multiplied by `scale` (for gradient accumulation).
+/// Returns the unscaled loss and, for each parameter, its flattened gradient (`None` for a
+/// frozen parameter, which gets none).
 pub fn loss_and_grads(
     model: &BertClassifier,
     params: &ParamStore,
     batch: &Batch,
-    targets: &Tensor,
-    frozen: &[bool],
-    rng: &mut ChaCha8Rng,
+    targets: &Targets,
+    loss_cfg: &LossConfig,
+    scale: f64,
+    mut ctx: Ctx,
 ) -> Result<(f32, Vec<Option<Vec<f32>>>)> {
-    let mut ctx = Ctx {
-        train: true,
-        frozen,
-        rng: Some(rng),
-    };
+    let frozen = ctx.frozen;
     let logits = model.forward(&mut ctx, batch)?;
-    let loss = cross_entropy(&logits, targets)?;
-    let grads = loss.backward()?;
+    let loss = compute(loss_cfg, &logits, targets)?;
+    let grads = (&loss * scale)?.backward()?;
     let mut out = Vec::with_capacity(params.params.len());
     for p in &params.params {
         let g = if frozen.get(p.group).copied().unwrap_or(false) {
@@ -266,43 +437,23 @@ pub fn loss_and_grads(
     Ok((loss.to_scalar::<f32>()?, out))
 }
 
-/// Evaluates the model on tokenized examples: mean cross-entropy, accuracy, macro-F1.
+/// Evaluates the model on tokenized examples (see [`evaluate_outputs`] for the metrics).
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &BertClassifier,
-    (feats, labels): (&[Features], &[u32]),
-    num_labels: usize,
+    (feats, targets): (&[Features], &TargetData),
+    task: ProblemType,
+    loss: &LossConfig,
+    threshold: f64,
     batch_size: usize,
     pad: u32,
     device: &Device,
     progress: &mut dyn Progress,
-) -> Result<(f64, Vec<usize>, crate::eval::metrics::ClassificationReport)> {
+) -> Result<Evaluation> {
     let logits = infer_logits(model, feats, batch_size, pad, device, |n| {
         progress.advance(n as u64)
     })?;
-    let mut loss = 0.0;
-    let mut preds = Vec::with_capacity(logits.len());
-    for (row, &y) in logits.iter().zip(labels) {
-        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = row
-            .iter()
-            .map(|&z| (z as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
-            + max;
-        loss += lse - row[y as usize] as f64;
-        let (best, _) = row
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |acc, (i, &z)| if z > acc.1 { (i, z) } else { acc },
-            );
-        preds.push(best);
-    }
-    let n = logits.len().max(1) as f64;
-    let y: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
-    let report = classification_report(&preds, &y, num_labels);
-    Ok((loss / n, preds, report))
+    evaluate_outputs(task, &logits, targets, loss, threshold)
 }
 
 struct MetricsLog {
@@ -333,6 +484,95 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<TrainSumm
     run(prep, &device, progress)
 }
 
+/// The name of parameter group `g` of a model with `layers` encoder layers.
+pub fn group_name(g: usize, layers: usize) -> String {
+    match g {
+        0 => "embeddings".into(),
+        g if g <= layers => format!("layer.{}", g - 1),
+        g if g == layers + 1 => "pooler".into(),
+        _ => "head".into(),
+    }
+}
+
+/// The learning rate of each parameter group before scheduling: discriminative
+/// (`layerwise_lr_decay`) and `head_learning_rate`. Encoder layer `i` (0-based from the
+/// bottom) is `l = L − i` below the top and gets `lr·decay^l`; the embeddings get
+/// `lr·decay^(L+1)`; the pooler and head get `head_learning_rate` (default `lr`).
+pub fn group_learning_rates(cfg: &TrainConfig, layers: usize) -> Vec<f64> {
+    let lr = cfg.learning_rate;
+    let head = cfg.head_learning_rate.unwrap_or(lr);
+    (0..layers + 3)
+        .map(|g| match g {
+            0 => lr * cfg.layerwise_lr_decay.powi(layers as i32 + 1),
+            g if g <= layers => lr * cfg.layerwise_lr_decay.powi((layers + 1 - g) as i32),
+            _ => head,
+        })
+        .collect()
+}
+
+/// Which groups are frozen at an epoch (1-based) and step: the recipe's fixed freezing, and
+/// with `gradual_unfreeze` every encoder group not yet unfrozen. Gradual unfreezing starts
+/// with the pooler and head alone and unfreezes one group per epoch (or every
+/// `unfreeze_every_steps` steps) from the top layer down to the embeddings.
+pub fn frozen_groups(cfg: &TrainConfig, layers: usize, epoch: usize, step: usize) -> Vec<bool> {
+    let mut frozen = vec![false; layers + 3];
+    match cfg.freeze {
+        FreezeMode::None => {}
+        FreezeMode::Embeddings => frozen[0] = true,
+        FreezeMode::Backbone => frozen[..=layers].iter_mut().for_each(|f| *f = true),
+    }
+    if cfg.freeze_layers > 0 {
+        let n = cfg.freeze_layers.min(layers);
+        frozen[..=n].iter_mut().for_each(|f| *f = true);
+    }
+    if cfg.gradual_unfreeze {
+        let unfrozen = match cfg.unfreeze_every_steps {
+            Some(k) => step / k,
+            None => epoch.saturating_sub(1),
+        };
+        // Encoder groups are 0..=layers; the top `unfrozen` of them train.
+        for (g, f) in frozen.iter_mut().enumerate().take(layers + 1) {
+            if g + unfrozen <= layers {
+                *f = true;
+            }
+        }
+    }
+    frozen
+}
+
+/// Adds the gradient of `l1·Σ|w| + l2·Σw²` over the trainable weights (not biases or
+/// LayerNorm weights) to `grads`, and returns the penalty's value.
+fn add_penalties(
+    params: &ParamStore,
+    grads: &mut [Option<Vec<f32>>],
+    l1: f64,
+    l2: f64,
+) -> Result<f64> {
+    if l1 == 0.0 && l2 == 0.0 {
+        return Ok(0.0);
+    }
+    let mut value = 0.0;
+    for (p, g) in params.params.iter().zip(grads.iter_mut()) {
+        let Some(g) = g else { continue };
+        if p.no_decay {
+            continue;
+        }
+        let w = p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        for (g, &w) in g.iter_mut().zip(&w) {
+            value += l1 * (w as f64).abs() + l2 * (w as f64) * (w as f64);
+            let sign = if w > 0.0 {
+                1.0
+            } else if w < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            *g += (l1 * sign + 2.0 * l2 * w as f64) as f32;
+        }
+    }
+    Ok(value)
+}
+
 /// Trains a prepared run.
 pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Result<TrainSummary> {
     let Prepared {
@@ -344,16 +584,20 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
         labels,
         train: (train_f, train_y),
         eval: (eval_f, eval_y),
+        loss: loss_cfg,
         pad,
         ..
     } = prep;
+    let task = cfg.problem_type;
     let out = cfg.output_dir.clone();
     std::fs::write(out.join("recipe.resolved.toml"), cfg.to_toml())
         .map_err(|e| Error::io(out.join("recipe.resolved.toml"), e))?;
     let mut log = MetricsLog::create(out.join("metrics.jsonl"))?;
 
     let bs = cfg.per_device_train_batch_size;
-    let steps_per_epoch = train_f.len().div_ceil(bs);
+    let accum = cfg.gradient_accumulation_steps;
+    let batches_per_epoch = train_f.len().div_ceil(bs);
+    let steps_per_epoch = batches_per_epoch.div_ceil(accum);
     let total_steps = steps_per_epoch * cfg.num_train_epochs;
     let warmup = if cfg.warmup_steps > 0 {
         cfg.warmup_steps
@@ -364,13 +608,16 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
         kind: cfg.lr_scheduler_type,
         warmup_steps: warmup,
         total_steps,
-        stlr_cut_frac: 0.1,
-        stlr_ratio: 32.0,
+        stlr_cut_frac: cfg.stlr_cut_frac,
+        stlr_ratio: cfg.stlr_ratio,
     };
     let threads = candle_core::utils::get_num_threads();
+    let layers = params.num_layers();
     log.line(json!({
         "split": "run",
         "threads": threads,
+        "problem_type": task.as_str(),
+        "loss": loss_cfg.kind.name(),
         "train_examples": train_f.len(),
         "eval_examples": eval_f.len(),
         "num_labels": labels.len(),
@@ -390,24 +637,36 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
         threads
     ));
 
-    let frozen = vec![false; params.num_groups()];
-    let mut opt = AdamW::new(
-        AdamWConfig {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
-        params.params.len(),
-    );
+    let group_lr = group_learning_rates(&cfg, layers);
+    let mut optimizer = match cfg.optimizer {
+        OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(
+            AdamWConfig {
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_epsilon,
+                weight_decay: cfg.weight_decay,
+            },
+            params.params.len(),
+        )),
+        OptimizerKind::Sgd => Optimizer::Sgd(Sgd::new(
+            cfg.momentum,
+            cfg.nesterov,
+            cfg.weight_decay,
+            params.params.len(),
+        )),
+    };
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1));
-    let (best_name, greater) = cfg.best_metric().unwrap_or(("accuracy", true));
-    let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
+    let (best_name, greater) = cfg.best_metric().unwrap_or(("loss", false));
+    let mut best: Option<(f64, usize, Vec<Tensor>, Evaluation)> = None;
+    let mut since_best = 0usize;
+    let mut stopped_early = false;
     let mut epochs = Vec::new();
     let mut step = 0usize;
     let mut loss_acc = 0.0f64;
     let mut loss_n = 0usize;
     let mut train_seconds = 0.0;
+    let mut frozen = frozen_groups(&cfg, layers, 1, 0);
+    log_groups(&mut log, &params, &group_lr, &frozen, 0, progress)?;
 
     for epoch in 1..=cfg.num_train_epochs {
         let mut order: Vec<usize> = (0..train_f.len()).collect();
@@ -419,24 +678,55 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
             train_f.len() as u64,
         );
         let t0 = Instant::now();
-        for chunk in order.chunks(bs) {
-            let feats: Vec<&Features> = chunk.iter().map(|&i| &train_f[i]).collect();
-            let batch = make_batch(&feats, pad, device)?;
-            let y: Vec<u32> = chunk.iter().map(|&i| train_y[i]).collect();
-            let y = Tensor::from_vec(y, chunk.len(), device)?;
-            let (loss, mut grads) =
-                loss_and_grads(&model, &params, &batch, &y, &frozen, &mut dropout_rng)?;
-            if !loss.is_finite() {
-                return Err(Error::Msg(format!(
-                    "the loss became {loss} at step {step} (epoch {epoch}); lower learning_rate?"
-                )));
+        let batches: Vec<&[usize]> = order.chunks(bs).collect();
+        for window in batches.chunks(accum) {
+            let now = frozen_groups(&cfg, layers, epoch, step);
+            if now != frozen {
+                frozen = now;
+                log_groups(&mut log, &params, &group_lr, &frozen, step, progress)?;
             }
+            // Each micro-batch's mean loss is weighted by its share of the window's
+            // examples: the summed gradient is that of the mean over the whole window.
+            let window_n: usize = window.iter().map(|c| c.len()).sum();
+            let mut grads: Vec<Option<Vec<f32>>> = vec![None; params.params.len()];
+            let mut window_loss = 0.0f64;
+            for chunk in window {
+                let feats: Vec<&Features> = chunk.iter().map(|&i| &train_f[i]).collect();
+                let batch = make_batch(&feats, pad, device)?;
+                let y = train_y.select(chunk, task, device)?;
+                let share = chunk.len() as f64 / window_n as f64;
+                let ctx = Ctx {
+                    train: true,
+                    frozen: &frozen,
+                    rng: Some(&mut dropout_rng),
+                };
+                let (loss, g) = loss_and_grads(&model, &params, &batch, &y, &loss_cfg, share, ctx)?;
+                if !loss.is_finite() {
+                    return Err(Error::Msg(format!(
+                        "the loss became {loss} at step {step} (epoch {epoch}); lower learning_rate?"
+                    )));
+                }
+                window_loss += loss as f64 * share;
+                for (acc, g) in grads.iter_mut().zip(g) {
+                    match (acc.as_mut(), g) {
+                        (Some(a), Some(g)) => a.iter_mut().zip(&g).for_each(|(a, g)| *a += g),
+                        (None, Some(g)) => *acc = Some(g),
+                        _ => {}
+                    }
+                }
+                progress.advance(chunk.len() as u64);
+            }
+            window_loss += add_penalties(&params, &mut grads, cfg.l1_penalty, cfg.l2_penalty)?;
             let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
-            let lr = cfg.learning_rate * schedule.factor(step);
-            let lrs = vec![lr; params.params.len()];
-            opt.step(&params, &grads, &lrs)?;
+            let factor = schedule.factor(step);
+            let lrs: Vec<f64> = params
+                .params
+                .iter()
+                .map(|p| group_lr[p.group] * factor)
+                .collect();
+            optimizer.step(&params, &grads, &lrs)?;
             step += 1;
-            loss_acc += loss as f64;
+            loss_acc += window_loss;
             loss_n += 1;
             if step.is_multiple_of(cfg.logging_steps) {
                 log.line(json!({
@@ -444,50 +734,50 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
                     "step": step,
                     "epoch": step as f64 / steps_per_epoch as f64,
                     "loss": loss_acc / loss_n as f64,
-                    "learning_rate": lr,
+                    "learning_rate": cfg.learning_rate * factor,
                     "grad_norm": grad_norm,
                 }))?;
                 loss_acc = 0.0;
                 loss_n = 0;
             }
-            progress.advance(chunk.len() as u64);
         }
         train_seconds += t0.elapsed().as_secs_f64();
         progress.finish();
 
         progress.start(&format!("eval epoch {epoch}"), eval_f.len() as u64);
-        let (eval_loss, _, report) = evaluate(
+        let ev = evaluate(
             &model,
             (&eval_f, &eval_y),
-            labels.len(),
+            task,
+            &loss_cfg,
+            cfg.threshold,
             cfg.per_device_eval_batch_size,
             pad,
             device,
             progress,
         )?;
         progress.finish();
+        let mut line = serde_json::Map::new();
+        line.insert("epoch".into(), json!(epoch));
+        line.insert("split".into(), json!("eval"));
+        line.insert("step".into(), json!(step));
+        for (k, v) in &ev.metrics {
+            line.insert(format!("eval_{k}"), json!(v));
+        }
+        log.line(serde_json::Value::Object(line))?;
+        let shown: Vec<String> = headline(task)
+            .iter()
+            .map(|k| format!("eval_{k} {:.4}", ev.get(k)))
+            .collect();
+        progress.message(&format!("epoch {epoch}: {}", shown.join(" ")));
         let m = EpochMetrics {
             epoch,
-            eval_loss,
-            eval_accuracy: report.accuracy,
-            eval_macro_f1: report.macro_f1,
+            metrics: ev.metrics.clone(),
         };
-        log.line(json!({
-            "epoch": epoch,
-            "split": "eval",
-            "step": step,
-            "eval_loss": m.eval_loss,
-            "eval_accuracy": m.eval_accuracy,
-            "eval_macro_f1": m.eval_macro_f1,
-        }))?;
-        progress.message(&format!(
-            "epoch {epoch}: eval_loss {:.4} eval_accuracy {:.4} eval_macro_f1 {:.4}",
-            m.eval_loss, m.eval_accuracy, m.eval_macro_f1
-        ));
         let score = m.get(best_name);
         let better = match &best {
             None => true,
-            Some((b, _, _)) => {
+            Some((b, ..)) => {
                 if greater {
                     score > *b
                 } else {
@@ -495,17 +785,44 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
                 }
             }
         };
-        if better {
-            best = Some((score, epoch, params.snapshot()?));
-        }
         epochs.push(m);
+        if better {
+            best = Some((score, epoch, params.snapshot()?, ev));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if let Some(p) = cfg.early_stopping_patience {
+                if since_best >= p && epoch < cfg.num_train_epochs {
+                    log.line(json!({"split": "early_stop", "epoch": epoch, "step": step}))?;
+                    progress.message(&format!(
+                        "early stopping: no better eval_{best_name} for {p} evaluation(s)"
+                    ));
+                    stopped_early = true;
+                    break;
+                }
+            }
+        }
     }
 
-    let (best_score, best_epoch, snap) = best.ok_or_else(|| Error::Msg("no epoch ran".into()))?;
+    let (best_score, best_epoch, snap, best_eval) =
+        best.ok_or_else(|| Error::Msg("no epoch ran".into()))?;
     params.restore(&snap)?;
     log.line(
         json!({"split": "best", "epoch": best_epoch, "metric": best_name, "value": best_score}),
     )?;
+    if let Some(r) = &best_eval.report {
+        let p = out.join("confusion_matrix.csv");
+        std::fs::write(&p, r.confusion_csv(labels.labels())).map_err(|e| Error::io(&p, e))?;
+        progress.message(&format!(
+            "best epoch {best_epoch}, per class:\n{}",
+            r.per_class_table(labels.labels())
+        ));
+        progress.message(&format!(
+            "confusion matrix (rows: true, columns: predicted), also in {}:\n{}",
+            p.display(),
+            r.confusion_csv(labels.labels()).trim_end()
+        ));
+    }
     let model_dir = out.join("model");
     export_model(
         &model_dir,
@@ -515,13 +832,15 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
             params: &params,
             tokenizer: &tokenizer,
             labels: labels.labels(),
-            problem_type: "single_label_classification",
+            problem_type: task.as_str(),
             info: ExportInfo {
                 pooling: cfg.pooling,
                 max_seq_length: cfg.max_seq_length,
                 text_column: cfg.text_column.clone(),
                 text_pair_column: cfg.text_pair_column.clone(),
                 label_column: cfg.label_column.clone(),
+                threshold: cfg.threshold,
+                label_separator: cfg.label_separator.clone(),
             },
         },
     )?;
@@ -530,12 +849,14 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
         "best_metric": best_name,
         "best_value": best_score,
         "train_seconds": train_seconds,
+        "steps": step,
+        "stopped_early": stopped_early,
         "threads": threads,
     });
     let sp = out.join("train_summary.json");
     std::fs::write(&sp, summary.to_string()).map_err(|e| Error::io(&sp, e))?;
     progress.message(&format!(
-        "best epoch {best_epoch} ({best_name} {best_score:.4}); model written to {}",
+        "best epoch {best_epoch} (eval_{best_name} {best_score:.4}); model written to {}",
         model_dir.display()
     ));
     Ok(TrainSummary {
@@ -543,5 +864,137 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
         best_epoch,
         model_dir,
         train_seconds,
+        steps: step,
+        stopped_early,
     })
+}
+
+/// Logs each parameter group's learning rate and whether it is frozen.
+fn log_groups(
+    log: &mut MetricsLog,
+    params: &ParamStore,
+    group_lr: &[f64],
+    frozen: &[bool],
+    step: usize,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let layers = params.num_layers();
+    let groups: Vec<serde_json::Value> = (0..params.num_groups())
+        .map(|g| {
+            json!({
+                "group": group_name(g, layers),
+                "learning_rate": group_lr[g],
+                "frozen": frozen[g],
+                "parameters": params.params.iter().filter(|p| p.group == g)
+                    .map(|p| p.var.elem_count()).sum::<usize>(),
+            })
+        })
+        .collect();
+    log.line(json!({"split": "param_groups", "step": step, "groups": groups}))?;
+    let trainable: Vec<String> = (0..params.num_groups())
+        .filter(|&g| !frozen[g])
+        .map(|g| group_name(g, layers))
+        .collect();
+    if step == 0 || frozen.iter().any(|&f| f) {
+        progress.message(&format!(
+            "step {step}: training {} of {} parameter groups ({})",
+            trainable.len(),
+            params.num_groups(),
+            trainable.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Param;
+    use candle_core::Var;
+
+    fn cfg(sets: &[&str]) -> TrainConfig {
+        let text = "model_name_or_path = \"m\"\ntrain_file = \"t.csv\"\nvalidation_split = 0.2\n";
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        TrainConfig::from_toml_str(text, Path::new("t.toml"), &sets).unwrap()
+    }
+
+    #[test]
+    fn layerwise_learning_rates_follow_the_formula() {
+        let c = cfg(&[
+            "learning_rate=1e-4",
+            "layerwise_lr_decay=0.5",
+            "head_learning_rate=1e-3",
+        ]);
+        let lr = group_learning_rates(&c, 3);
+        // groups: embeddings, layer.0, layer.1, layer.2, pooler, head
+        let want = [
+            1e-4 * 0.0625,
+            1e-4 * 0.125,
+            1e-4 * 0.25,
+            1e-4 * 0.5,
+            1e-3,
+            1e-3,
+        ];
+        for (a, b) in lr.iter().zip(want) {
+            assert!((a - b).abs() < 1e-15, "{lr:?}");
+        }
+        assert_eq!(group_learning_rates(&cfg(&[]), 2), vec![5e-5; 5]);
+    }
+
+    #[test]
+    fn freezing_and_gradual_unfreezing_groups() {
+        let f = |sets: &[&str], epoch, step| frozen_groups(&cfg(sets), 3, epoch, step);
+        let (t, o) = (true, false);
+        assert_eq!(f(&[], 1, 0), [o, o, o, o, o, o]);
+        assert_eq!(f(&["freeze=\"embeddings\""], 1, 0), [t, o, o, o, o, o]);
+        assert_eq!(f(&["freeze=\"backbone\""], 1, 0), [t, t, t, t, o, o]);
+        assert_eq!(f(&["freeze_layers=2"], 1, 0), [t, t, t, o, o, o]);
+        let g = ["gradual_unfreeze=true"];
+        assert_eq!(f(&g, 1, 0), [t, t, t, t, o, o]);
+        assert_eq!(f(&g, 2, 0), [t, t, t, o, o, o]);
+        assert_eq!(f(&g, 4, 0), [t, o, o, o, o, o]);
+        assert_eq!(f(&g, 9, 0), [o, o, o, o, o, o]);
+        let s = ["gradual_unfreeze=true", "unfreeze_every_steps=10"];
+        assert_eq!(f(&s, 1, 9), [t, t, t, t, o, o]);
+        assert_eq!(f(&s, 1, 10), [t, t, t, o, o, o]);
+        // Permanently frozen groups stay frozen.
+        let p = ["gradual_unfreeze=true", "freeze=\"embeddings\""];
+        assert_eq!(f(&p, 9, 0), [t, o, o, o, o, o]);
+    }
+
+    #[test]
+    fn penalty_gradients_equal_autodiff_of_the_penalties() {
+        let w = Var::from_vec(vec![0.5f32, -2.0, 0.0, 1.5], (2, 2), &Device::Cpu).unwrap();
+        let b = Var::from_vec(vec![3.0f32, -1.0], 2, &Device::Cpu).unwrap();
+        let mut store = ParamStore::new(0);
+        for (name, var, no_decay) in [("w", &w, false), ("b.bias", &b, true)] {
+            store.params.push(Param {
+                name: name.into(),
+                var: var.clone(),
+                group: 0,
+                no_decay,
+            });
+        }
+        let (l1, l2) = (0.3, 0.7);
+        let mut grads = vec![Some(vec![0f32; 4]), Some(vec![0f32; 2])];
+        let value = add_penalties(&store, &mut grads, l1, l2).unwrap();
+        let ws = [w.as_tensor().clone()];
+        let p = ((crate::train::loss::l1_penalty(&ws).unwrap() * l1).unwrap()
+            + (crate::train::loss::l2_penalty(&ws).unwrap() * l2).unwrap())
+        .unwrap();
+        assert!((p.to_scalar::<f32>().unwrap() as f64 - value).abs() < 1e-5);
+        let g = p.backward().unwrap();
+        let auto = g
+            .get(w.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (a, b) in auto.iter().zip(grads[0].as_ref().unwrap()) {
+            assert!((a - b).abs() < 1e-6, "{auto:?} vs {grads:?}");
+        }
+        // Biases and LayerNorm weights carry no penalty.
+        assert_eq!(grads[1].as_ref().unwrap(), &vec![0f32; 2]);
+    }
 }
