@@ -3,14 +3,18 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferrotune::data::reader::{read_examples, EncodingErrors, ReaderOptions};
 use ferrotune::predict::Predictor;
-use ferrotune::train::Progress;
+use ferrotune::serve::ServeConfig;
+use ferrotune::train::{Control, Progress};
 use ferrotune::{Error, TrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +40,10 @@ enum Cmd {
         /// Where to write the run (overrides the recipe's output_dir).
         #[arg(long)]
         output_dir: Option<PathBuf>,
+        /// Continue an interrupted run: `latest` (newest complete checkpoint of the run) or
+        /// a checkpoint directory. The recipe and --set values must be the same.
+        #[arg(long, value_name = "latest|DIR")]
+        resume: Option<String>,
     },
     /// Evaluate an exported model on a labelled file.
     Eval {
@@ -67,11 +75,86 @@ enum Cmd {
         #[arg(long)]
         text_column: Option<String>,
     },
+    /// Serve a model over HTTP: POST /predict (TEI's request shape), GET /health, /info,
+    /// /metrics, /openapi.json. SIGTERM or Ctrl-C drains requests in flight, then exits.
+    Serve {
+        /// The exported model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value_t = ServeConfig::default().host)]
+        host: String,
+        /// Port to listen on (0: any free port).
+        #[arg(long, default_value_t = ServeConfig::default().port)]
+        port: u16,
+        /// Most tokens (before padding) in one batch.
+        #[arg(long, default_value_t = ServeConfig::default().max_batch_tokens)]
+        max_batch_tokens: usize,
+        /// Most requests in one batch (1: no batching).
+        #[arg(long, default_value_t = ServeConfig::default().max_batch_requests)]
+        max_batch_requests: usize,
+        /// How long a worker waits for more requests to fill a batch, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        batch_wait_ms: u64,
+        /// Most inputs in one request (413 above).
+        #[arg(long, default_value_t = ServeConfig::default().max_inputs_per_request)]
+        max_inputs_per_request: usize,
+        /// Most requests handled at once (429 above).
+        #[arg(long, default_value_t = ServeConfig::default().max_concurrent_requests)]
+        max_concurrent_requests: usize,
+        /// A request not answered within this many milliseconds is a 503.
+        #[arg(long, default_value_t = 30_000)]
+        request_timeout_ms: u64,
+        /// Largest request body in bytes (413 above).
+        #[arg(long, default_value_t = ServeConfig::default().max_body_bytes)]
+        max_body_bytes: usize,
+        /// Inference threads (each batch already uses every kernel thread).
+        #[arg(long, default_value_t = ServeConfig::default().workers)]
+        workers: usize,
+        /// Kernel threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Time a training step or an inference pass of a random model of a known shape; the
+    /// last line printed is JSON: {"median_ms", "min_ms", "gflops", "peak_rss_mb", ...}.
+    Bench {
+        /// `train` or `infer`.
+        #[arg(value_parser = ["train", "infer"])]
+        mode: String,
+        /// `minilm-l6` or `bert-base`.
+        #[arg(long, default_value = "minilm-l6")]
+        preset: String,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Timed steps (after 2 warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// `f32` (`bf16` is not implemented yet).
+        #[arg(long, default_value = "f32")]
+        precision: String,
+        /// Kernel threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Describe a model directory.
     Inspect {
         /// The model directory.
         #[arg(long)]
         model: PathBuf,
+    },
+    /// Convert a PyTorch weight file (pytorch_model.bin, .pth; zip or legacy format) to
+    /// safetensors. Only tensors are read: a file that would run code is refused.
+    Convert {
+        /// The PyTorch file.
+        #[arg(long)]
+        input: PathBuf,
+        /// The safetensors file to write.
+        #[arg(long)]
+        output: PathBuf,
     },
 }
 
@@ -152,13 +235,36 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             recipe,
             mut set,
             output_dir,
+            resume,
         } => {
-            if let Some(d) = output_dir {
+            if let Some(d) = &output_dir {
                 set.push(format!("output_dir={}", toml_string(&d.to_string_lossy())));
             }
             let cfg = TrainConfig::load(&recipe, &set)?;
             set_threads(cfg.threads);
-            ferrotune::train::train(&cfg, &mut bars())?;
+            let control = Control {
+                resume,
+                stop: stop_on_signals(),
+            };
+            match ferrotune::train::train_with(&cfg, &mut bars(), &control) {
+                Err(e @ Error::Interrupted { .. }) => {
+                    let mut again = format!("ferrotune train --recipe {}", recipe.display());
+                    for s in &set {
+                        if !s.starts_with("output_dir=") {
+                            again.push_str(&format!(" --set '{s}'"));
+                        }
+                    }
+                    if let Some(d) = &output_dir {
+                        again.push_str(&format!(" --output-dir {}", d.display()));
+                    }
+                    eprintln!("{e}");
+                    eprintln!("to continue: {again} --resume latest");
+                    return Err(Interrupted.into());
+                }
+                r => {
+                    r?;
+                }
+            }
         }
         Cmd::Eval {
             model,
@@ -217,12 +323,107 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Serve {
+            model,
+            host,
+            port,
+            max_batch_tokens,
+            max_batch_requests,
+            batch_wait_ms,
+            max_inputs_per_request,
+            max_concurrent_requests,
+            request_timeout_ms,
+            max_body_bytes,
+            workers,
+            threads,
+        } => {
+            set_threads(threads);
+            let cfg = ServeConfig {
+                host,
+                port,
+                max_batch_tokens,
+                max_batch_requests,
+                max_inputs_per_request,
+                max_concurrent_requests,
+                request_timeout: Duration::from_millis(request_timeout_ms),
+                max_body_bytes,
+                workers,
+                batch_wait: Duration::from_millis(batch_wait_ms),
+            };
+            ferrotune::serve::run(&model, cfg)?;
+        }
+        Cmd::Bench {
+            mode,
+            preset,
+            batch,
+            seq,
+            steps,
+            precision,
+            threads,
+        } => {
+            set_threads(threads);
+            let spec = ferrotune::bench::BenchSpec {
+                preset: preset.parse().map_err(anyhow::Error::msg)?,
+                train: mode == "train",
+                batch,
+                seq,
+                steps,
+                precision,
+            };
+            let r = ferrotune::bench::run(&spec, |i, ms| {
+                let kind = if i < 2 { "warm-up" } else { "step" };
+                eprintln!("{kind} {i}: {ms:.1} ms");
+            })?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
         Cmd::Inspect { model } => {
             let info = ferrotune::models::inspect(&model)?;
             println!("{info}");
         }
+        Cmd::Convert { input, output } => {
+            let n = ferrotune::models::pickle::convert_to_safetensors(&input, &output)?;
+            println!("{n} tensors written to {}", output.display());
+        }
     }
     Ok(())
+}
+
+/// The run stopped on a signal after writing a checkpoint (exit 130, as shells do).
+#[derive(Debug)]
+struct Interrupted;
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted")
+    }
+}
+impl std::error::Error for Interrupted {}
+
+static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe. A second signal finds the default action
+    // restored and ends the process at once.
+    if let Some(flag) = STOP.get() {
+        flag.store(true, Ordering::SeqCst);
+    }
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+    }
+}
+
+/// Ctrl-C and SIGTERM ask the trainer to stop after the current step and checkpoint.
+fn stop_on_signals() -> Arc<AtomicBool> {
+    let flag = STOP
+        .get_or_init(|| Arc::new(AtomicBool::new(false)))
+        .clone();
+    #[cfg(unix)]
+    unsafe {
+        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+    flag
 }
 
 fn toml_string(s: &str) -> String {
@@ -243,6 +444,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match try_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Interrupted>().is_some() => ExitCode::from(130),
         Err(e) => {
             eprintln!("error: {e}");
             // 2: the user's input (recipe, data, model files) is at fault; 1: anything else.

@@ -155,6 +155,14 @@ pub struct TrainConfig {
     pub classifier_dropout: Option<f64>,
     /// Threads for the tensor kernels (default: all cores).
     pub threads: Option<usize>,
+    /// Write a checkpoint every N optimisation steps (one is always written at each
+    /// epoch's end).
+    pub save_steps: Option<usize>,
+    /// Keep only the newest N checkpoints (default 2; 0 keeps all).
+    pub save_total_limit: Option<usize>,
+    /// A step whose loss or gradient norm is NaN or infinite is skipped; after this many
+    /// in a row the run stops (the last good checkpoint stays).
+    pub max_bad_steps: usize,
     /// `error` (default) or `skip` rows that cannot be used.
     pub on_bad_row: OnBadRow,
     /// Drop examples whose text (and text pair) repeats an earlier one, before splitting.
@@ -254,6 +262,9 @@ impl Default for TrainConfig {
             attention_probs_dropout_prob: None,
             classifier_dropout: None,
             threads: None,
+            save_steps: None,
+            save_total_limit: Some(2),
+            max_bad_steps: 3,
             on_bad_row: OnBadRow::Error,
             deduplicate: false,
             problem_type: ProblemType::SingleLabelClassification,
@@ -561,6 +572,9 @@ impl TrainConfig {
             if h.is_nan() || h <= 0.0 {
                 return bad("head_learning_rate", format!("must be > 0, got {h}"));
             }
+        }
+        if self.save_steps == Some(0) {
+            return bad("save_steps", "must be at least 1".into());
         }
         if self.gradient_accumulation_steps == 0 {
             return bad("gradient_accumulation_steps", "must be at least 1".into());

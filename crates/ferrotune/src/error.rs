@@ -55,6 +55,14 @@ pub enum Error {
     /// An error from the tensor library.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The run was asked to stop (Ctrl-C, SIGTERM) and wrote a checkpoint.
+    #[error("interrupted after step {step}; checkpoint written to {}; continue with --resume latest", checkpoint.display())]
+    Interrupted {
+        /// The last step done.
+        step: usize,
+        /// The checkpoint written.
+        checkpoint: PathBuf,
+    },
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Msg(String),

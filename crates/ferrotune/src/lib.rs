@@ -14,8 +14,10 @@
 //! 5. [`eval`] — metrics.
 //! 6. [`export`] — the Hugging Face directory written at the end of a run.
 //! 7. [`predict`] — inference on an exported model.
+//! 8. `serve` (cargo feature `serve`) — the HTTP inference server over [`predict`].
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -23,6 +25,8 @@ pub mod eval;
 pub mod export;
 pub mod models;
 pub mod predict;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod task;
 pub mod testing;
 pub mod train;

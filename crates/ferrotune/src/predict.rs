@@ -180,9 +180,20 @@ impl Predictor {
         on_batch: impl FnMut(usize),
     ) -> Result<Vec<Vec<f32>>> {
         let feats = tokenize(&self.tokenizer, examples)?;
+        self.predict_features(&feats, on_batch)
+    }
+
+    /// The head's raw outputs for already tokenized inputs, in input order: the one
+    /// inference path. [`Predictor::predict_logits`] tokenizes, then calls this; the server
+    /// tokenizes each request as it arrives, then calls this on each batch of requests.
+    pub fn predict_features(
+        &self,
+        feats: &[Features],
+        on_batch: impl FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
         infer_logits(
             &self.model,
-            &feats,
+            feats,
             self.batch_size,
             self.pad,
             &self.device,

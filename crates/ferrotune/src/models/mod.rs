@@ -4,10 +4,12 @@
 //! - [`params`]: the parameters with their layer groups.
 //! - [`bert`]: BERT with a sequence-classification head.
 //! - [`tokenizer`]: loading `tokenizer.json` (or building one from `vocab.txt`).
+//! - [`pickle`]: reading PyTorch weight files (`.bin`, `.pth`) without running code.
 
 pub mod bert;
 pub mod config;
 pub mod params;
+pub mod pickle;
 pub mod tokenizer;
 
 pub use bert::{Batch, BertClassifier, Ctx, Pooling};

@@ -14,6 +14,8 @@
 //! (candle's own AdamW), which allocates and passes over memory once per operation.
 //! Frozen parameters (no gradient) get no state at all.
 
+use std::collections::HashMap;
+
 use candle_core::Tensor;
 
 use crate::error::Result;
@@ -183,6 +185,9 @@ impl Sgd {
     }
 }
 
+/// Optimizer state for a checkpoint: tensors by name, and per-parameter step counts.
+pub type OptimizerState = (HashMap<String, Tensor>, Vec<Option<u64>>);
+
 /// The optimizer of a run.
 pub enum Optimizer {
     /// AdamW.
@@ -203,6 +208,75 @@ impl Optimizer {
             Optimizer::AdamW(o) => o.step(params, grads, lrs),
             Optimizer::Sgd(o) => o.step(params, grads, lrs),
         }
+    }
+
+    /// The state as tensors (`m.<i>`, `v.<i>` for AdamW, `buf.<i>` for SGD) and the
+    /// per-parameter step counts (`None`: no state yet), for checkpoints.
+    pub fn export_state(&self) -> Result<OptimizerState> {
+        let mut map = HashMap::new();
+        let mut steps = Vec::new();
+        let dev = &candle_core::Device::Cpu;
+        match self {
+            Optimizer::AdamW(o) => {
+                for (i, st) in o.state.iter().enumerate() {
+                    steps.push(st.as_ref().map(|s| s.t));
+                    if let Some(s) = st {
+                        map.insert(format!("m.{i}"), Tensor::from_slice(&s.m, s.m.len(), dev)?);
+                        map.insert(format!("v.{i}"), Tensor::from_slice(&s.v, s.v.len(), dev)?);
+                    }
+                }
+            }
+            Optimizer::Sgd(o) => {
+                for (i, b) in o.buf.iter().enumerate() {
+                    steps.push(b.as_ref().map(|_| 0));
+                    if let Some(b) = b {
+                        map.insert(format!("buf.{i}"), Tensor::from_slice(b, b.len(), dev)?);
+                    }
+                }
+            }
+        }
+        Ok((map, steps))
+    }
+
+    /// Restores a state written by [`Optimizer::export_state`].
+    pub fn import_state(
+        &mut self,
+        map: &HashMap<String, Tensor>,
+        steps: &[Option<u64>],
+    ) -> Result<()> {
+        let get = |name: String| -> Result<Vec<f32>> {
+            map.get(&name)
+                .ok_or_else(|| {
+                    crate::error::Error::Msg(format!(
+                        "checkpoint: optimizer tensor `{name}` missing"
+                    ))
+                })?
+                .to_vec1::<f32>()
+                .map_err(Into::into)
+        };
+        match self {
+            Optimizer::AdamW(o) => {
+                for (i, t) in steps.iter().enumerate().take(o.state.len()) {
+                    o.state[i] = match t {
+                        Some(t) => Some(State {
+                            m: get(format!("m.{i}"))?,
+                            v: get(format!("v.{i}"))?,
+                            t: *t,
+                        }),
+                        None => None,
+                    };
+                }
+            }
+            Optimizer::Sgd(o) => {
+                for (i, t) in steps.iter().enumerate().take(o.buf.len()) {
+                    o.buf[i] = match t {
+                        Some(_) => Some(get(format!("buf.{i}"))?),
+                        None => None,
+                    };
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Number of parameters holding optimizer state (frozen ones hold none).

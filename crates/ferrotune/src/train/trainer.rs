@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -27,6 +29,7 @@ use crate::models::tokenizer::load_tokenizer;
 use crate::models::{Batch, Ctx, HfConfig, ParamStore};
 use crate::predict::{infer_logits, ExportInfo};
 use crate::task::{encode_targets, evaluate_outputs, headline, label_map, Evaluation, TargetData};
+use crate::train::checkpoint::{self, RunState, Snapshot};
 use crate::train::loss::{compute, LossConfig, Targets};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer, Sgd};
 use crate::train::schedule::{warmup_from_ratio, LrSchedule};
@@ -49,7 +52,7 @@ pub struct Silent;
 impl Progress for Silent {}
 
 /// Evaluation results of one epoch.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochMetrics {
     /// 1-based epoch.
     pub epoch: usize,
@@ -97,6 +100,8 @@ pub struct Prepared {
     pub labels: LabelMap,
     /// Tokenized training examples and their targets.
     pub train: (Vec<Features>, TargetData),
+    /// The training examples' ids (`line N`, or a path), for messages.
+    pub train_ids: Vec<String>,
     /// Tokenized evaluation examples and their targets.
     pub eval: (Vec<Features>, TargetData),
     /// The loss.
@@ -398,6 +403,7 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
         tokenizer,
         labels,
         train: (train_f, train_y),
+        train_ids: train.iter().map(|e| e.id.clone()).collect(),
         eval: (eval_f, eval_y),
         loss,
         pad,
@@ -466,6 +472,26 @@ impl MetricsLog {
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         Ok(MetricsLog { file, path })
     }
+    /// Opens the log of an interrupted run, cut back to `len` bytes (what it held when the
+    /// checkpoint was taken).
+    fn resume(path: PathBuf, len: u64) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        file.set_len(len).map_err(|e| Error::io(&path, e))?;
+        let mut file = file;
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::End(0))
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(MetricsLog { file, path })
+    }
+    fn len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| Error::io(&self.path, e))
+    }
     fn line(&mut self, v: serde_json::Value) -> Result<()> {
         writeln!(self.file, "{v}")
             .and_then(|_| self.file.flush())
@@ -476,12 +502,50 @@ impl MetricsLog {
 /// Runs the whole recipe: prepare, train with evaluation after every epoch, export the best
 /// epoch to `output_dir/model`.
 pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<TrainSummary> {
+    train_with(cfg, progress, &Control::default())
+}
+
+/// How a run is steered from outside: resume from a checkpoint, and a flag that asks it
+/// to stop (set by the CLI on Ctrl-C / SIGTERM): the current step finishes, a checkpoint
+/// is written, and the run returns [`Error::Interrupted`].
+#[derive(Default)]
+pub struct Control {
+    /// `latest` or a checkpoint directory.
+    pub resume: Option<String>,
+    /// Set to stop after the current step.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// [`train`], with resume and stop control.
+pub fn train_with(
+    cfg: &TrainConfig,
+    progress: &mut dyn Progress,
+    control: &Control,
+) -> Result<TrainSummary> {
     let device = Device::Cpu;
+    if let Some(which) = &control.resume {
+        // Fail before loading anything when there is nothing to resume from.
+        checkpoint::resolve(&cfg.output_dir, which)?;
+    }
     let prep = prepare(cfg, &device)?;
     for n in &prep.notes {
         progress.message(&format!("note: {n}"));
     }
-    run(prep, &device, progress)
+    run(prep, &device, progress, control)
+}
+
+/// A test hook: `FERROTUNE_FAILPOINT=name=N` makes the trainer fail at step N in the named
+/// way (`abort_after_step`: the process aborts after that step, as if killed;
+/// `checkpoint_write_fail`: the checkpoint of that step fails after its first file, as on a
+/// full disk).
+fn failpoint(name: &str) -> Option<usize> {
+    let v = std::env::var("FERROTUNE_FAILPOINT").ok()?;
+    let (n, step) = v.split_once('=')?;
+    if n == name {
+        step.parse().ok()
+    } else {
+        None
+    }
 }
 
 /// The name of parameter group `g` of a model with `layers` encoder layers.
@@ -574,7 +638,12 @@ fn add_penalties(
 }
 
 /// Trains a prepared run.
-pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Result<TrainSummary> {
+pub fn run(
+    prep: Prepared,
+    device: &Device,
+    progress: &mut dyn Progress,
+    control: &Control,
+) -> Result<TrainSummary> {
     let Prepared {
         cfg,
         hf,
@@ -583,6 +652,7 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
         tokenizer,
         labels,
         train: (train_f, train_y),
+        train_ids,
         eval: (eval_f, eval_y),
         loss: loss_cfg,
         pad,
@@ -590,9 +660,30 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
     } = prep;
     let task = cfg.problem_type;
     let out = cfg.output_dir.clone();
-    std::fs::write(out.join("recipe.resolved.toml"), cfg.to_toml())
+    let recipe = cfg.to_toml();
+    let resume = match &control.resume {
+        Some(which) => {
+            let dir = checkpoint::resolve(&out, which)?;
+            let ck = checkpoint::load(&dir, params.params.len())?;
+            let theirs = std::fs::read_to_string(dir.join("recipe.resolved.toml"))
+                .map_err(|e| Error::io(dir.join("recipe.resolved.toml"), e))?;
+            if theirs != recipe {
+                return Err(Error::file(
+                    dir.join("recipe.resolved.toml"),
+                    "the checkpoint was written by a different recipe; resume with the same \
+                     recipe and --set values",
+                ));
+            }
+            Some(ck)
+        }
+        None => None,
+    };
+    std::fs::write(out.join("recipe.resolved.toml"), &recipe)
         .map_err(|e| Error::io(out.join("recipe.resolved.toml"), e))?;
-    let mut log = MetricsLog::create(out.join("metrics.jsonl"))?;
+    let mut log = match &resume {
+        Some(ck) => MetricsLog::resume(out.join("metrics.jsonl"), ck.state.metrics_len)?,
+        None => MetricsLog::create(out.join("metrics.jsonl"))?,
+    };
 
     let bs = cfg.per_device_train_batch_size;
     let accum = cfg.gradient_accumulation_steps;
@@ -657,18 +748,77 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
     };
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1));
     let (best_name, greater) = cfg.best_metric().unwrap_or(("loss", false));
-    let mut best: Option<(f64, usize, Vec<Tensor>, Evaluation)> = None;
-    let mut since_best = 0usize;
-    let mut stopped_early = false;
-    let mut epochs = Vec::new();
-    let mut step = 0usize;
-    let mut loss_acc = 0.0f64;
-    let mut loss_n = 0usize;
-    let mut train_seconds = 0.0;
-    let mut frozen = frozen_groups(&cfg, layers, 1, 0);
-    log_groups(&mut log, &params, &group_lr, &frozen, 0, progress)?;
+    let mut best: Option<(f64, usize, Vec<Tensor>, Option<Evaluation>)> = None;
+    let mut st = RunState {
+        step: 0,
+        epoch: 1,
+        window: 0,
+        rng_word_pos: 0,
+        loss_acc: 0.0,
+        loss_n: 0,
+        best: None,
+        since_best: 0,
+        epochs: Vec::new(),
+        train_seconds: 0.0,
+        metrics_len: 0,
+        optimizer_steps: Vec::new(),
+        stopped_early: false,
+        bad_in_row: 0,
+        bad_total: 0,
+    };
+    if let Some(ck) = resume {
+        params.restore(&ck.weights)?;
+        optimizer.import_state(&ck.optimizer, &ck.state.optimizer_steps)?;
+        dropout_rng.set_word_pos(ck.state.rng_word_pos);
+        if let (Some((score, epoch)), Some(w)) = (ck.state.best, ck.best) {
+            best = Some((score, epoch, w, None));
+        }
+        progress.message(&format!(
+            "resuming from {} (step {}, epoch {})",
+            ck.dir.display(),
+            ck.state.step,
+            ck.state.epoch
+        ));
+        st = ck.state;
+    }
+    let mut frozen = frozen_groups(&cfg, layers, st.epoch, st.step);
+    if st.step == 0 {
+        log_groups(&mut log, &params, &group_lr, &frozen, 0, progress)?;
+    }
+    // Writes a checkpoint of the current state.
+    let save = |st: &mut RunState,
+                best: &Option<(f64, usize, Vec<Tensor>, Option<Evaluation>)>,
+                optimizer: &Optimizer,
+                rng: &ChaCha8Rng,
+                log: &MetricsLog|
+     -> Result<PathBuf> {
+        let (opt_tensors, opt_steps) = optimizer.export_state()?;
+        st.rng_word_pos = rng.get_word_pos();
+        st.metrics_len = log.len()?;
+        st.optimizer_steps = opt_steps;
+        st.best = best.as_ref().map(|(s, e, ..)| (*s, *e));
+        let snap = Snapshot {
+            state: st,
+            weights: params
+                .params
+                .iter()
+                .map(|p| p.var.as_tensor().clone())
+                .collect(),
+            optimizer: opt_tensors,
+            best: best.as_ref().map(|(_, _, w, _)| w.as_slice()),
+            recipe: recipe.clone(),
+        };
+        let fail = failpoint("checkpoint_write_fail")
+            .filter(|&s| s == st.step)
+            .map(|_| 1);
+        checkpoint::save(&out, &snap, cfg.save_total_limit.unwrap_or(0), fail)
+    };
 
-    for epoch in 1..=cfg.num_train_epochs {
+    let first_epoch = st.epoch;
+    for epoch in first_epoch..=cfg.num_train_epochs {
+        if st.stopped_early {
+            break;
+        }
         let mut order: Vec<usize> = (0..train_f.len()).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(
             cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64),
@@ -679,7 +829,18 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
         );
         let t0 = Instant::now();
         let batches: Vec<&[usize]> = order.chunks(bs).collect();
-        for window in batches.chunks(accum) {
+        let windows: Vec<&[&[usize]]> = batches.chunks(accum).collect();
+        let skip = if epoch == first_epoch { st.window } else { 0 };
+        if skip > 0 {
+            let done: usize = windows[..skip.min(windows.len())]
+                .iter()
+                .flat_map(|w| w.iter())
+                .map(|c| c.len())
+                .sum();
+            progress.advance(done as u64);
+        }
+        for (wi, window) in windows.iter().enumerate().skip(skip) {
+            let step = st.step;
             let now = frozen_groups(&cfg, layers, epoch, step);
             if now != frozen {
                 frozen = now;
@@ -688,9 +849,10 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
             // Each micro-batch's mean loss is weighted by its share of the window's
             // examples: the summed gradient is that of the mean over the whole window.
             let window_n: usize = window.iter().map(|c| c.len()).sum();
+            let mut bad: Option<String> = None;
             let mut grads: Vec<Option<Vec<f32>>> = vec![None; params.params.len()];
             let mut window_loss = 0.0f64;
-            for chunk in window {
+            for chunk in window.iter() {
                 let feats: Vec<&Features> = chunk.iter().map(|&i| &train_f[i]).collect();
                 let batch = make_batch(&feats, pad, device)?;
                 let y = train_y.select(chunk, task, device)?;
@@ -701,10 +863,8 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
                     rng: Some(&mut dropout_rng),
                 };
                 let (loss, g) = loss_and_grads(&model, &params, &batch, &y, &loss_cfg, share, ctx)?;
-                if !loss.is_finite() {
-                    return Err(Error::Msg(format!(
-                        "the loss became {loss} at step {step} (epoch {epoch}); lower learning_rate?"
-                    )));
+                if !loss.is_finite() && bad.is_none() {
+                    bad = Some(format!("loss {loss}"));
                 }
                 window_loss += loss as f64 * share;
                 for (acc, g) in grads.iter_mut().zip(g) {
@@ -718,31 +878,91 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
             }
             window_loss += add_penalties(&params, &mut grads, cfg.l1_penalty, cfg.l2_penalty)?;
             let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
+            if bad.is_none() && !grad_norm.is_finite() {
+                bad = Some(format!("gradient norm {grad_norm}"));
+            }
             let factor = schedule.factor(step);
-            let lrs: Vec<f64> = params
-                .params
-                .iter()
-                .map(|p| group_lr[p.group] * factor)
-                .collect();
-            optimizer.step(&params, &grads, &lrs)?;
-            step += 1;
-            loss_acc += window_loss;
-            loss_n += 1;
+            if let Some(reason) = &bad {
+                // A non-finite step is skipped: no update, logged and counted; too many in
+                // a row stop the run (the last good checkpoint stays).
+                st.bad_in_row += 1;
+                st.bad_total += 1;
+                let rows: Vec<&str> = window
+                    .iter()
+                    .flat_map(|c| c.iter())
+                    .map(|&i| train_ids[i].as_str())
+                    .collect();
+                log.line(
+                    json!({"split": "train", "step": step + 1, "skipped": reason, "rows": rows}),
+                )?;
+                progress.message(&format!(
+                    "step {}: {reason}, step skipped ({} in a row)",
+                    step + 1,
+                    st.bad_in_row
+                ));
+                if st.bad_in_row > cfg.max_bad_steps {
+                    let last = checkpoint::list(&checkpoint::checkpoints_dir(&out))
+                        .pop()
+                        .map(|(_, d)| d.display().to_string())
+                        .unwrap_or_else(|| "none".into());
+                    return Err(Error::Msg(format!(
+                        "stopped: {} non-finite steps in a row, the last at step {} (epoch {epoch}, {reason}) on rows {} of {}; last good checkpoint: {last}",
+                        st.bad_in_row,
+                        step + 1,
+                        rows.join(", "),
+                        cfg.train_file.display()
+                    )));
+                }
+            } else {
+                st.bad_in_row = 0;
+                let lrs: Vec<f64> = params
+                    .params
+                    .iter()
+                    .map(|p| group_lr[p.group] * factor)
+                    .collect();
+                optimizer.step(&params, &grads, &lrs)?;
+                st.loss_acc += window_loss;
+                st.loss_n += 1;
+            }
+            st.step += 1;
+            let step = st.step;
             if step.is_multiple_of(cfg.logging_steps) {
                 log.line(json!({
                     "split": "train",
                     "step": step,
                     "epoch": step as f64 / steps_per_epoch as f64,
-                    "loss": loss_acc / loss_n as f64,
+                    "loss": st.loss_acc / st.loss_n.max(1) as f64,
                     "learning_rate": cfg.learning_rate * factor,
                     "grad_norm": grad_norm,
                 }))?;
-                loss_acc = 0.0;
-                loss_n = 0;
+                st.loss_acc = 0.0;
+                st.loss_n = 0;
+            }
+            let last_window = wi + 1 == windows.len();
+            let interrupted = control.stop.load(Ordering::SeqCst);
+            let periodic = cfg.save_steps.is_some_and(|k| step.is_multiple_of(k));
+            if (interrupted || periodic) && !last_window {
+                st.epoch = epoch;
+                st.window = wi + 1;
+                let elapsed = t0.elapsed().as_secs_f64();
+                st.train_seconds += elapsed;
+                let dir = save(&mut st, &best, &optimizer, &dropout_rng, &log)?;
+                st.train_seconds -= elapsed;
+                if interrupted {
+                    progress.finish();
+                    return Err(Error::Interrupted {
+                        step,
+                        checkpoint: dir,
+                    });
+                }
+            }
+            if failpoint("abort_after_step") == Some(step) {
+                std::process::abort();
             }
         }
-        train_seconds += t0.elapsed().as_secs_f64();
+        st.train_seconds += t0.elapsed().as_secs_f64();
         progress.finish();
+        let step = st.step;
 
         progress.start(&format!("eval epoch {epoch}"), eval_f.len() as u64);
         let ev = evaluate(
@@ -785,28 +1005,59 @@ pub fn run(prep: Prepared, device: &Device, progress: &mut dyn Progress) -> Resu
                 }
             }
         };
-        epochs.push(m);
+        st.epochs.push(m);
         if better {
-            best = Some((score, epoch, params.snapshot()?, ev));
-            since_best = 0;
+            best = Some((score, epoch, params.snapshot()?, Some(ev)));
+            st.since_best = 0;
         } else {
-            since_best += 1;
+            st.since_best += 1;
             if let Some(p) = cfg.early_stopping_patience {
-                if since_best >= p && epoch < cfg.num_train_epochs {
+                if st.since_best >= p && epoch < cfg.num_train_epochs {
                     log.line(json!({"split": "early_stop", "epoch": epoch, "step": step}))?;
                     progress.message(&format!(
                         "early stopping: no better eval_{best_name} for {p} evaluation(s)"
                     ));
-                    stopped_early = true;
-                    break;
+                    st.stopped_early = true;
                 }
             }
         }
+        st.epoch = epoch + 1;
+        st.window = 0;
+        let dir = save(&mut st, &best, &optimizer, &dropout_rng, &log)?;
+        if control.stop.load(Ordering::SeqCst) && epoch < cfg.num_train_epochs && !st.stopped_early
+        {
+            return Err(Error::Interrupted {
+                step,
+                checkpoint: dir,
+            });
+        }
     }
+    let RunState {
+        epochs,
+        train_seconds,
+        stopped_early,
+        step,
+        ..
+    } = st;
 
     let (best_score, best_epoch, snap, best_eval) =
         best.ok_or_else(|| Error::Msg("no epoch ran".into()))?;
     params.restore(&snap)?;
+    // After a resume the best epoch's evaluation is recomputed from its weights.
+    let best_eval = match best_eval {
+        Some(ev) => ev,
+        None => evaluate(
+            &model,
+            (&eval_f, &eval_y),
+            task,
+            &loss_cfg,
+            cfg.threshold,
+            cfg.per_device_eval_batch_size,
+            pad,
+            device,
+            &mut Silent,
+        )?,
+    };
     log.line(
         json!({"split": "best", "epoch": best_epoch, "metric": best_name, "value": best_score}),
     )?;

@@ -1,0 +1,68 @@
+"""PyTorch side of `ferrotune bench`: one training step (forward, cross-entropy, backward,
+clipping, AdamW) or one inference pass of a randomly initialised transformers
+BertForSequenceClassification of the same shape, timed the same way (median over N steps
+after 2 warm-up steps). Prints one JSON line like ferrotune's.
+Usage: python torch_step_bench.py train|infer --preset minilm-l6|bert-base --batch B --seq S
+       --steps N --threads T [--precision f32|bf16]
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+SHAPES = {"minilm-l6": (384, 6, 12, 1536), "bert-base": (768, 12, 12, 3072)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["train", "infer"])
+    ap.add_argument("--preset", default="minilm-l6", choices=SHAPES)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    h, l, heads, i = SHAPES[a.preset]
+    cfg = BertConfig(hidden_size=h, num_hidden_layers=l, num_attention_heads=heads,
+                     intermediate_size=i, num_labels=2, attn_implementation="sdpa")
+    model = BertForSequenceClassification(cfg)
+    ids = torch.randint(1000, 30000, (a.batch, a.seq))
+    mask = torch.ones_like(ids)
+    labels = torch.tensor([k % 2 for k in range(a.batch)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    times = []
+    for step in range(a.steps + 2):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            if a.mode == "train":
+                model.train()
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                model.eval()
+                with torch.inference_mode():
+                    model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+        ms = (time.perf_counter() - t0) * 1000
+        if step >= 2:
+            times.append(ms)
+    tokens, s = a.batch * a.seq, a.seq
+    flops = l * (2 * tokens * (4 * h * h + 2 * h * i) + 4 * a.batch * s * s * h)
+    flops *= 3 if a.mode == "train" else 1
+    med = statistics.median(times)
+    print(json.dumps({"median_ms": med, "min_ms": min(times), "gflops": flops / (med / 1000) / 1e9,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "threads": a.threads, "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+//! `ferrotune bench`: time one training step or one inference pass of a randomly
+//! initialised BERT of a known shape, the same code the trainer runs.
+//!
+//! The result is the median and minimum over the timed steps (after 2 warm-up steps), the
+//! achieved GFLOP/s (the model's multiply-adds counted as 2 FLOPs, training = 3× the
+//! forward pass) and the process's peak resident memory.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+use crate::models::bert::{BertClassifier, Weights};
+use crate::models::{Batch, Ctx, HfConfig, Pooling};
+use crate::train::loss::{LossConfig, Targets};
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::trainer::loss_and_grads;
+
+/// A model shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// all-MiniLM-L6-v2: hidden 384, 6 layers, 12 heads, intermediate 1536.
+    MiniLmL6,
+    /// BERT-base: hidden 768, 12 layers, 12 heads, intermediate 3072.
+    BertBase,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "minilm-l6" => Ok(Preset::MiniLmL6),
+            "bert-base" => Ok(Preset::BertBase),
+            _ => Err(format!(
+                "unknown preset `{s}` (expected minilm-l6 or bert-base)"
+            )),
+        }
+    }
+}
+
+impl Preset {
+    /// (hidden, layers, heads, intermediate).
+    pub fn shape(self) -> (usize, usize, usize, usize) {
+        match self {
+            Preset::MiniLmL6 => (384, 6, 12, 1536),
+            Preset::BertBase => (768, 12, 12, 3072),
+        }
+    }
+}
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    /// The shape.
+    pub preset: Preset,
+    /// Training step (forward, loss, backward, clipping, AdamW) or inference (forward).
+    pub train: bool,
+    /// Sequences per batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Timed steps (after 2 warm-up steps).
+    pub steps: usize,
+    /// `f32` (`bf16` is not implemented yet).
+    pub precision: String,
+}
+
+/// Timings of a benchmark.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    /// Median step time.
+    pub median_ms: f64,
+    /// Fastest step.
+    pub min_ms: f64,
+    /// FLOPs of one step / median time.
+    pub gflops: f64,
+    /// Peak resident memory of the process.
+    pub peak_rss_mb: f64,
+    /// Threads the kernels used.
+    pub threads: usize,
+}
+
+/// FLOPs of one forward pass: 2 per multiply-add of the linear layers and of attention's
+/// two batched products (embeddings and element-wise work not counted).
+pub fn forward_flops(preset: Preset, batch: usize, seq: usize) -> f64 {
+    let (h, l, _, i) = preset.shape();
+    let tokens = (batch * seq) as f64;
+    let (h, i, s) = (h as f64, i as f64, seq as f64);
+    let linear = 2.0 * tokens * (4.0 * h * h + 2.0 * h * i);
+    let attention = 2.0 * 2.0 * batch as f64 * s * s * h;
+    l as f64 * (linear + attention)
+}
+
+/// Peak resident set size of this process, in MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Runs the benchmark, calling `on_step(i, ms)` after each step (warm-up included).
+pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<BenchResult> {
+    if spec.precision != "f32" {
+        return Err(Error::Config(format!(
+            "precision `{}` is not implemented yet (only f32)",
+            spec.precision
+        )));
+    }
+    if spec.batch == 0 || spec.seq < 2 || spec.steps == 0 || spec.seq > 512 {
+        return Err(Error::Config(
+            "bench: batch >= 1, 2 <= seq <= 512 and steps >= 1 are required".into(),
+        ));
+    }
+    let (h, l, heads, i) = spec.preset.shape();
+    let json = serde_json::json!({
+        "model_type": "bert", "vocab_size": 30522, "hidden_size": h, "num_hidden_layers": l,
+        "num_attention_heads": heads, "intermediate_size": i, "max_position_embeddings": 512,
+        "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+    });
+    let cfg: HfConfig =
+        serde_json::from_value(json).map_err(|e| Error::Msg(format!("bench config: {e}")))?;
+    let device = Device::Cpu;
+    let loaded = BertClassifier::load(&cfg, Weights::Random, 2, Pooling::Pooler, 0, &device)?;
+    let (model, params) = (loaded.model, loaded.params);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let n = spec.batch * spec.seq;
+    let ids: Vec<u32> = (0..n).map(|_| rng.random_range(1000..30000)).collect();
+    let batch = Batch {
+        input_ids: Tensor::from_vec(ids, (spec.batch, spec.seq), &device)?,
+        token_type_ids: Tensor::zeros((spec.batch, spec.seq), candle_core::DType::U32, &device)?,
+        attention_mask: Tensor::ones((spec.batch, spec.seq), candle_core::DType::F32, &device)?,
+    };
+    let y: Vec<u32> = (0..spec.batch).map(|k| (k % 2) as u32).collect();
+    let targets = Targets::Classes(Tensor::from_vec(y, spec.batch, &device)?);
+    let loss = LossConfig::default();
+    let frozen = vec![false; params.num_groups()];
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        params.params.len(),
+    );
+    let lrs = vec![1e-5; params.params.len()];
+    let mut times = Vec::new();
+    for step in 0..spec.steps + 2 {
+        let t0 = Instant::now();
+        if spec.train {
+            let ctx = Ctx {
+                train: true,
+                frozen: &frozen,
+                rng: Some(&mut rng),
+            };
+            let (_, mut grads) =
+                loss_and_grads(&model, &params, &batch, &targets, &loss, 1.0, ctx)?;
+            clip_grad_norm(&mut grads, 1.0);
+            opt.step(&params, &grads, &lrs)?;
+        } else {
+            let logits = model.forward(&mut Ctx::eval(), &batch)?;
+            logits.to_vec2::<f32>()?;
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        on_step(step, ms);
+        if step >= 2 {
+            times.push(ms);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = if times.len() % 2 == 1 {
+        times[times.len() / 2]
+    } else {
+        (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
+    };
+    let flops =
+        forward_flops(spec.preset, spec.batch, spec.seq) * if spec.train { 3.0 } else { 1.0 };
+    Ok(BenchResult {
+        median_ms: median,
+        min_ms: times[0],
+        gflops: flops / (median / 1000.0) / 1e9,
+        peak_rss_mb: peak_rss_mb(),
+        threads: candle_core::utils::get_num_threads(),
+    })
+}

@@ -1,0 +1,579 @@
+//! The inference server (`ferrotune serve`): answers equal the library's predictions,
+//! batched or not; every error status has a JSON body; SIGTERM drains requests in flight.
+//!
+//! Routes are exercised in process with `tower::ServiceExt::oneshot` (no sockets), except
+//! the shutdown test, which talks HTTP/1.1 over a real socket and sends a real SIGTERM.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Request, StatusCode};
+use axum::Router;
+use candle_core::Device;
+use ferrotune::data::reader::Example;
+use ferrotune::export::{export_model, ExportSpec};
+use ferrotune::models::bert::{BertClassifier, Weights};
+use ferrotune::models::tokenizer::load_tokenizer;
+use ferrotune::models::{HfConfig, Pooling};
+use ferrotune::predict::{ExportInfo, Predictor};
+use ferrotune::serve::{shutdown_signal, ServeConfig, Server};
+use ferrotune::testing::{write_tiny_model, TinySpec, TINY_WORDS};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const MAX_LEN: usize = 16;
+
+/// A random 3-label classifier exported as `ferrotune train` would (max length 16).
+fn tiny_classifier(dir: &Path) -> PathBuf {
+    let base = dir.join("base");
+    write_tiny_model(&base, &TinySpec::default()).unwrap();
+    let cfg = HfConfig::from_file(&base.join("config.json")).unwrap();
+    let loaded =
+        BertClassifier::load(&cfg, Weights::Random, 3, Pooling::Pooler, 11, &Device::Cpu).unwrap();
+    let tok = load_tokenizer(&base, MAX_LEN).unwrap();
+    let labels: Vec<String> = ["neg", "neu", "pos"].map(String::from).to_vec();
+    let out = dir.join("model");
+    export_model(
+        &out,
+        &ExportSpec {
+            base: &cfg,
+            source_dir: &base,
+            params: &loaded.params,
+            tokenizer: &tok,
+            labels: &labels,
+            problem_type: "single_label_classification",
+            info: ExportInfo {
+                pooling: Pooling::Pooler,
+                max_seq_length: MAX_LEN,
+                text_column: "text".into(),
+                text_pair_column: None,
+                label_column: "label".into(),
+                threshold: 0.5,
+                label_separator: None,
+            },
+        },
+    )
+    .unwrap();
+    out
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_classifier(dir.path());
+    Fixture { _dir: dir, model }
+}
+
+fn server(f: &Fixture, cfg: ServeConfig) -> Server {
+    Server::new(Predictor::load(&f.model).unwrap(), cfg).unwrap()
+}
+
+/// A text of `n` words (one token each) from the tiny vocabulary, starting at word `k`.
+fn text(k: usize, n: usize) -> String {
+    let words: Vec<&str> = TINY_WORDS.iter().copied().filter(|w| *w != "##s").collect();
+    (0..n)
+        .map(|i| words[(k + 3 * i) % words.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn example(text: &str, pair: Option<&str>) -> Example {
+    Example {
+        id: "x".into(),
+        line: 0,
+        text: text.into(),
+        text_pair: pair.map(String::from),
+        label: None,
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Asserts a TEI error body of `status` and `error_type` whose message has `needle`.
+    fn assert_error(&self, status: StatusCode, error_type: &str, needle: &str) {
+        let v = self.json();
+        assert_eq!(self.status, status, "{v}");
+        assert_eq!(v["error_type"], error_type, "{v}");
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.contains(needle), "`{needle}` not in `{msg}`");
+        assert_eq!(
+            self.headers[header::CONTENT_TYPE],
+            "application/json",
+            "{v}"
+        );
+    }
+}
+
+async fn call(app: &Router, method: &str, uri: &str, body: impl Into<Body>) -> Answer {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body.into())
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap()
+        .to_vec();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+async fn predict(app: &Router, body: Value) -> Answer {
+    call(app, "POST", "/predict", body.to_string()).await
+}
+
+/// `[{label, score}, ...]` → scores in label order.
+fn by_label(list: &Value, labels: &[String]) -> Vec<f32> {
+    let items = list.as_array().unwrap();
+    assert_eq!(items.len(), labels.len());
+    let scores: Vec<f64> = items.iter().map(|i| i["score"].as_f64().unwrap()).collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "not sorted: {list}"
+    );
+    labels
+        .iter()
+        .map(|l| {
+            let i = items.iter().find(|i| i["label"] == l.as_str()).unwrap();
+            i["score"].as_f64().unwrap() as f32
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() <= 1e-5, "{got:?} vs {want:?}");
+    }
+}
+
+/// Sum over a histogram's buckets with `le` at most `le`, and its count, from /metrics.
+fn hist(metrics: &str, name: &str, le: &str) -> (u64, u64) {
+    let get = |key: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+            .unwrap_or_else(|| panic!("{key} missing from:\n{metrics}"))
+    };
+    (
+        get(&format!("{name}_bucket{{le=\"{le}\"}} ")),
+        get(&format!("{name}_count ")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_equal_the_librarys_predictions() {
+    let f = fixture();
+    let p = Predictor::load(&f.model).unwrap();
+    let s = server(&f, ServeConfig::default());
+    let app = s.router();
+
+    // A single string: one list, every label, highest first.
+    let t = text(0, 5);
+    let a = predict(&app, json!({"inputs": t})).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let want = p.predict_probs(&[example(&t, None)], |_| {}).unwrap();
+    assert_close(&by_label(&a.json(), &p.labels), &want[0]);
+
+    // A list of texts and pairs: a list of lists, in order; raw scores are the logits.
+    let (t1, t2, t3) = (text(1, 3), text(2, 30), text(4, 6));
+    let a = predict(
+        &app,
+        json!({"inputs": [t1, t2, [t3, t1]], "raw_scores": true}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let v = a.json();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    for (i, ex) in [
+        example(&t1, None),
+        example(&t2, None),
+        example(&t3, Some(&t1)),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let want = p.predict_logits(std::slice::from_ref(ex), |_| {}).unwrap();
+        assert_close(&by_label(&v[i], &p.labels), &want[0]);
+    }
+
+    // A request over `max_batch_tokens` on its own still runs (alone).
+    let small = server(
+        &f,
+        ServeConfig {
+            max_batch_tokens: 1,
+            ..Default::default()
+        },
+    );
+    let a = predict(&small.router(), json!({"inputs": [t1, t2]})).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.json());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_json_errors() {
+    let f = fixture();
+    let s = server(
+        &f,
+        ServeConfig {
+            max_inputs_per_request: 2,
+            max_body_bytes: 512,
+            ..Default::default()
+        },
+    );
+    let app = s.router();
+    let long = text(0, 40);
+
+    // 400: not JSON.
+    call(&app, "POST", "/predict", "{\"inputs\": ")
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "validation", "not valid JSON");
+    call(&app, "POST", "/predict", "").await.assert_error(
+        StatusCode::BAD_REQUEST,
+        "validation",
+        "not valid JSON",
+    );
+    // 422: JSON of the wrong shape.
+    for (body, needle) in [
+        (json!({"inputs": 3}), "not a number"),
+        (json!({"input": "x"}), "unknown field `input`"),
+        (json!({"raw_scores": true}), "missing field `inputs`"),
+        (json!({"inputs": []}), "empty list"),
+        (json!({"inputs": ["a", ["b"]]}), "inputs[1]"),
+        (
+            json!({"inputs": "a", "truncate": 1}),
+            "`truncate` must be a boolean",
+        ),
+        (json!({"inputs": "a", "raw_scores": "no"}), "`raw_scores`"),
+        (json!(["a"]), "JSON object"),
+    ] {
+        predict(&app, body).await.assert_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            needle,
+        );
+    }
+    // 413: body, number of inputs, input length (when the request asks not to truncate).
+    let big = json!({ "inputs": "the ".repeat(200) }).to_string();
+    call(&app, "POST", "/predict", big).await.assert_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "validation",
+        "512 bytes",
+    );
+    predict(&app, json!({"inputs": ["a", "b", "c"]}))
+        .await
+        .assert_error(StatusCode::PAYLOAD_TOO_LARGE, "validation", "3 inputs");
+    let a = predict(&app, json!({"inputs": ["good", long], "truncate": false})).await;
+    a.assert_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "validation",
+        "inputs[1] is 42 tokens",
+    );
+    assert!(a.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("maximum of 16"));
+    predict(&app, json!({"inputs": [["good", long]], "truncate": false}))
+        .await
+        .assert_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "validation",
+            "inputs[0] is 44 tokens",
+        );
+    // ... which truncation (the default) accepts; an input of exactly 16 tokens fits.
+    let a = predict(&app, json!({"inputs": long})).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let a = predict(&app, json!({"inputs": text(0, 14), "truncate": false})).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.json());
+    // 404, 405.
+    call(&app, "GET", "/nope", "")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found", "/nope");
+    let a = call(&app, "GET", "/predict", "").await;
+    a.assert_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST");
+    assert_eq!(a.headers[header::ALLOW], "POST");
+    call(&app, "POST", "/health", "").await.assert_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "GET",
+    );
+
+    // Every answer was counted by status; no 5xx.
+    let m = String::from_utf8(call(&app, "GET", "/metrics", "").await.body).unwrap();
+    for status in [400, 413, 422, 405] {
+        let line = format!("ferrotune_requests_total{{path=\"/predict\",status=\"{status}\"}}");
+        assert!(m.contains(&line), "{line} missing:\n{m}");
+    }
+    assert!(!m.contains("status=\"5"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_concurrent_requests_is_429_and_slow_ones_503() {
+    let f = fixture();
+    // The worker waits 800 ms for a batch to fill, so the first request stays in flight.
+    let s = server(
+        &f,
+        ServeConfig {
+            max_concurrent_requests: 1,
+            batch_wait: Duration::from_millis(800),
+            ..Default::default()
+        },
+    );
+    let app = s.router();
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { predict(&app, json!({"inputs": "good"})).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a = predict(&app, json!({"inputs": "bad"})).await;
+    a.assert_error(StatusCode::TOO_MANY_REQUESTS, "overloaded", "limit is 1");
+    assert_eq!(a.headers[header::RETRY_AFTER], "1");
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    // The permit is back.
+    assert_eq!(
+        predict(&app, json!({"inputs": "bad"})).await.status,
+        StatusCode::OK
+    );
+
+    let s = server(
+        &f,
+        ServeConfig {
+            request_timeout: Duration::from_millis(100),
+            batch_wait: Duration::from_millis(2000),
+            ..Default::default()
+        },
+    );
+    let app = s.router();
+    let start = Instant::now();
+    let a = predict(&app, json!({"inputs": "good"})).await;
+    a.assert_error(StatusCode::SERVICE_UNAVAILABLE, "timeout", "100 ms");
+    assert_eq!(a.headers[header::RETRY_AFTER], "1");
+    assert!(start.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_are_batched_and_answered_as_alone() {
+    let f = fixture();
+    let p = Predictor::load(&f.model).unwrap();
+    // Inputs of many lengths (some over the maximum), one or two per request.
+    let requests: Vec<Vec<String>> = (0..48)
+        .map(|i| {
+            let mut r = vec![text(i, 1 + (i * 7) % 20)];
+            if i % 5 == 0 {
+                r.push(text(i + 1, 2 + i % 9));
+            }
+            r
+        })
+        .collect();
+    let want: Vec<Vec<Vec<f32>>> = requests
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|t| p.predict_probs(&[example(t, None)], |_| {}).unwrap()[0].clone())
+                .collect()
+        })
+        .collect();
+
+    for (cfg, batched) in [
+        // A short wait makes the batches certain; without it they depend on timing.
+        (
+            ServeConfig {
+                max_batch_requests: 16,
+                batch_wait: Duration::from_millis(50),
+                ..Default::default()
+            },
+            true,
+        ),
+        (ServeConfig::default(), false),
+        (
+            ServeConfig {
+                max_batch_requests: 1,
+                batch_wait: Duration::from_millis(5),
+                ..Default::default()
+            },
+            false,
+        ),
+    ] {
+        let one_at_a_time = cfg.max_batch_requests == 1;
+        let s = server(&f, cfg);
+        let app = s.router();
+        let tasks: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let app = app.clone();
+                let body = json!({ "inputs": r });
+                tokio::spawn(async move { predict(&app, body).await })
+            })
+            .collect();
+        for (task, want) in tasks.into_iter().zip(&want) {
+            let a = task.await.unwrap();
+            assert_eq!(a.status, StatusCode::OK);
+            let v = a.json();
+            assert_eq!(v.as_array().unwrap().len(), want.len());
+            for (got, want) in v.as_array().unwrap().iter().zip(want) {
+                assert_close(&by_label(got, &p.labels), want);
+            }
+        }
+        let m = String::from_utf8(call(&app, "GET", "/metrics", "").await.body).unwrap();
+        let (alone, batches) = hist(&m, "ferrotune_batch_requests", "1");
+        if batched {
+            assert!(alone < batches, "no batch of more than one request:\n{m}");
+            let (le16, _) = hist(&m, "ferrotune_batch_requests", "16");
+            assert_eq!(le16, batches, "a batch over max_batch_requests:\n{m}");
+        }
+        if one_at_a_time {
+            assert_eq!(alone, batches, "batched despite max_batch_requests = 1");
+            assert_eq!(batches, 48);
+        }
+        let inputs: usize = requests.iter().map(Vec::len).sum();
+        assert!(
+            m.contains(&format!("ferrotune_inputs_total {inputs}\n")),
+            "{m}"
+        );
+        assert!(m.contains("ferrotune_queue_depth 0\n"), "{m}");
+        assert!(m.contains("ferrotune_requests_in_flight 0\n"), "{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_info_metrics_and_openapi() {
+    let f = fixture();
+    let s = server(&f, ServeConfig::default());
+    let app = s.router();
+    let a = call(&app, "GET", "/health", "").await;
+    assert_eq!(
+        (a.status, a.json()),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let info = call(&app, "GET", "/info", "").await.json();
+    assert_eq!(info["labels"], json!(["neg", "neu", "pos"]));
+    assert_eq!(info["max_input_length"], MAX_LEN);
+    assert_eq!(info["problem_type"], "single_label_classification");
+    assert_eq!(info["max_batch_requests"], 64);
+    let a = call(&app, "GET", "/metrics", "").await;
+    assert!(a.headers[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let m = String::from_utf8(a.body).unwrap();
+    for name in [
+        "ferrotune_requests_total",
+        "ferrotune_request_duration_seconds_bucket",
+        "ferrotune_batch_size_bucket",
+        "ferrotune_queue_depth",
+    ] {
+        assert!(m.contains(name), "{name} missing:\n{m}");
+    }
+    let api = call(&app, "GET", "/openapi.json", "").await.json();
+    assert_eq!(api["openapi"], "3.0.3");
+    for path in ["/predict", "/health", "/info", "/metrics", "/openapi.json"] {
+        assert!(api["paths"].get(path).is_some(), "{path}");
+    }
+    // Every error_type the server can answer is documented.
+    let types = api["components"]["schemas"]["Error"]["properties"]["error_type"]["enum"].clone();
+    assert_eq!(types.as_array().unwrap().len(), 8);
+}
+
+/// POSTs `body` with a hand-written HTTP/1.1 request; returns the status and the body.
+fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut res = String::new();
+    s.read_to_string(&mut res).unwrap();
+    let status = res
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = res
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn sigterm_drains_requests_in_flight_then_stops() {
+    let f = fixture();
+    let p = Predictor::load(&f.model).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The worker waits 1.5 s for a batch to fill: the request is in flight when SIGTERM
+    // comes.
+    let s = server(
+        &f,
+        ServeConfig {
+            batch_wait: Duration::from_millis(1500),
+            ..Default::default()
+        },
+    );
+    let (listener, signal) = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Installs the handlers now, before the signal is sent.
+        (l, shutdown_signal().unwrap())
+    });
+    let addr = listener.local_addr().unwrap();
+    let served = rt.spawn(s.serve(listener, signal));
+
+    let t = text(3, 6);
+    let body = json!({ "inputs": t }).to_string();
+    let client = std::thread::spawn(move || http_post(addr, "/predict", &body));
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still accepting connections after SIGTERM"
+    );
+    assert!(!served.is_finished(), "stopped before answering");
+
+    let (status, body) = client.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let want = p.predict_probs(&[example(&t, None)], |_| {}).unwrap();
+    assert_close(&by_label(&v, &p.labels), &want[0]);
+
+    let stopped = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await })
+        .expect("did not stop after draining");
+    stopped.unwrap().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
