@@ -347,7 +347,15 @@ async fn too_many_concurrent_requests_is_429_and_slow_ones_503() {
         let app = app.clone();
         async move { predict(&app, json!({"inputs": "good"})).await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once it holds the only permit, the next one is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8(call(&app, "GET", "/metrics", "").await.body)
+        .unwrap()
+        .contains("ferrotune_requests_in_flight 1\n")
+    {
+        assert!(Instant::now() < deadline, "the first request never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let a = predict(&app, json!({"inputs": "bad"})).await;
     a.assert_error(StatusCode::TOO_MANY_REQUESTS, "overloaded", "limit is 1");
     assert_eq!(a.headers[header::RETRY_AFTER], "1");
@@ -497,13 +505,13 @@ async fn health_info_metrics_and_openapi() {
     assert_eq!(types.as_array().unwrap().len(), 8);
 }
 
-/// POSTs `body` with a hand-written HTTP/1.1 request; returns the status and the body.
-fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+/// Sends a hand-written HTTP/1.1 request; returns the status and the body.
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
@@ -532,7 +540,7 @@ fn sigterm_drains_requests_in_flight_then_stops() {
         .build()
         .unwrap();
     // The worker waits 1.5 s for a batch to fill: the request is in flight when SIGTERM
-    // comes.
+    // comes (sent as soon as the server counts it in flight).
     let s = server(
         &f,
         ServeConfig {
@@ -550,8 +558,15 @@ fn sigterm_drains_requests_in_flight_then_stops() {
 
     let t = text(3, 6);
     let body = json!({ "inputs": t }).to_string();
-    let client = std::thread::spawn(move || http_post(addr, "/predict", &body));
-    std::thread::sleep(Duration::from_millis(300));
+    let client = std::thread::spawn(move || http(addr, "POST", "/predict", &body));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http(addr, "GET", "/metrics", "")
+        .1
+        .contains("ferrotune_requests_in_flight 1\n")
+    {
+        assert!(Instant::now() < deadline, "the request never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let start = Instant::now();
     let kill = std::process::Command::new("kill")
         .args(["-TERM", &std::process::id().to_string()])

@@ -81,7 +81,9 @@ impl Default for ServeConfig {
         ServeConfig {
             host: "127.0.0.1".into(),
             port: 8080,
-            max_batch_tokens: 16384,
+            // On a CPU a forward pass gains little from more than ~2k tokens (16 inputs of
+            // 128): larger batches only add latency (docs/SERVE.md).
+            max_batch_tokens: 2048,
             max_batch_requests: 64,
             max_inputs_per_request: 32,
             max_concurrent_requests: 512,
