@@ -43,6 +43,8 @@ pub struct Limits {
 struct State {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// Shutting down: run what is queued without waiting for batches to fill.
+    draining: bool,
 }
 
 /// The queue of requests waiting for a worker.
@@ -79,6 +81,13 @@ impl Queue {
         drop(st);
         self.ready.notify_one();
         Ok(())
+    }
+
+    /// Stops waiting for batches to fill (`batch_wait`): on shutdown no more requests
+    /// come, so what is queued runs at once. Jobs are still accepted.
+    pub fn drain(&self) {
+        self.lock().draining = true;
+        self.ready.notify_all();
     }
 
     /// Refuses new jobs; workers finish what is queued, then stop.
@@ -121,8 +130,12 @@ impl Queue {
                 continue;
             }
             if !self.limits.batch_wait.is_zero() {
-                let deadline = Instant::now() + self.limits.batch_wait;
-                while !st.closed && !self.full(&st) {
+                // A wait too long to add to the clock is capped at a day.
+                let now = Instant::now();
+                let deadline = now
+                    .checked_add(self.limits.batch_wait)
+                    .unwrap_or(now + Duration::from_secs(86_400));
+                while !st.closed && !st.draining && !self.full(&st) {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;

@@ -223,16 +223,18 @@ impl Server {
     }
 
     /// Serves on `listener` until `shutdown` completes; then stops accepting, answers the
-    /// requests in flight (waiting at most the request timeout and 5 s more), stops the
-    /// workers and returns.
+    /// requests in flight (queued requests run at once, without `batch_wait`; waiting at
+    /// most the request timeout and 5 s more), stops the workers and returns.
     pub async fn serve(
         mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let (started_tx, started_rx) = oneshot::channel::<()>();
+        let queue = self.shared.queue.clone();
         let signal = async move {
             shutdown.await;
+            queue.drain();
             let _ = started_tx.send(());
         };
         let drain_limit = self.shared.cfg.request_timeout + Duration::from_secs(5);
