@@ -361,6 +361,10 @@ pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
     Ok((k, value))
 }
 
+/// The shortest `max_seq_length`: a text pair needs three special tokens and one token of
+/// text. Below it the tokenizer would not truncate at all (found by fuzzing).
+pub const MIN_SEQ_LENGTH: usize = 4;
+
 impl TrainConfig {
     /// Reads a recipe file and applies `--set` overrides, then validates the result.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
@@ -459,8 +463,13 @@ impl TrainConfig {
             }
             _ => {}
         }
-        if self.max_seq_length < 2 {
-            return bad("max_seq_length", "must be at least 2".into());
+        if self.max_seq_length < MIN_SEQ_LENGTH {
+            return bad(
+                "max_seq_length",
+                format!(
+                    "must be at least {MIN_SEQ_LENGTH} (room for [CLS], [SEP], [SEP] and one token)"
+                ),
+            );
         }
         if self.per_device_train_batch_size == 0 {
             return bad("per_device_train_batch_size", "must be at least 1".into());

@@ -19,12 +19,12 @@ pub struct Location {
 
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.path.display())?;
+        write!(f, "{}", one_line(&self.path.display().to_string()))?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         if let Some(field) = &self.field {
-            write!(f, ": field `{field}`")?;
+            write!(f, ": field `{}`", one_line(field))?;
         }
         Ok(())
     }
@@ -34,7 +34,7 @@ impl fmt::Display for Location {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A problem with the contents of an input file (data, recipe, model files).
-    #[error("{loc}: {msg}")]
+    #[error("{loc}: {}", one_line(msg))]
     Input {
         /// Where.
         loc: Location,
@@ -50,10 +50,10 @@ pub enum Error {
         source: std::io::Error,
     },
     /// An invalid configuration value (recipe key or `--set` override).
-    #[error("config: {0}")]
+    #[error("config: {}", one_line(.0))]
     Config(String),
     /// An error from the tensor library.
-    #[error("tensor error: {0}")]
+    #[error("tensor error: {}", one_line(&.0.to_string()))]
     Candle(#[from] candle_core::Error),
     /// The run was asked to stop (Ctrl-C, SIGTERM) and wrote a checkpoint.
     #[error("interrupted after step {step}; checkpoint written to {}; continue with --resume latest", checkpoint.display())]
@@ -64,8 +64,26 @@ pub enum Error {
         checkpoint: PathBuf,
     },
     /// Anything else, already phrased for the user.
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Msg(String),
+}
+
+/// `s` with every control character (newline, tab, NUL, ...) written as its Rust escape,
+/// so that an error stays one line whatever the input it quotes (a column name, a key, a
+/// value read from a file). Found by fuzzing the readers.
+pub fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// The library's result type.

@@ -117,6 +117,17 @@ impl Predictor {
                 label_separator: None,
             },
         };
+        if info.max_seq_length > cfg.max_position_embeddings {
+            return Err(Error::at(
+                &cfg_path,
+                None,
+                Some("ferrotune.max_seq_length"),
+                format!(
+                    "{} is more than the model's max_position_embeddings {}",
+                    info.max_seq_length, cfg.max_position_embeddings
+                ),
+            ));
+        }
         let device = Device::Cpu;
         let st = dir.join("model.safetensors");
         if !st.exists() {

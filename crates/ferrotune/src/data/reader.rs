@@ -363,6 +363,9 @@ fn read_delimited(
     // The csv crate's own line numbers miscount after CRLF terminators and blank lines,
     // so lines are counted here from the byte offset where each record starts. That
     // offset may point at the previous record's terminator or at skipped blank lines.
+    // Lines are counted at LF only, as sed, grep and editors number them, so a lone CR
+    // (which the csv crate also takes as a record's end, and which real data holds inside
+    // quoted text) does not start a new line number.
     let newlines: Vec<usize> = (0..data.len()).filter(|&i| data[i] == b'\n').collect();
     let line_at = |byte: u64| {
         let mut start = usize::try_from(byte).unwrap_or(data.len()).min(data.len());

@@ -16,8 +16,20 @@ use tokenizers::{Tokenizer, TruncationParams};
 use crate::error::{Error, Result};
 
 /// Loads the tokenizer of model directory `dir`, truncating to `max_len` tokens.
+///
+/// `max_len` must be at least [`crate::config::MIN_SEQ_LENGTH`]: with less room than the
+/// special tokens need, `tokenizers` returns the sequence untruncated.
 pub fn load_tokenizer(dir: &Path, max_len: usize) -> Result<Tokenizer> {
     let json = dir.join("tokenizer.json");
+    if max_len < crate::config::MIN_SEQ_LENGTH {
+        return Err(Error::file(
+            dir,
+            format!(
+                "maximum sequence length {max_len} is too short: at least {} is needed",
+                crate::config::MIN_SEQ_LENGTH
+            ),
+        ));
+    }
     let mut tok = if json.exists() {
         Tokenizer::from_file(&json).map_err(|e| Error::file(&json, format!("{e}")))?
     } else {
