@@ -258,6 +258,25 @@ async fn multi_label_and_regression_scores_are_the_librarys() {
     }
 }
 
+/// An export whose maximum length its positions cannot hold, or too short for the special
+/// tokens, is refused at load, naming the field (the server would otherwise feed the model
+/// sequences it cannot take).
+#[test]
+fn export_with_an_impossible_max_seq_length_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_classifier(dir.path());
+    let cfg_path = model.join("config.json");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    for (len, want) in [(1000, "ferrotune.max_seq_length"), (2, "too short")] {
+        let mut cfg = original.clone();
+        cfg["ferrotune"]["max_seq_length"] = json!(len);
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let e = Predictor::load(&model).err().expect("loaded").to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_json_errors() {
     let f = fixture();
