@@ -8,6 +8,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod fused;
 pub mod params;
 pub mod pickle;
 pub mod tokenizer;
