@@ -413,6 +413,11 @@ mod tests {
             .unwrap()
     }
 
+    /// Gradients of `Σ y·w` (a non-trivial upstream gradient `w`).
+    fn grads_of(y: Tensor, w: &Tensor) -> candle_core::backprop::GradStore {
+        (y * w).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     /// Forward and every gradient of the fused layer norm equal the composition, on odd
     /// shapes, small and large enough to run on the thread pool.
     #[test]
@@ -437,13 +442,8 @@ mod tests {
             let fused = layer_norm(&x, &g, &b, 1e-12).unwrap();
             let reference = layer_norm_composed(&x, &g, &b, 1e-12).unwrap();
             assert!(max_diff(&fused, &reference) < 1e-5, "{shape:?} forward");
-            let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let gr = (reference * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gf = grads_of(fused, &w);
+            let gr = grads_of(reference, &w);
             for (name, v) in [("x", &x), ("g", &g), ("b", &b)] {
                 let (a, r) = (gf.get(v).unwrap(), gr.get(v).unwrap());
                 let scale = r.abs().unwrap().max_keepdim(0).unwrap().max_all().unwrap();
@@ -487,13 +487,8 @@ mod tests {
             let fused = gelu_erf(&x).unwrap();
             let reference = x.gelu_erf().unwrap();
             assert!(max_diff(&fused, &reference) < 1e-6, "{shape:?} forward");
-            let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let gr = (reference * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gf = grads_of(fused, &w);
+            let gr = grads_of(reference, &w);
             let d = max_diff(gf.get(&x).unwrap(), gr.get(&x).unwrap());
             assert!(d < 1e-5, "{shape:?} backward: {d}");
         }
@@ -537,13 +532,8 @@ mod tests {
             let fused = softmax_last(&scores).unwrap();
             let reference = softmax_last_composed(&scores).unwrap();
             assert!(max_diff(&fused, &reference) < 1e-6, "{shape:?} forward");
-            let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let gr = (reference * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gf = grads_of(fused, &w);
+            let gr = grads_of(reference, &w);
             let d = max_diff(gf.get(&x).unwrap(), gr.get(&x).unwrap());
             assert!(d < 1e-5, "{shape:?} backward: {d}");
         }
@@ -560,7 +550,7 @@ mod tests {
             let b = Var::from_tensor(&randn(&[96], 3)).unwrap();
             let w = randn(&[515, 96], 4);
             let y = layer_norm(&x, &g, &b, 1e-12).unwrap();
-            let gr = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = grads_of(y, &w);
             [&x, &g, &b].map(|v| {
                 gr.get(v)
                     .unwrap()
