@@ -20,8 +20,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
 use crate::models::config::HfConfig;
-use crate::models::fused;
 use crate::models::params::{Param, ParamStore};
+use crate::models::{attention, fused, linear};
 
 /// How the sequence representation fed to the classifier is formed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -97,30 +97,23 @@ impl Ctx<'_> {
         }
     }
 
-    /// Inverted dropout with probability `p`, from the context's seeded generator.
+    /// Inverted dropout with probability `p`; its mask is seeded from the context's
+    /// generator ([`fused::dropout`]).
     fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
-        if !self.train || p <= 0.0 {
-            return Ok(x.clone());
+        match self.dropout_seed(p) {
+            Some((p, seed)) => fused::dropout(x, p, seed),
+            None => Ok(x.clone()),
         }
-        let rng = match self.rng.as_deref_mut() {
-            Some(r) => r,
-            None => return Ok(x.clone()),
-        };
-        let n = x.elem_count();
-        let scale = (1.0 / (1.0 - p)) as f32;
-        // Compare a uniform u32 with a threshold: one draw per element.
-        let threshold = (p * (u32::MAX as f64)) as u32;
-        let mask: Vec<f32> = (0..n)
-            .map(|_| {
-                if rng.random::<u32>() < threshold {
-                    0.0
-                } else {
-                    scale
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-        Ok(x.mul(&mask)?)
+    }
+
+    /// `(p, seed)` for a dropout with probability `p` (one draw from the context's
+    /// generator), or `None` when there is no dropout (inference, or `p = 0`).
+    fn dropout_seed(&mut self, p: f64) -> Option<(f32, u64)> {
+        if !self.train || p <= 0.0 {
+            return None;
+        }
+        let rng = self.rng.as_deref_mut()?;
+        Some((p as f32, rng.random::<u64>()))
     }
 }
 
@@ -135,7 +128,11 @@ impl Linear {
     fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let w = ctx.w(&self.w, self.group);
         let b = ctx.w(&self.b, self.group);
-        Ok(x.matmul(&w.t()?)?.broadcast_add(&b)?)
+        if fused::enabled() {
+            linear::linear(x, &w, &b)
+        } else {
+            linear::linear_composed(x, &w, &b)
+        }
     }
 }
 
@@ -183,6 +180,17 @@ struct Layer {
     inter: Linear,
     out: Linear,
     ln2: LayerNorm,
+}
+
+impl Layer {
+    /// The query, key and value projections side by side, `(tokens, 3·hidden)`, from one
+    /// GEMM over the concatenated weights (the input is read once; the weights, a few
+    /// hundred KiB, are concatenated per forward pass).
+    fn qkv(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let ws = [&self.q, &self.k, &self.v].map(|l| ctx.w(&l.w, l.group));
+        let bs = [&self.q, &self.k, &self.v].map(|l| ctx.w(&l.b, l.group));
+        linear::linear(x, &Tensor::cat(&ws, 0)?, &Tensor::cat(&bs, 0)?)
+    }
 }
 
 /// One batch of token ids, ready for the model.
@@ -544,33 +552,42 @@ impl BertClassifier {
         let mut x = ctx.dropout(&x, self.cfg.hidden_dropout_prob)?;
 
         // Additive mask: 0 for tokens, the most negative f32 for padding (as transformers).
-        let bias = ((batch.attention_mask.ones_like()? - &batch.attention_mask)?
-            * f32::MIN as f64)?
-            .reshape((bsz, 1, 1, seq))?;
+        let key_bias =
+            ((batch.attention_mask.ones_like()? - &batch.attention_mask)? * f32::MIN as f64)?;
+        let bias = key_bias.reshape((bsz, 1, 1, seq))?;
         let nh = self.cfg.num_attention_heads;
         let dh = h / nh;
         let scale = 1.0 / (dh as f64).sqrt();
+        let p_attn = self.cfg.attention_probs_dropout_prob;
         for layer in &self.layers {
-            let heads = |t: Tensor| -> Result<Tensor> {
-                Ok(t.reshape((bsz, seq, nh, dh))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let q = heads(layer.q.forward(ctx, &x)?)?;
-            let k = heads(layer.k.forward(ctx, &x)?)?;
-            let v = heads(layer.v.forward(ctx, &x)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let probs = if ctx.fused() {
-                fused::softmax_last(&scores)?
+            let attn = if fused::enabled() {
+                let qkv = layer.qkv(ctx, &x)?;
+                attention::attention(&qkv, &key_bias, ctx.dropout_seed(p_attn), nh)?
             } else {
-                softmax_last(&scores)?
+                // The composed reference (`FERROTUNE_NO_FUSED=1`).
+                let heads = |t: Tensor| -> Result<Tensor> {
+                    Ok(t.reshape((bsz, seq, nh, dh))?
+                        .transpose(1, 2)?
+                        .contiguous()?)
+                };
+                let q = heads(layer.q.forward(ctx, &x)?)?;
+                let k = heads(layer.k.forward(ctx, &x)?)?;
+                let v = heads(layer.v.forward(ctx, &x)?)?;
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+                let probs = softmax_last(&scores)?;
+                let probs = match ctx.dropout_seed(p_attn) {
+                    Some((p, seed)) => {
+                        let mask = fused::dropout_mask(&[bsz, nh, seq, seq], seq * seq, p, seed)?;
+                        (probs * mask.to_device(x.device())?)?
+                    }
+                    None => probs,
+                };
+                probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((bsz * seq, h))?
             };
-            let probs = ctx.dropout(&probs, self.cfg.attention_probs_dropout_prob)?;
-            let attn = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((bsz * seq, h))?;
             let attn = layer.o.forward(ctx, &attn)?;
             let attn = ctx.dropout(&attn, self.cfg.hidden_dropout_prob)?;
             let x1 = layer.ln1.forward(ctx, &(attn + &x)?)?;
@@ -698,6 +715,52 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(d < 1e-5, "{pooling:?}: {d}");
+        }
+    }
+
+    /// The fused model (fused QKV projection, attention, linear layers, layer norm, GELU)
+    /// computes the same loss and gradients as the composition of candle operations, in
+    /// training (same dropout masks: same seed) with padding, and the same logits at
+    /// inference.
+    #[test]
+    fn fused_and_composed_models_agree() {
+        let t = tempfile::tempdir().unwrap();
+        write_tiny_model(t.path(), &TinySpec::default()).unwrap();
+        let l = load(t.path(), Pooling::Pooler).unwrap();
+        let y = Targets::Classes(Tensor::new(&[0u32, 2], &Device::Cpu).unwrap());
+        let frozen = vec![false; l.params.num_groups()];
+        let run = |on: bool| {
+            fused::with_enabled(on, || {
+                let mut rng = ChaCha8Rng::seed_from_u64(7);
+                let (loss, grads) = loss_and_grads(
+                    &l.model,
+                    &l.params,
+                    &batch(),
+                    &y,
+                    &LossConfig::default(),
+                    1.0,
+                    train_ctx(&frozen, &mut rng),
+                )
+                .unwrap();
+                let logits = l.model.forward(&mut Ctx::eval(), &batch()).unwrap();
+                (
+                    loss,
+                    grads,
+                    logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                )
+            })
+        };
+        let (fl, fg, fo) = run(true);
+        let (cl, cg, co) = run(false);
+        assert!((fl - cl).abs() < 1e-5, "loss {fl} vs {cl}");
+        for (a, b) in fo.iter().zip(&co) {
+            assert!((a - b).abs() < 1e-5, "logits {fo:?} vs {co:?}");
+        }
+        for ((p, a), b) in l.params.params.iter().zip(&fg).zip(&cg) {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(d < 1e-4 * scale, "{}: {d} (largest {scale})", p.name);
         }
     }
 

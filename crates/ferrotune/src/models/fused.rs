@@ -14,23 +14,40 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 
+use super::simd;
 use crate::error::Result;
 
 /// Whether the model uses the fused operations: yes, unless the environment sets
 /// `FERROTUNE_NO_FUSED=1` (for benchmarks that compare the two paths, and for bisecting a
-/// numerical difference). Read once.
+/// numerical difference). Read once; tests can override it on their own thread
+/// ([`with_enabled`]).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("FERROTUNE_NO_FUSED").is_none_or(|v| v != "1"))
+    OVERRIDE.with(|o| o.get()).unwrap_or_else(|| {
+        *ON.get_or_init(|| std::env::var_os("FERROTUNE_NO_FUSED").is_none_or(|v| v != "1"))
+    })
+}
+
+thread_local! {
+    static OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the fused operations on or off on this thread (the model's operations
+/// are dispatched from the calling thread), whatever the environment says.
+pub fn with_enabled<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = OVERRIDE.with(|o| o.replace(Some(on)));
+    let r = f();
+    OVERRIDE.with(|o| o.set(before));
+    r
 }
 
 /// Rows (or elements) below this are not worth a thread.
-const PAR_MIN: usize = 1 << 14;
+pub(crate) const PAR_MIN: usize = 1 << 14;
 
 /// Runs `f(i)` for every `i` in `0..n`, on candle's own thread pool when `parallel` (the
 /// pool its element-wise kernels use, sized by `--threads`). Not rayon's: candle's pinned
 /// workers spin between operations, and a second pool beside them made inference slower.
-fn par_for(n: usize, parallel: bool, f: impl Fn(usize) + Sync) {
+pub(crate) fn par_for(n: usize, parallel: bool, f: impl Fn(usize) + Sync) {
     if parallel && n > 1 {
         candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
     } else {
@@ -40,14 +57,20 @@ fn par_for(n: usize, parallel: bool, f: impl Fn(usize) + Sync) {
 
 /// A pointer into an output buffer that tasks of [`par_for`] write in disjoint parts.
 #[derive(Clone, Copy)]
-struct Out(*mut f32, usize);
+pub(crate) struct Out(pub(super) *mut f32, pub(super) usize);
 // Safety: every task writes a part no other task touches (see `Out::part`).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
-    fn new(v: &mut [f32]) -> Self {
+    pub(crate) fn new(v: &mut [f32]) -> Self {
         Out(v.as_mut_ptr(), v.len())
+    }
+
+    /// The start of the buffer (a method, so closures capture the whole `Out`, which is
+    /// `Sync`, not the bare pointer).
+    pub(super) fn ptr(&self) -> *mut f32 {
+        self.0
     }
 
     /// Elements `start..start + len` (clipped to the buffer).
@@ -55,7 +78,7 @@ impl Out {
     /// # Safety
     /// Each part must be taken by one task only, and the buffer must outlive the tasks.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn part(&self, start: usize, len: usize) -> &mut [f32] {
+    pub(crate) unsafe fn part(&self, start: usize, len: usize) -> &mut [f32] {
         let end = (start + len).min(self.1);
         let start = start.min(end);
         std::slice::from_raw_parts_mut(self.0.add(start), end - start)
@@ -82,7 +105,7 @@ fn map_parts(
 }
 
 /// The contiguous f32 data of a CPU storage under `layout`.
-fn f32_data<'a>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(super) fn f32_data<'a>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -92,7 +115,7 @@ fn f32_data<'a>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [
 
 /// Runs `f` on the contiguous f32 data of CPU tensor `t` (copied to contiguous first if
 /// it is not).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (s, l) = t.storage_and_layout();
     match &*s {
@@ -101,7 +124,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     }
 }
 
-fn fusable(ts: &[&Tensor]) -> bool {
+pub(super) fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
@@ -259,28 +282,6 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 struct GeluErfOp;
 
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-/// 1/√(2π).
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-
-/// Applies `f` element-wise from `src` into a new vector, in parallel when large.
-fn map_f32(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; src.len()];
-    map_parts(src, &mut out, 4096, |_, s, o| {
-        for (o, &s) in o.iter_mut().zip(s) {
-            *o = f(s);
-        }
-    });
-    out
-}
-
-/// erf in f32 through candle's implementation (the one its `gelu_erf` uses), so the
-/// fused and composed paths agree to the last bit in the forward pass.
-#[inline]
-fn erf(x: f32) -> f32 {
-    candle_core::cpu::erf::erf_f32(x)
-}
-
 impl CustomOp1 for GeluErfOp {
     fn name(&self) -> &'static str {
         "ferrotune-gelu-erf"
@@ -288,7 +289,8 @@ impl CustomOp1 for GeluErfOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_data(s, l)?;
-        let y = map_f32(x, |v| (erf(v * FRAC_1_SQRT_2) + 1.0) * 0.5 * v);
+        let mut y = vec![0f32; x.len()];
+        map_parts(x, &mut y, 4096, |_, xs, ys| simd::gelu(xs, ys));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -299,13 +301,7 @@ impl CustomOp1 for GeluErfOp {
                 let mut out = vec![0f32; x.len()];
                 const CHUNK: usize = 4096;
                 map_parts(x, &mut out, CHUNK, |i, xs, o| {
-                    let dys = &dy[i * CHUNK..i * CHUNK + xs.len()];
-                    for j in 0..o.len() {
-                        let v = xs[j];
-                        let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
-                        let pdf = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
-                        o[j] = dys[j] * (cdf + v * pdf);
-                    }
+                    simd::gelu_backward(xs, &dy[i * CHUNK..i * CHUNK + xs.len()], o)
                 });
                 out
             })
@@ -345,19 +341,12 @@ impl CustomOp1 for SoftmaxLastOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_data(s, l)?;
         let n = *l.dims().last().unwrap_or(&1);
-        let mut y = vec![0f32; x.len()];
+        let mut y = x.to_vec();
         let rows = (4096 / n).max(1);
-        map_parts(x, &mut y, rows * n, |_, xs, ys| {
-            for (xr, yr) in xs.chunks(n).zip(ys.chunks_mut(n)) {
-                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (y, &x) in yr.iter_mut().zip(xr) {
-                    *y = (x - max).exp();
-                    sum += *y;
-                }
-                let inv = 1.0 / sum;
-                yr.iter_mut().for_each(|y| *y *= inv);
-            }
+        let o = Out::new(&mut y);
+        par_for(y.len().div_ceil(rows * n), y.len() >= PAR_MIN, |i| {
+            // Safety: part i is written by this task only.
+            simd::softmax_rows(unsafe { o.part(i * rows * n, rows * n) }, &[], n)
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -366,16 +355,13 @@ impl CustomOp1 for SoftmaxLastOp {
         let n = res.dim(D::Minus1)?;
         let dx = with_f32(res, |y| {
             with_f32(grad, |dy| {
-                let mut dx = vec![0f32; y.len()];
+                let mut dx = dy.to_vec();
                 let chunk = (4096 / n).max(1) * n;
-                map_parts(y, &mut dx, chunk, |i, ys, dxs| {
-                    let dys = &dy[i * chunk..i * chunk + ys.len()];
-                    for ((yr, dyr), dxr) in ys.chunks(n).zip(dys.chunks(n)).zip(dxs.chunks_mut(n)) {
-                        let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
-                        for k in 0..n {
-                            dxr[k] = yr[k] * (dyr[k] - dot);
-                        }
-                    }
+                let o = Out::new(&mut dx);
+                par_for(y.len().div_ceil(chunk), y.len() >= PAR_MIN, |i| {
+                    let ys = &y[i * chunk..((i + 1) * chunk).min(y.len())];
+                    // Safety: part i is written by this task only.
+                    simd::softmax_rows_backward(ys, unsafe { o.part(i * chunk, chunk) }, n)
                 });
                 dx
             })
@@ -384,12 +370,97 @@ impl CustomOp1 for SoftmaxLastOp {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Dropout
+
+/// Elements per random stream of [`dropout`] (the mask of element `e` comes from stream
+/// `e / DROPOUT_CHUNK` of the seed, so it does not depend on the thread count).
+pub const DROPOUT_CHUNK: usize = 4096;
+
+/// Writes inverted-dropout multipliers (0 with probability `p`, else `1/(1-p)`) into
+/// `out`, from stream `stream` of `seed` (one `u32` draw per element).
+pub fn dropout_multipliers(seed: u64, stream: u64, p: f32, out: &mut [f32]) {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    let threshold = (p as f64 * u32::MAX as f64) as u32;
+    let scale = 1.0 / (1.0 - p);
+    let mut draws = [0u32; 256];
+    for part in out.chunks_mut(256) {
+        draws.iter_mut().for_each(|d| *d = rng.next_u32());
+        for (o, &d) in part.iter_mut().zip(&draws) {
+            *o = if d < threshold { 0.0 } else { scale };
+        }
+    }
+}
+
+/// The full multiplier tensor [`dropout`] applies for `seed`, with streams of `chunk`
+/// elements (the composed reference path, and the attention's probabilities whose streams
+/// are one (sequence, head) each).
+pub fn dropout_mask(shape: &[usize], chunk: usize, p: f32, seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut m = vec![0f32; n];
+    let o = Out::new(&mut m);
+    par_for(n.div_ceil(chunk), n >= PAR_MIN, |i| {
+        // Safety: stream i alone writes its chunk.
+        dropout_multipliers(seed, i as u64, p, unsafe { o.part(i * chunk, chunk) })
+    });
+    Ok(Tensor::from_vec(m, shape, &candle_core::Device::Cpu)?)
+}
+
+/// Inverted dropout with probability `p` and mask seed `seed`: one pass forward, and one
+/// backward that regenerates the mask instead of storing it. Differentiable.
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    if fusable(&[x]) && enabled() {
+        return Ok(x.contiguous()?.apply_op1(DropoutOp { p, seed })?);
+    }
+    let mask = dropout_mask(x.dims(), DROPOUT_CHUNK, p, seed)?.to_device(x.device())?;
+    Ok((x * mask.to_dtype(x.dtype())?)?)
+}
+
+struct DropoutOp {
+    p: f32,
+    seed: u64,
+}
+
+impl DropoutOp {
+    fn apply(&self, src: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; src.len()];
+        map_parts(src, &mut out, DROPOUT_CHUNK, |i, s, o| {
+            dropout_multipliers(self.seed, i as u64, self.p, o);
+            o.iter_mut().zip(s).for_each(|(o, s)| *o *= s);
+        });
+        out
+    }
+}
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "ferrotune-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_data(s, l)?;
+        Ok((CpuStorage::F32(self.apply(x)), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dx = with_f32(grad, |dy| self.apply(dy))?;
+        Ok(Some(Tensor::from_vec(dx, grad.shape(), grad.device())?))
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
@@ -397,7 +468,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -411,7 +482,7 @@ mod tests {
     }
 
     /// Gradients of `Σ y·w` (a non-trivial upstream gradient `w`).
-    fn grads_of(y: Tensor, w: &Tensor) -> candle_core::backprop::GradStore {
+    pub(crate) fn grads_of(y: Tensor, w: &Tensor) -> candle_core::backprop::GradStore {
         (y * w).unwrap().sum_all().unwrap().backward().unwrap()
     }
 
@@ -561,5 +632,37 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(first, grads());
         }
+    }
+
+    /// The fused dropout equals multiplying by its mask, forward and backward; the mask
+    /// keeps about 1 - p and does not depend on the thread split.
+    #[test]
+    fn dropout_matches_its_mask() {
+        for &n in &[1usize, 1000, 3 * DROPOUT_CHUNK + 17] {
+            let x = Var::from_tensor(&randn(&[n], 3)).unwrap();
+            let w = randn(&[n], 4);
+            let y = dropout(&x, 0.25, 99).unwrap();
+            let mask = dropout_mask(&[n], DROPOUT_CHUNK, 0.25, 99).unwrap();
+            let r = (x.as_tensor() * &mask).unwrap();
+            assert_eq!(max_diff(&y, &r), 0.0);
+            let g = grads_of(y, &w);
+            assert_eq!(max_diff(g.get(&x).unwrap(), &(&w * &mask).unwrap()), 0.0);
+            if n > 1000 {
+                let m = mask.to_vec1::<f32>().unwrap();
+                let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+                assert!((dropped - 0.25).abs() < 0.02, "{dropped}");
+                assert!(m.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
+            }
+        }
+        assert_ne!(
+            dropout_mask(&[64], 64, 0.5, 1)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            dropout_mask(&[64], 64, 0.5, 2)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
     }
 }

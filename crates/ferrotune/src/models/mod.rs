@@ -3,14 +3,19 @@
 //! - [`config`]: reading `config.json`.
 //! - [`params`]: the parameters with their layer groups.
 //! - [`bert`]: BERT with a sequence-classification head.
+//! - [`fused`], [`linear`], [`attention`]: fused operations with their backward passes
+//!   (layer norm, GELU, softmax; the linear layer; self-attention).
 //! - [`tokenizer`]: loading `tokenizer.json` (or building one from `vocab.txt`).
 //! - [`pickle`]: reading PyTorch weight files (`.bin`, `.pth`) without running code.
 
+pub mod attention;
 pub mod bert;
 pub mod config;
 pub mod fused;
+pub mod linear;
 pub mod params;
 pub mod pickle;
+pub mod simd;
 pub mod tokenizer;
 
 pub use bert::{Batch, BertClassifier, Ctx, Pooling};

@@ -10,8 +10,9 @@
 //! θ ← θ − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
 //! ```
 //!
-//! Done as one loop per tensor over `Vec<f32>` rather than a dozen tensor operations each
-//! (candle's own AdamW), which allocates and passes over memory once per operation.
+//! Done as one loop per tensor, in place on the parameter's storage and split over
+//! candle's thread pool, rather than a dozen tensor operations each (candle's own AdamW),
+//! which allocates and passes over memory once per operation.
 //! Frozen parameters (no gradient) get no state at all.
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::models::fused::{par_for, Out, PAR_MIN};
 use crate::models::ParamStore;
 
 /// AdamW hyper-parameters.
@@ -50,10 +52,24 @@ pub struct AdamW {
 /// `torch.nn.utils.clip_grad_norm_` does: `g ← g · max_norm / (‖g‖ + 1e-6)` when
 /// `‖g‖ > max_norm`. Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Option<Vec<f32>>], max_norm: f64) -> f64 {
+    // Sums of squares over fixed chunks, added in order: the same on any thread count.
     let sq: f64 = grads
         .iter()
         .flatten()
-        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .map(|g| {
+            let parts = g.len().div_ceil(CHUNK);
+            let mut sums = vec![0f64; parts];
+            let o = OutF64(sums.as_mut_ptr());
+            par_for(parts, g.len() >= PAR_MIN, |i| {
+                let s = g[i * CHUNK..((i + 1) * CHUNK).min(g.len())]
+                    .iter()
+                    .map(|&x| (x as f64) * (x as f64))
+                    .sum::<f64>();
+                // Safety: chunk i alone writes sums[i].
+                unsafe { *o.get().add(i) = s };
+            });
+            sums.iter().sum::<f64>()
+        })
         .sum();
     let norm = sq.sqrt();
     if max_norm > 0.0 {
@@ -61,11 +77,86 @@ pub fn clip_grad_norm(grads: &mut [Option<Vec<f32>>], max_norm: f64) -> f64 {
         if coef < 1.0 {
             let c = coef as f32;
             for g in grads.iter_mut().flatten() {
-                g.iter_mut().for_each(|x| *x *= c);
+                let n = g.len();
+                let o = Out::new(g);
+                par_for(n.div_ceil(CHUNK), n >= PAR_MIN, |i| {
+                    // Safety: chunk i alone is written by this task.
+                    unsafe { o.part(i * CHUNK, CHUNK) }
+                        .iter_mut()
+                        .for_each(|x| *x *= c);
+                });
             }
         }
     }
     norm
+}
+
+/// Elements per task of the optimizer's and the clipping's parallel loops.
+const CHUNK: usize = 1 << 14;
+
+#[derive(Clone, Copy)]
+struct OutF64(*mut f64);
+// Safety: tasks write disjoint elements (see the callers).
+unsafe impl Send for OutF64 {}
+unsafe impl Sync for OutF64 {}
+impl OutF64 {
+    fn get(self) -> *mut f64 {
+        self.0
+    }
+}
+
+/// One AdamW update of a parameter's data in place (no copy of the weights in or out),
+/// in parallel over chunks.
+struct AdamWUpdate<'a> {
+    g: &'a [f32],
+    m: Out,
+    v: Out,
+    decay: f32,
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    inv_bc2: f32,
+    eps: f32,
+}
+
+impl candle_core::InplaceOp1 for AdamWUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "ferrotune-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let data = match s {
+            candle_core::CpuStorage::F32(d) => d,
+            _ => candle_core::bail!("AdamW on a non-f32 parameter"),
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("AdamW on a non-contiguous parameter")
+        };
+        let w = &mut data[a..b];
+        if w.len() != self.g.len() {
+            candle_core::bail!("AdamW: {} weights, {} gradients", w.len(), self.g.len());
+        }
+        let n = w.len();
+        let wo = Out::new(w);
+        par_for(n.div_ceil(CHUNK), n >= PAR_MIN, |i| {
+            let (a, len) = (i * CHUNK, CHUNK.min(n - i * CHUNK));
+            // Safety: chunk i of w, m and v is written by this task only.
+            let (w, m, v) = unsafe { (wo.part(a, len), self.m.part(a, len), self.v.part(a, len)) };
+            let g = &self.g[a..a + len];
+            for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
+                *w *= self.decay;
+                *m = self.b1 * *m + (1.0 - self.b1) * g;
+                *v = self.b2 * *v + (1.0 - self.b2) * g * g;
+                let denom = v.sqrt() * self.inv_bc2 + self.eps;
+                *w -= self.step_size * *m / denom;
+            }
+        });
+        Ok(())
+    }
 }
 
 impl AdamW {
@@ -88,30 +179,29 @@ impl AdamW {
         let c = self.cfg;
         for (i, p) in params.params.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
-            let t = p.var.as_tensor();
-            let mut w = t.flatten_all()?.to_vec1::<f32>()?;
+            let n = p.var.as_tensor().elem_count();
             let st = self.state[i].get_or_insert_with(|| State {
-                m: vec![0.0; w.len()],
-                v: vec![0.0; w.len()],
+                m: vec![0.0; n],
+                v: vec![0.0; n],
                 t: 0,
             });
             st.t += 1;
             let lr = lrs[i];
             let wd = if p.no_decay { 0.0 } else { c.weight_decay };
-            let decay = (1.0 - lr * wd) as f32;
             let bc1 = 1.0 - c.beta1.powi(st.t as i32);
             let bc2_sqrt = (1.0 - c.beta2.powi(st.t as i32)).sqrt();
-            let step_size = (lr / bc1) as f32;
-            let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-            let (eps, inv_bc2) = (c.eps as f32, (1.0 / bc2_sqrt) as f32);
-            for (((w, m), v), &g) in w.iter_mut().zip(&mut st.m).zip(&mut st.v).zip(g) {
-                *w *= decay;
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                let denom = v.sqrt() * inv_bc2 + eps;
-                *w -= step_size * *m / denom;
-            }
-            p.var.set(&Tensor::from_vec(w, t.shape(), t.device())?)?;
+            let update = AdamWUpdate {
+                g,
+                m: Out::new(&mut st.m),
+                v: Out::new(&mut st.v),
+                decay: (1.0 - lr * wd) as f32,
+                b1: c.beta1 as f32,
+                b2: c.beta2 as f32,
+                step_size: (lr / bc1) as f32,
+                inv_bc2: (1.0 / bc2_sqrt) as f32,
+                eps: c.eps as f32,
+            };
+            p.var.as_tensor().inplace_op1(&update)?;
         }
         Ok(())
     }

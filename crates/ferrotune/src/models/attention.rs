@@ -1,0 +1,424 @@
+//! Fused self-attention as a candle custom op, forward and backward (issue 4).
+//!
+//! Composed of candle operations, attention copies Q, K and V into a heads-first layout
+//! (three transposes made contiguous), runs a batched matmul, scales, adds the padding mask,
+//! takes the softmax, applies dropout, runs a second batched matmul and copies the result
+//! back to tokens-first; the backward pass repeats every copy and keeps every intermediate.
+//! Here one task per (sequence, head) reads its head's Q, K and V where the fused QKV
+//! projection wrote them (row stride `3·hidden`), computes `softmax(Q Kᵀ·scale + mask)`
+//! into a scratch matrix, applies the dropout mask, and writes `P V` straight into the
+//! tokens-first output. Nothing is stored for the backward pass but the inputs: it
+//! recomputes `P` (one small GEMM per head) and writes dQ, dK and dV into one gradient of
+//! the QKV projection's output.
+//!
+//! Tasks run on candle's thread pool (`--threads`), each GEMM single-threaded.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Tensor};
+
+use super::fused::{dropout_mask, dropout_multipliers, f32_data, fusable, par_for, with_f32, Out};
+use super::linear::{filled, sgemm, Mat};
+use super::simd;
+use crate::error::{Error, Result};
+
+/// Multi-head self-attention over a fused projection.
+///
+/// - `qkv`: `(batch·seq, 3·hidden)`, the Q, K and V projections side by side (each
+///   `hidden = heads·head_dim` wide, head `h` in columns `h·head_dim..`), as the
+///   concatenated query/key/value weights produce them.
+/// - `key_bias`: `(batch, seq)`, added to every score of that key (0 for a token, a large
+///   negative number for padding).
+/// - `dropout`: `(p, seed)` of the dropout of the probabilities, or `None`. The mask of
+///   (sequence `b`, head `h`) is stream `b·heads + h` of the seed
+///   ([`super::fused::dropout_multipliers`]), regenerated in the backward pass.
+///
+/// Returns the attended values `(batch·seq, hidden)`, heads side by side (tokens-first, the
+/// layout the output projection reads). Differentiable in `qkv`.
+pub fn attention(
+    qkv: &Tensor,
+    key_bias: &Tensor,
+    dropout: Option<(f32, u64)>,
+    heads: usize,
+) -> Result<Tensor> {
+    let (batch, seq) = key_bias.dims2()?;
+    let shape = Dims::new(batch, seq, heads, qkv)?;
+    if fusable(&[qkv, key_bias]) {
+        let op = AttentionOp { shape, dropout };
+        return Ok(qkv.contiguous()?.apply_op2(&key_bias.contiguous()?, op)?);
+    }
+    attention_composed(qkv, key_bias, dropout, heads)
+}
+
+/// The reference composition of [`attention`] from candle's differentiable operations (the
+/// layout transformers' BERT uses).
+pub fn attention_composed(
+    qkv: &Tensor,
+    key_bias: &Tensor,
+    dropout: Option<(f32, u64)>,
+    heads: usize,
+) -> Result<Tensor> {
+    let (batch, seq) = key_bias.dims2()?;
+    let s = Dims::new(batch, seq, heads, qkv)?;
+    let split = |i: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(1, i * s.hidden, s.hidden)?
+            .reshape((batch, seq, heads, s.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+    let bias = key_bias.reshape((batch, 1, 1, seq))?;
+    let scores = (q.matmul(&k.t()?)? * s.scale as f64)?.broadcast_add(&bias)?;
+    let mut probs = super::fused::softmax_last_composed(&scores)?;
+    if let Some((p, seed)) = dropout {
+        let shape = [batch, heads, seq, seq];
+        let mask = dropout_mask(&shape, seq * seq, p, seed)?.to_device(qkv.device())?;
+        probs = (probs * mask)?;
+    }
+    Ok(probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((batch * seq, s.hidden))?)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    hidden: usize,
+    scale: f32,
+}
+
+impl Dims {
+    fn new(batch: usize, seq: usize, heads: usize, qkv: &Tensor) -> Result<Dims> {
+        let (rows, cols) = qkv.dims2()?;
+        if heads == 0 || cols % (3 * heads) != 0 || rows != batch * seq {
+            return Err(Error::Msg(format!(
+                "attention: qkv is {rows}x{cols}, expected ({batch}·{seq})x(3·{heads}·head_dim)"
+            )));
+        }
+        let hidden = cols / 3;
+        let head_dim = hidden / heads;
+        Ok(Dims {
+            batch,
+            seq,
+            heads,
+            head_dim,
+            hidden,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        })
+    }
+}
+
+struct AttentionOp {
+    shape: Dims,
+    dropout: Option<(f32, u64)>,
+}
+
+/// Pointer wrapper for reading a shared input from the tasks.
+#[derive(Clone, Copy)]
+struct In(*const f32);
+// Safety: the tasks only read through it, while the op holds the input.
+unsafe impl Send for In {}
+unsafe impl Sync for In {}
+
+impl In {
+    /// The pointer (a method, so closures capture the `Sync` wrapper).
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
+
+impl AttentionOp {
+    /// The probabilities of task `t` (sequence `t / heads`, head `t % heads`) into `p`
+    /// (`seq × seq`): `softmax(Q Kᵀ·scale + key_bias)`.
+    ///
+    /// # Safety
+    /// `qkv` must hold the whole `(batch·seq, 3·hidden)` input.
+    unsafe fn probs(&self, t: usize, qkv: In, kb: &[f32], p: &mut [f32]) {
+        let Dims {
+            seq: s,
+            heads,
+            head_dim: dh,
+            hidden: h,
+            scale,
+            ..
+        } = self.shape;
+        let (bi, hd) = (t / heads, t % heads);
+        let q = qkv.get().add(bi * s * 3 * h + hd * dh);
+        let k = q.add(h);
+        sgemm(
+            s,
+            s,
+            dh,
+            p.as_mut_ptr(),
+            s,
+            false,
+            Mat::rows(q, 3 * h),
+            Mat::rows_t(k, 3 * h),
+            scale,
+            false,
+        );
+        simd::softmax_rows(p, &kb[bi * s..(bi + 1) * s], s);
+    }
+
+    /// The dropout multipliers of task `t`'s probabilities into `d` (`seq × seq`), if any.
+    fn drop_mask(&self, t: usize, d: &mut Vec<f32>) -> bool {
+        match self.dropout {
+            Some((p, seed)) => {
+                d.resize(self.shape.seq * self.shape.seq, 0.0);
+                dropout_multipliers(seed, t as u64, p, d);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tasks are worth a thread when the whole op is not tiny.
+    fn parallel(&self) -> bool {
+        let s = self.shape;
+        s.batch * s.heads > 1 && s.batch * s.heads * s.seq * s.seq * s.head_dim >= 1 << 16
+    }
+}
+
+impl CustomOp2 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "ferrotune-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let (qkv, kb) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
+        let Dims {
+            batch,
+            seq: s,
+            heads,
+            head_dim: dh,
+            hidden: h,
+            ..
+        } = self.shape;
+        let qkv_in = In(qkv.as_ptr());
+        let y = unsafe {
+            filled(batch * s * h, |yp| {
+                let yo = Out(yp, batch * s * h);
+                par_for(batch * heads, self.parallel(), |t| {
+                    let mut p = vec![0f32; s * s];
+                    self.probs(t, qkv_in, kb, &mut p);
+                    let mut d = Vec::new();
+                    if self.drop_mask(t, &mut d) {
+                        p.iter_mut().zip(&d).for_each(|(p, d)| *p *= d);
+                    }
+                    let (bi, hd) = (t / heads, t % heads);
+                    let v = qkv_in.get().add(bi * s * 3 * h + 2 * h + hd * dh);
+                    // Task t alone writes rows of sequence bi, columns of head hd.
+                    let dst = yo.ptr().add(bi * s * h + hd * dh);
+                    sgemm(
+                        s,
+                        dh,
+                        s,
+                        dst,
+                        h,
+                        false,
+                        Mat::rows(p.as_ptr(), s),
+                        Mat::rows(v, 3 * h),
+                        1.0,
+                        false,
+                    );
+                });
+            })
+        };
+        Ok((CpuStorage::F32(y), candle_core::Shape::from((batch * s, h))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        key_bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let Dims {
+            batch,
+            seq: s,
+            heads,
+            head_dim: dh,
+            hidden: h,
+            scale,
+        } = self.shape;
+        let dqkv = with_f32(qkv, |qkv| {
+            with_f32(key_bias, |kb| {
+                with_f32(grad, |dy| {
+                    let (qkv_in, dy_in) = (In(qkv.as_ptr()), In(dy.as_ptr()));
+                    let n = batch * s * 3 * h;
+                    unsafe {
+                        filled(n, |gp| {
+                            let go = Out(gp, n);
+                            par_for(batch * heads, self.parallel(), |t| {
+                                let mut p = vec![0f32; s * s];
+                                self.probs(t, qkv_in, kb, &mut p);
+                                let mut d = Vec::new();
+                                let dropout = self.drop_mask(t, &mut d);
+                                // Pd = P ⊙ D (the probabilities after dropout).
+                                let pd: Vec<f32> = if dropout {
+                                    p.iter().zip(&d).map(|(p, d)| p * d).collect()
+                                } else {
+                                    Vec::new()
+                                };
+                                let pd_ptr = if dropout { pd.as_ptr() } else { p.as_ptr() };
+                                let (bi, hd) = (t / heads, t % heads);
+                                let base = bi * s * 3 * h + hd * dh;
+                                let (q, k, v) = (
+                                    qkv_in.get().add(base),
+                                    qkv_in.get().add(base + h),
+                                    qkv_in.get().add(base + 2 * h),
+                                );
+                                let d_o = dy_in.get().add(bi * s * h + hd * dh);
+                                let (dq, dk, dv) = (
+                                    go.ptr().add(base),
+                                    go.ptr().add(base + h),
+                                    go.ptr().add(base + 2 * h),
+                                );
+                                // dV = Pdᵀ dO.
+                                sgemm(
+                                    s,
+                                    dh,
+                                    s,
+                                    dv,
+                                    3 * h,
+                                    false,
+                                    Mat::rows_t(pd_ptr, s),
+                                    Mat::rows(d_o, h),
+                                    1.0,
+                                    false,
+                                );
+                                // dPd = dO Vᵀ; dP = dPd ⊙ D; dS = P ⊙ (dP - rowsum(dP ⊙ P)).
+                                let mut ds = vec![0f32; s * s];
+                                sgemm(
+                                    s,
+                                    s,
+                                    dh,
+                                    ds.as_mut_ptr(),
+                                    s,
+                                    false,
+                                    Mat::rows(d_o, h),
+                                    Mat::rows_t(v, 3 * h),
+                                    1.0,
+                                    false,
+                                );
+                                if dropout {
+                                    ds.iter_mut().zip(&d).for_each(|(g, d)| *g *= d);
+                                }
+                                simd::softmax_rows_backward(&p, &mut ds, s);
+                                // dQ = scale · dS K;  dK = scale · dSᵀ Q.
+                                sgemm(
+                                    s,
+                                    dh,
+                                    s,
+                                    dq,
+                                    3 * h,
+                                    false,
+                                    Mat::rows(ds.as_ptr(), s),
+                                    Mat::rows(k, 3 * h),
+                                    scale,
+                                    false,
+                                );
+                                sgemm(
+                                    s,
+                                    dh,
+                                    s,
+                                    dk,
+                                    3 * h,
+                                    false,
+                                    Mat::rows_t(ds.as_ptr(), s),
+                                    Mat::rows(q, 3 * h),
+                                    scale,
+                                    false,
+                                );
+                            });
+                        })
+                    }
+                })
+            })
+        })???;
+        Ok((
+            Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?),
+            None,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::fused::tests::{grads_of, max_diff, randn};
+    use candle_core::{Device, Var};
+
+    fn key_bias(batch: usize, seq: usize) -> Tensor {
+        // Sequence b has b padding keys at the end (the first sequence none).
+        let v: Vec<f32> = (0..batch * seq)
+            .map(|i| {
+                if i % seq + i / seq >= seq {
+                    f32::MIN
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, (batch, seq), &Device::Cpu).unwrap()
+    }
+
+    /// Forward and the gradient of the fused QKV input equal the composition, with padding
+    /// and dropout, on odd shapes (head_dim 1, a single token, more tasks than threads).
+    #[test]
+    fn attention_matches_the_composition() {
+        for &(batch, seq, heads, dh, dropout) in &[
+            (1, 1, 1, 1, false),
+            (2, 5, 3, 1, true),
+            (3, 7, 2, 5, false),
+            (4, 33, 3, 8, true),
+            (5, 64, 4, 16, true),
+        ] {
+            let h = heads * dh;
+            let qkv = Var::from_tensor(&(randn(&[batch * seq, 3 * h], 11) * 0.5).unwrap()).unwrap();
+            let kb = key_bias(batch, seq);
+            let d = dropout.then_some((0.2, 12));
+            let up = randn(&[batch * seq, h], 13);
+            let y = attention(&qkv, &kb, d, heads).unwrap();
+            let r = attention_composed(&qkv, &kb, d, heads).unwrap();
+            let what = format!("{batch}x{seq} heads {heads}x{dh} dropout {dropout}");
+            assert!(max_diff(&y, &r) < 1e-4, "forward {what}");
+            let (g, gr) = (grads_of(y, &up), grads_of(r, &up));
+            let d = max_diff(g.get(&qkv).unwrap(), gr.get(&qkv).unwrap());
+            assert!(d < 1e-4, "grad {what}: {d}");
+        }
+    }
+
+    /// Padding keys get no attention: changing their values changes nothing for the tokens.
+    #[test]
+    fn padding_keys_are_ignored() {
+        let (batch, seq, heads, dh) = (2, 6, 2, 3);
+        let h = heads * dh;
+        let kb = key_bias(batch, seq);
+        let a = randn(&[batch * seq, 3 * h], 21);
+        // Sequence 1 has one padding position (its last row): change its K and V.
+        let mut v = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let row = 2 * seq - 1;
+        for c in h..3 * h {
+            v[row * 3 * h + c] += 5.0;
+        }
+        let b = Tensor::from_vec(v, a.shape(), a.device()).unwrap();
+        let (ya, yb) = (
+            attention(&a, &kb, None, heads).unwrap(),
+            attention(&b, &kb, None, heads).unwrap(),
+        );
+        let tokens = |y: &Tensor| y.narrow(0, seq, seq - 1).unwrap();
+        assert!(max_diff(&tokens(&ya), &tokens(&yb)) < 1e-6);
+    }
+}

@@ -1,0 +1,310 @@
+//! The fused linear layer `y = x Wᵀ + b` as a candle custom op, forward and backward
+//! (issue 4).
+//!
+//! Composed of candle operations, a linear layer is a matmul into a zeroed buffer, then a
+//! broadcast add of the bias (a second pass); its backward sums the bias gradient with a
+//! reduction over rows and lets candle transpose and accumulate the weight gradient. Here
+//! the output buffer starts as the bias rows and one GEMM adds `x Wᵀ` into it; the backward
+//! is two GEMMs reading `W` and `x` in place through strides (no transposed copies) and one
+//! column sum. Gradients are computed only for inputs that need them: a frozen layer's
+//! weights cost no GEMM.
+//!
+//! [`sgemm`] is the strided GEMM call shared with the fused attention.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use gemm::Parallelism;
+
+use super::fused::{f32_data, fusable, par_for, with_f32, Out, PAR_MIN};
+use crate::error::Result;
+
+/// A strided f32 matrix: element `(i, j)` at `p + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub(super) struct Mat {
+    pub p: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Mat {
+    /// A row-major matrix with row stride `rs`.
+    pub fn rows(p: *const f32, rs: usize) -> Self {
+        Mat { p, rs, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix with row stride `rs` (a view, nothing copied).
+    pub fn rows_t(p: *const f32, rs: usize) -> Self {
+        Mat { p, rs: 1, cs: rs }
+    }
+}
+
+/// `dst (m×n, row stride dst_rs) = [dst +] scale · a (m×k) · b (k×n)` through the `gemm`
+/// crate (the GEMM candle's own matmul runs), reading any strides in place.
+///
+/// # Safety
+/// Every pointer must be valid for the elements the strides reach; `dst` must not overlap
+/// `a` or `b`, nor another GEMM running at the same time.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    parallel: bool,
+) {
+    let threads = candle_core::utils::get_num_threads();
+    let par = if parallel && threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.p,
+        a.cs as isize,
+        a.rs as isize,
+        b.p,
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+/// A vector of `n` elements that `fill` writes completely through the pointer it gets
+/// (no zeroing pass over memory that is about to be overwritten).
+///
+/// # Safety
+/// `fill` must write all `n` elements.
+pub(super) unsafe fn filled(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(n);
+    fill(v.as_mut_ptr());
+    v.set_len(n);
+    v
+}
+
+/// `x Wᵀ + b` for `x` of shape `(n, in)`, `w` `(out, in)`, `b` `(out)`. Differentiable in
+/// all three.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fusable(&[x, w, b]) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1 {
+        let op = LinearOp {
+            grad_x: x.track_op(),
+            grad_wb: w.track_op() || b.track_op(),
+        };
+        let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+        return Ok(x.apply_op3(&w, &b, op)?);
+    }
+    linear_composed(x, w, b)
+}
+
+/// The reference composition of [`linear`].
+pub fn linear_composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
+}
+
+struct LinearOp {
+    /// `x` needs a gradient.
+    grad_x: bool,
+    /// `w` or `b` needs a gradient.
+    grad_wb: bool,
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "ferrotune-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32_data(s1, l1)?, f32_data(s2, l2)?, f32_data(s3, l3)?);
+        let (n, inp) = l1.shape().dims2()?;
+        let (out, inp_w) = l2.shape().dims2()?;
+        if inp != inp_w || b.len() != out {
+            candle_core::bail!(
+                "linear: x is {n}x{inp}, weight {out}x{inp_w}, bias {}",
+                b.len()
+            );
+        }
+        let mut y = Vec::with_capacity(n * out);
+        for _ in 0..n {
+            y.extend_from_slice(b);
+        }
+        // Safety: y is n×out, x n×inp and w out×inp, all contiguous.
+        unsafe {
+            sgemm(
+                n,
+                out,
+                inp,
+                y.as_mut_ptr(),
+                out,
+                true,
+                Mat::rows(x.as_ptr(), inp),
+                Mat::rows_t(w.as_ptr(), inp),
+                1.0,
+                true,
+            )
+        };
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, inp) = x.dims2()?;
+        let out = b.elem_count();
+        let dev = x.device();
+        let (dx, dwb) = with_f32(x, |x| {
+            with_f32(w, |w| {
+                with_f32(grad, |dy| {
+                    // dx = dy · W (n×out · out×inp).
+                    let dx = self.grad_x.then(|| unsafe {
+                        filled(n * inp, |p| {
+                            sgemm(
+                                n,
+                                inp,
+                                out,
+                                p,
+                                inp,
+                                false,
+                                Mat::rows(dy.as_ptr(), out),
+                                Mat::rows(w.as_ptr(), inp),
+                                1.0,
+                                true,
+                            )
+                        })
+                    });
+                    // dW = dyᵀ · x (out×n · n×inp); db = column sums of dy.
+                    let dwb = self.grad_wb.then(|| {
+                        let dw = unsafe {
+                            filled(out * inp, |p| {
+                                sgemm(
+                                    out,
+                                    inp,
+                                    n,
+                                    p,
+                                    inp,
+                                    false,
+                                    Mat::rows_t(dy.as_ptr(), out),
+                                    Mat::rows(x.as_ptr(), inp),
+                                    1.0,
+                                    true,
+                                )
+                            })
+                        };
+                        (dw, column_sums(dy, out))
+                    });
+                    (dx, dwb)
+                })
+            })
+        })???;
+        let dx = dx.map(|v| Tensor::from_vec(v, (n, inp), dev)).transpose()?;
+        let (dw, db) = match dwb {
+            Some((dw, db)) => (
+                Some(Tensor::from_vec(dw, (out, inp), dev)?),
+                Some(Tensor::from_vec(db, out, dev)?),
+            ),
+            None => (None, None),
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// Sums of the columns of a row-major matrix with `cols` columns. Each column is added in
+/// row order whatever the thread count (columns are split between threads, rows never), so
+/// the result is bit-for-bit repeatable.
+pub(super) fn column_sums(m: &[f32], cols: usize) -> Vec<f32> {
+    let mut sums = vec![0f32; cols];
+    // Blocks of 64 columns.
+    const BLOCK: usize = 64;
+    let blocks = cols.div_ceil(BLOCK);
+    let o = Out::new(&mut sums);
+    par_for(blocks, m.len() >= PAR_MIN, |i| {
+        let a = i * BLOCK;
+        // Safety: block i alone writes sums[a..a + BLOCK].
+        let acc = unsafe { o.part(a, BLOCK) };
+        for row in m.chunks(cols) {
+            for (s, v) in acc.iter_mut().zip(&row[a..]) {
+                *s += v;
+            }
+        }
+    });
+    sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::fused::tests::{grads_of, max_diff, randn};
+    use candle_core::Var;
+
+    /// Forward and every gradient equal the composition (matmul + broadcast add), on odd
+    /// shapes, small and large enough for the thread pool.
+    #[test]
+    fn linear_matches_the_composition() {
+        for &(n, inp, out) in &[(1, 1, 1), (3, 5, 7), (37, 19, 130), (300, 64, 96)] {
+            let x = Var::from_tensor(&randn(&[n, inp], 1)).unwrap();
+            let w = Var::from_tensor(&randn(&[out, inp], 2)).unwrap();
+            let b = Var::from_tensor(&randn(&[out], 3)).unwrap();
+            let up = randn(&[n, out], 4);
+            let y = linear(&x, &w, &b).unwrap();
+            let r = linear_composed(&x, &w, &b).unwrap();
+            assert!(max_diff(&y, &r) < 1e-4, "forward {n}x{inp}x{out}");
+            let (g, gr) = (grads_of(y, &up), grads_of(r, &up));
+            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                let d = max_diff(g.get(v).unwrap(), gr.get(v).unwrap());
+                assert!(d < 1e-3, "grad {name} {n}x{inp}x{out}: {d}");
+            }
+        }
+    }
+
+    /// A frozen (detached) weight gets no gradient, and the input's gradient is unchanged.
+    #[test]
+    fn frozen_weights_get_no_gradient() {
+        let x = Var::from_tensor(&randn(&[9, 6], 5)).unwrap();
+        let w = randn(&[4, 6], 6);
+        let b = randn(&[4], 7);
+        let up = randn(&[9, 4], 8);
+        let g = grads_of(linear(&x, &w, &b).unwrap(), &up);
+        let gr = grads_of(linear_composed(&x, &w, &b).unwrap(), &up);
+        assert!(g.get(&w).is_none() && g.get(&b).is_none());
+        assert!(max_diff(g.get(&x).unwrap(), gr.get(&x).unwrap()) < 1e-4);
+    }
+
+    /// Column sums are exact on integers and do not depend on the thread split.
+    #[test]
+    fn column_sums_are_exact() {
+        let (rows, cols) = (513, 131);
+        let m: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32).collect();
+        let s = column_sums(&m, cols);
+        for (c, &v) in s.iter().enumerate() {
+            let want: f32 = (0..rows).map(|r| ((r * cols + c) % 7) as f32).sum();
+            assert_eq!(v, want, "column {c}");
+        }
+    }
+}
