@@ -72,12 +72,12 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Whether to use the fused operations of [`fused`]: in training, where their single
-    /// backward pass cuts a MiniLM step by about a tenth here; inference keeps candle's
-    /// composed (and already multi-threaded) forward operations, which measured no slower.
-    /// `FERROTUNE_NO_FUSED=1` turns them off (see [`fused::enabled`]).
+    /// Whether to use the fused operations ([`fused`], [`linear`], [`attention`]), in
+    /// training and inference alike. `FERROTUNE_NO_FUSED=1` turns them off (see
+    /// [`fused::enabled`]): the model then runs the composition of candle operations they
+    /// are tested against.
     pub fn fused(&self) -> bool {
-        self.train && fused::enabled()
+        fused::enabled()
     }
 
     /// An inference context: no dropout, nothing tracked for gradients.
@@ -128,7 +128,7 @@ impl Linear {
     fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let w = ctx.w(&self.w, self.group);
         let b = ctx.w(&self.b, self.group);
-        if fused::enabled() {
+        if ctx.fused() {
             linear::linear(x, &w, &b)
         } else {
             linear::linear_composed(x, &w, &b)
@@ -560,7 +560,7 @@ impl BertClassifier {
         let scale = 1.0 / (dh as f64).sqrt();
         let p_attn = self.cfg.attention_probs_dropout_prob;
         for layer in &self.layers {
-            let attn = if fused::enabled() {
+            let attn = if ctx.fused() {
                 let qkv = layer.qkv(ctx, &x)?;
                 attention::attention(&qkv, &key_bias, ctx.dropout_seed(p_attn), nh)?
             } else {

@@ -378,20 +378,23 @@ impl CustomOp1 for SoftmaxLastOp {
 pub const DROPOUT_CHUNK: usize = 4096;
 
 /// Writes inverted-dropout multipliers (0 with probability `p`, else `1/(1-p)`) into
-/// `out`, from stream `stream` of `seed` (one `u32` draw per element).
+/// `out`, from stream `stream` of `seed` ([`simd::dropout_keep`]: a hash of the element's
+/// index under keys mixed from the seed and the stream).
 pub fn dropout_multipliers(seed: u64, stream: u64, p: f32, out: &mut [f32]) {
-    use rand::{RngCore, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(stream);
-    let threshold = (p as f64 * u32::MAX as f64) as u32;
-    let scale = 1.0 / (1.0 - p);
-    let mut draws = [0u32; 256];
-    for part in out.chunks_mut(256) {
-        draws.iter_mut().for_each(|d| *d = rng.next_u32());
-        for (o, &d) in part.iter_mut().zip(&draws) {
-            *o = if d < threshold { 0.0 } else { scale };
-        }
-    }
+    // SplitMix64's finaliser, to spread seed and stream over both key words.
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let k = mix(seed ^ mix(stream.wrapping_add(0x9e37_79b9_7f4a_7c15)));
+    let threshold = (p as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+    simd::dropout_keep(
+        (k as u32, (k >> 32) as u32),
+        threshold,
+        1.0 / (1.0 - p),
+        out,
+    );
 }
 
 /// The full multiplier tensor [`dropout`] applies for `seed`, with streams of `chunk`
@@ -651,6 +654,10 @@ pub(crate) mod tests {
                 let m = mask.to_vec1::<f32>().unwrap();
                 let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
                 assert!((dropped - 0.25).abs() < 0.02, "{dropped}");
+                // Neighbours independent: both dropped about p² of the time.
+                let both = m.windows(2).filter(|w| w[0] == 0.0 && w[1] == 0.0).count();
+                let both = both as f64 / (n - 1) as f64;
+                assert!((both - 0.0625).abs() < 0.012, "{both}");
                 assert!(m.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
             }
         }

@@ -25,6 +25,10 @@ pub(super) struct Mat {
     pub cs: usize,
 }
 
+// Safety: a view for reading; `sgemm`'s caller guarantees the data outlives the call.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
 impl Mat {
     /// A row-major matrix with row stride `rs`.
     pub fn rows(p: *const f32, rs: usize) -> Self {
@@ -39,6 +43,11 @@ impl Mat {
 
 /// `dst (m×n, row stride dst_rs) = [dst +] scale · a (m×k) · b (k×n)` through the `gemm`
 /// crate (the GEMM candle's own matmul runs), reading any strides in place.
+///
+/// With `parallel`, the rows are split in one block per thread, each block a
+/// single-threaded GEMM on candle's thread pool, rather than the `gemm` crate splitting the
+/// work on rayon's pool: with both pools on the same cores, candle's workers spin while
+/// rayon's compute, and a MiniLM training step measured ~7% faster this way.
 ///
 /// # Safety
 /// Every pointer must be valid for the elements the strides reach; `dst` must not overlap
@@ -57,6 +66,48 @@ pub(super) unsafe fn sgemm(
     parallel: bool,
 ) {
     let threads = candle_core::utils::get_num_threads();
+    if parallel && threads > 1 && m >= 2 * ROWS_MIN {
+        // Row blocks, one per thread, each a single-threaded GEMM, on candle's pool.
+        let dst = SendPtr(dst);
+        let rows = m.div_ceil(threads);
+        candle_core::utils::barrier_pool().execute_chunked(threads, |r| {
+            // Whole-struct uses, so the closure captures the `Sync` views, not their fields.
+            let (a, b) = (std::convert::identity(a), std::convert::identity(b));
+            for blk in r {
+                let r0 = blk * rows;
+                if r0 >= m {
+                    continue;
+                }
+                let mr = rows.min(m - r0);
+                let a = Mat {
+                    p: a.p.add(r0 * a.rs),
+                    ..a
+                };
+                gemm::gemm(
+                    mr,
+                    n,
+                    k,
+                    dst.get().add(r0 * dst_rs),
+                    1,
+                    dst_rs as isize,
+                    accumulate,
+                    a.p,
+                    a.cs as isize,
+                    a.rs as isize,
+                    b.p,
+                    b.cs as isize,
+                    b.rs as isize,
+                    1.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            }
+        });
+        return;
+    }
     let par = if parallel && threads > 1 {
         Parallelism::Rayon(threads)
     } else {
@@ -83,6 +134,21 @@ pub(super) unsafe fn sgemm(
         false,
         par,
     )
+}
+
+/// Fewest rows of a GEMM block worth a thread.
+const ROWS_MIN: usize = 64;
+
+/// A pointer the GEMM's row blocks share (each writes its own rows).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// Safety: see `sgemm`: blocks read shared inputs and write disjoint rows.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// A vector of `n` elements that `fill` writes completely through the pointer it gets

@@ -188,6 +188,31 @@ dispatch! {
     }
 }
 
+/// A 32-bit integer hash with full avalanche (Wellons' `lowbias32`).
+#[inline(always)]
+fn hash32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+dispatch! {
+    /// Dropout multipliers: `out[i]` is 0 when the hash of `(keys, i)` falls below
+    /// `threshold` (probability `threshold / 2³²`), else `scale`. A counter-based generator
+    /// (the element's index, hashed twice under two key words): any element's draw is
+    /// computed on its own, so the loop vectorises and a mask can be regenerated in the
+    /// backward pass without storing it.
+    pub fn dropout_keep(keys: (u32, u32), threshold: u32, scale: f32, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let x = hash32(hash32((i as u32).wrapping_mul(0x9e37_79b9) ^ keys.0) ^ keys.1);
+            *o = if x < threshold { 0.0 } else { scale };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
