@@ -111,7 +111,7 @@ pub fn peak_rss_mb() -> f64 {
 pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<BenchResult> {
     if spec.precision != "f32" {
         return Err(Error::Config(format!(
-            "precision `{}` is not implemented yet (only f32)",
+            "precision `{}` is not implemented (only f32): bf16 needs a bf16 GEMM kernel, not written yet (see docs/RESULTS.md, issue 4)",
             spec.precision
         )));
     }
