@@ -133,6 +133,10 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     /// Seed for the data split, shuffling, dropout and new weights.
     pub seed: u64,
+    /// Batch training examples of similar length together (transformers'
+    /// `group_by_length`): the shuffled examples are cut into mega-batches of up to 50
+    /// batches, each sorted longest first, so dynamic padding pads less.
+    pub group_by_length: bool,
     /// Use only the first N training examples (after the split).
     pub max_train_samples: Option<usize>,
     /// Use only the first N evaluation examples.
@@ -252,6 +256,7 @@ impl Default for TrainConfig {
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
             seed: 42,
+            group_by_length: false,
             max_train_samples: None,
             max_eval_samples: None,
             output_dir: PathBuf::from("runs/ferrotune"),

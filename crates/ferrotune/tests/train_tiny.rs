@@ -146,6 +146,35 @@ fn same_seed_same_threads_gives_identical_results() {
     assert!(std::fs::read(out.join("model/model.safetensors")).unwrap() != w1);
 }
 
+/// `group_by_length = true` trains the same examples in another order: repeatable, and
+/// not the run without it.
+#[test]
+fn group_by_length_is_repeatable_and_changes_the_batches() {
+    let t = tempfile::tempdir().unwrap();
+    let (model, csv) = setup(t.path());
+    let run = |name: &str, extra: &str| {
+        let out = t.path().join(name);
+        let text = format!("num_train_epochs = 1\n{extra}");
+        train(&recipe(&model, &csv, &out, &text), &mut Silent).unwrap();
+        (
+            std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+            std::fs::read(out.join("model/model.safetensors")).unwrap(),
+        )
+    };
+    let (m1, w1) = run("grouped-a", "group_by_length = true\n");
+    let (m2, w2) = run("grouped-b", "group_by_length = true\n");
+    let (_, plain) = run("plain", "");
+    assert_eq!(m1, m2);
+    assert!(w1 == w2, "two grouped runs differ");
+    assert!(w1 != plain, "grouping by length changed nothing");
+    let steps = |m: &str| {
+        m.lines()
+            .filter(|l| l.contains("\"split\":\"train\""))
+            .count()
+    };
+    assert!(steps(&m1) > 0);
+}
+
 trait WithSeed {
     fn clone_with_seed(&self, seed: u64) -> Self;
 }

@@ -45,6 +45,38 @@ pub fn pad_id(tok: &Tokenizer) -> u32 {
         .unwrap_or(0)
 }
 
+/// The order of transformers' `LengthGroupedSampler` (`group_by_length`), from an already
+/// shuffled `order`: cut into mega-batches of `m · batch_size` examples, with
+/// `m = min(n / (4 · batch_size), 50)` (at least 1), each sorted by length, longest first
+/// (stable), and the longest example of all moved to the very first place (so a run that
+/// runs out of memory does so at once). `lengths[i]` is example `i`'s token count.
+pub fn group_by_length(order: &[usize], lengths: &[usize], batch_size: usize) -> Vec<usize> {
+    let bs = batch_size.max(1);
+    let mult = (order.len() / (bs * 4)).clamp(1, 50);
+    let mut megas: Vec<Vec<usize>> = order
+        .chunks(mult * bs)
+        .map(|c| {
+            let mut v = c.to_vec();
+            v.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+            v
+        })
+        .collect();
+    // First index of the largest head (as torch.argmax: the first maximum).
+    let longest = (0..megas.len()).fold(0, |best, k| {
+        if lengths[megas[k][0]] > lengths[megas[best][0]] {
+            k
+        } else {
+            best
+        }
+    });
+    if longest != 0 {
+        let (a, b) = (megas[0][0], megas[longest][0]);
+        megas[0][0] = b;
+        megas[longest][0] = a;
+    }
+    megas.concat()
+}
+
 /// Pads `feats` to the longest of them and builds the model's input tensors.
 pub fn make_batch(feats: &[&Features], pad: u32, device: &Device) -> Result<Batch> {
     let b = feats.len();
@@ -102,5 +134,41 @@ mod tests {
         );
         let order = length_sorted_batches(&[a, b], 1);
         assert_eq!(order, vec![vec![1], vec![0]]);
+    }
+
+    /// The order is a permutation, sorted longest first within each mega-batch, the
+    /// longest example first of all; small inputs form one mega-batch.
+    #[test]
+    fn group_by_length_sorts_within_mega_batches() {
+        let n = 1000;
+        let lengths: Vec<usize> = (0..n).map(|i| (i * 7919) % 257 + 3).collect();
+        let order: Vec<usize> = (0..n).map(|i| (i * 613) % n).collect();
+        let g = group_by_length(&order, &lengths, 4);
+        let mut sorted = g.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+        // m = min(1000 / 16, 50) = 50: mega-batches of 200.
+        let longest = lengths.iter().max().unwrap();
+        assert_eq!(lengths[g[0]], *longest);
+        for (k, mega) in g.chunks(200).enumerate() {
+            let l: Vec<usize> = mega.iter().map(|&i| lengths[i]).collect();
+            // Sorted descending after the head (the heads of the first mega-batch and of
+            // the one holding the longest example are swapped).
+            assert!(l[1..].windows(2).all(|w| w[0] >= w[1]), "mega-batch {k}");
+            let mut want: Vec<usize> = order[k * 200..(k + 1) * 200].to_vec();
+            want.sort();
+            let mut got = mega.to_vec();
+            got.sort();
+            if k != 0 {
+                // Mega-batches other than the first and the one that gave up its head
+                // hold exactly their slice of the shuffled order.
+                let gave = order[k * 200..(k + 1) * 200].contains(&g[0]);
+                if !gave {
+                    assert_eq!(got, want, "mega-batch {k}");
+                }
+            }
+        }
+        assert_eq!(group_by_length(&[2, 0, 1], &[5, 9, 7], 8), vec![1, 2, 0]);
+        assert!(group_by_length(&[], &[], 8).is_empty());
     }
 }

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use crate::config::{ClassWeights, FreezeMode, OnBadRow, OptimizerKind, ProblemType, TrainConfig};
-use crate::data::batch::{make_batch, pad_id, tokenize, Features};
+use crate::data::batch::{group_by_length, make_batch, pad_id, tokenize, Features};
 use crate::data::labels::LabelMap;
 use crate::data::reader::{
     read_examples, read_examples_skipping, Example, RawLabel, ReaderOptions,
@@ -814,6 +814,7 @@ pub fn run(
         checkpoint::save(&out, &snap, cfg.save_total_limit.unwrap_or(0), fail)
     };
 
+    let train_lengths: Vec<usize> = train_f.iter().map(|f| f.ids.len()).collect();
     let first_epoch = st.epoch;
     for epoch in first_epoch..=cfg.num_train_epochs {
         if st.stopped_early {
@@ -823,6 +824,9 @@ pub fn run(
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(
             cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64),
         ));
+        if cfg.group_by_length {
+            order = group_by_length(&order, &train_lengths, bs);
+        }
         progress.start(
             &format!("train epoch {epoch}/{}", cfg.num_train_epochs),
             train_f.len() as u64,
