@@ -16,7 +16,7 @@ use crate::models::bert::{BertClassifier, Weights};
 use crate::models::{Batch, Ctx, HfConfig, Pooling};
 use crate::train::loss::{LossConfig, Targets};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::train::trainer::loss_and_grads;
+use crate::train::trainer::loss_and_grads_into;
 
 /// A model shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +154,7 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
     );
     let lrs = vec![1e-5; params.params.len()];
     let mut times = Vec::new();
+    let mut grads: Vec<Option<Vec<f32>>> = vec![None; params.params.len()];
     for step in 0..spec.steps + 2 {
         let t0 = Instant::now();
         if spec.train {
@@ -162,8 +163,10 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
                 frozen: &frozen,
                 rng: Some(&mut rng),
             };
-            let (_, mut grads) =
-                loss_and_grads(&model, &params, &batch, &targets, &loss, 1.0, ctx)?;
+            // As the trainer: gradient buffers kept from step to step.
+            loss_and_grads_into(
+                &model, &params, &batch, &targets, &loss, 1.0, ctx, &mut grads, false,
+            )?;
             clip_grad_norm(&mut grads, 1.0);
             opt.step(&params, &grads, &lrs)?;
         } else {
