@@ -44,10 +44,11 @@ impl Mat {
 /// `dst (m×n, row stride dst_rs) = [dst +] scale · a (m×k) · b (k×n)` through the `gemm`
 /// crate (the GEMM candle's own matmul runs), reading any strides in place.
 ///
-/// With `parallel`, the rows are split in one block per thread, each block a
-/// single-threaded GEMM on candle's thread pool, rather than the `gemm` crate splitting the
-/// work on rayon's pool: with both pools on the same cores, candle's workers spin while
-/// rayon's compute, and a MiniLM training step measured ~7% faster this way.
+/// With `parallel`, the rows (or, when `n > m`, the columns) are split in one block per
+/// thread, each block a single-threaded GEMM on candle's thread pool, rather than the
+/// `gemm` crate splitting the work on rayon's pool: with both pools on the same cores,
+/// candle's workers spin while rayon's compute, and a MiniLM training step measured ~7%
+/// faster this way. (The linear tests cover both splits: shapes with `n > m` and not.)
 ///
 /// # Safety
 /// Every pointer must be valid for the elements the strides reach; `dst` must not overlap
@@ -66,6 +67,49 @@ pub(super) unsafe fn sgemm(
     parallel: bool,
 ) {
     let threads = candle_core::utils::get_num_threads();
+    if parallel && threads > 1 && n > m && n >= 2 * ROWS_MIN {
+        // Column blocks: each thread packs all of `a` and only its own columns of `b`, the
+        // larger operand here (bert-base inference, 1024 tokens x 3072 outputs: 5% faster
+        // than row blocks, which pack all of `b` in every thread).
+        let dst = SendPtr(dst);
+        let cols = n.div_ceil(threads);
+        candle_core::utils::barrier_pool().execute_chunked(threads, |r| {
+            let (a, b) = (std::convert::identity(a), std::convert::identity(b));
+            for blk in r {
+                let c0 = blk * cols;
+                if c0 >= n {
+                    continue;
+                }
+                let nc = cols.min(n - c0);
+                let b = Mat {
+                    p: b.p.add(c0 * b.cs),
+                    ..b
+                };
+                gemm::gemm(
+                    m,
+                    nc,
+                    k,
+                    dst.get().add(c0),
+                    1,
+                    dst_rs as isize,
+                    accumulate,
+                    a.p,
+                    a.cs as isize,
+                    a.rs as isize,
+                    b.p,
+                    b.cs as isize,
+                    b.rs as isize,
+                    1.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            }
+        });
+        return;
+    }
     if parallel && threads > 1 && m >= 2 * ROWS_MIN {
         // Row blocks, one per thread, each a single-threaded GEMM, on candle's pool.
         let dst = SendPtr(dst);
