@@ -33,3 +33,11 @@ pub mod train;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};
+
+/// The number of threads the kernels use: `RAYON_NUM_THREADS` when set, else the physical
+/// cores. Read it once and set `RAYON_NUM_THREADS` to it before the first operation (as the
+/// CLI does): candle re-reads the count on every operation, parsing `/proc/cpuinfo` each
+/// time when the variable is unset.
+pub fn num_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
