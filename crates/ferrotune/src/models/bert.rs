@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Error, Result};
 use crate::models::config::HfConfig;
 use crate::models::params::{Param, ParamStore};
-use crate::models::{attention, fused, linear};
+use crate::models::{attention, embedding, fused, grad_sink, linear};
 
 /// How the sequence representation fed to the classifier is formed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -189,7 +189,11 @@ impl Layer {
     fn qkv(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let ws = [&self.q, &self.k, &self.v].map(|l| ctx.w(&l.w, l.group));
         let bs = [&self.q, &self.k, &self.v].map(|l| ctx.w(&l.b, l.group));
-        linear::linear(x, &Tensor::cat(&ws, 0)?, &Tensor::cat(&bs, 0)?)
+        // With a gradient sink on, the concatenations' gradients go to the three
+        // parameters' own buffers.
+        let w = grad_sink::concat(&ws.each_ref())?;
+        let b = grad_sink::concat(&bs.each_ref())?;
+        linear::linear(x, &w, &b)
     }
 }
 
@@ -543,8 +547,15 @@ impl BertClassifier {
         let emb = ParamStore::EMBEDDINGS;
         let ids = batch.input_ids.flatten_all()?;
         let tt = batch.token_type_ids.flatten_all()?;
-        let word = ctx.w(&self.word, emb).embedding(&ids)?;
-        let tt = ctx.w(&self.tok_type, emb).embedding(&tt)?;
+        let lookup = |table: Tensor, ids: &Tensor| -> Result<Tensor> {
+            if ctx.fused() {
+                embedding::embedding(&table, ids)
+            } else {
+                Ok(table.embedding(ids)?)
+            }
+        };
+        let word = lookup(ctx.w(&self.word, emb), &ids)?;
+        let tt = lookup(ctx.w(&self.tok_type, emb), &tt)?;
         let pos = ctx.w(&self.pos, emb).narrow(0, 0, seq)?;
         let x = (word + tt)?.reshape((bsz, seq, h))?.broadcast_add(&pos)?;
         let x = x.reshape((bsz * seq, h))?;
@@ -636,7 +647,7 @@ mod tests {
     use crate::data::batch::Features;
     use crate::testing::{write_tiny_model, TinySpec};
     use crate::train::loss::{LossConfig, Targets};
-    use crate::train::trainer::loss_and_grads;
+    use crate::train::trainer::{loss_and_grads, loss_and_grads_into};
     use rand::SeedableRng;
 
     fn batch() -> Batch {
@@ -722,6 +733,63 @@ mod tests {
     /// computes the same loss and gradients as the composition of candle operations, in
     /// training (same dropout masks: same seed) with padding, and the same logits at
     /// inference.
+    /// Gradient buffers kept from an earlier step are overwritten (the fused layers write
+    /// weight gradients into them directly, see `grad_sink`), and added to when
+    /// accumulating; with the fused layers on and off alike.
+    #[test]
+    fn gradient_buffers_are_overwritten_then_accumulated() {
+        let t = tempfile::tempdir().unwrap();
+        write_tiny_model(t.path(), &TinySpec::default()).unwrap();
+        let l = load(t.path(), Pooling::Pooler).unwrap();
+        let y = Targets::Classes(Tensor::new(&[0u32, 2], &Device::Cpu).unwrap());
+        let frozen = vec![false; l.params.num_groups()];
+        for on in [true, false] {
+            fused::with_enabled(on, || {
+                let step = |out: &mut [Option<Vec<f32>>], add: bool| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(7);
+                    let ctx = train_ctx(&frozen, &mut rng);
+                    let cfg = LossConfig::default();
+                    loss_and_grads_into(
+                        &l.model,
+                        &l.params,
+                        &batch(),
+                        &y,
+                        &cfg,
+                        1.0,
+                        ctx,
+                        out,
+                        add,
+                    )
+                    .unwrap();
+                };
+                let mut want = vec![None; l.params.params.len()];
+                step(&mut want, false);
+                // Stale buffers of the right size, and one missing.
+                let mut out: Vec<_> = want
+                    .iter()
+                    .map(|g| g.as_ref().map(|g| vec![1e3f32; g.len()]))
+                    .collect();
+                out[0] = None;
+                step(&mut out, false);
+                step(&mut out, false);
+                let close = |a: &[Option<Vec<f32>>], k: f32| {
+                    for ((p, a), b) in l.params.params.iter().zip(a).zip(&want) {
+                        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                        let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                        let d = a
+                            .iter()
+                            .zip(b)
+                            .fold(0f32, |m, (x, y)| m.max((x - k * y).abs()));
+                        assert!(d < 1e-5 * scale, "fused {on}, {}: {d}", p.name);
+                    }
+                };
+                close(&out, 1.0);
+                step(&mut out, true);
+                close(&out, 2.0);
+            })
+        }
+    }
+
     #[test]
     fn fused_and_composed_models_agree() {
         let t = tempfile::tempdir().unwrap();

@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
 
 use super::fused::{f32_data, fusable, par_for, with_f32, Out, PAR_MIN};
+use super::grad_sink;
 use crate::error::Result;
 
 /// A strided f32 matrix: element `(i, j)` at `p + i·rs + j·cs`.
@@ -66,7 +67,7 @@ pub(super) unsafe fn sgemm(
     scale: f32,
     parallel: bool,
 ) {
-    let threads = candle_core::utils::get_num_threads();
+    let threads = threads();
     // Column blocks when the output is wider than tall: each thread then packs all of `a`
     // and only its own columns of `b`, the larger operand (bert-base inference, 1024 tokens
     // x 3072 outputs: 5% faster than row blocks, which pack all of `b` in every thread).
@@ -107,6 +108,14 @@ pub(super) unsafe fn sgemm(
         Parallelism::None
     };
     g.run(0, m, 0, n, par)
+}
+
+/// The thread count, read once: candle's `get_num_threads` reads the environment (and,
+/// without `RAYON_NUM_THREADS`, `/proc/cpuinfo`) on every call. Candle's pool has this size
+/// from its first use on, so reading it once loses nothing.
+fn threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(candle_core::utils::get_num_threads)
 }
 
 /// The arguments of one [`sgemm`] call, for running it on a block of the output.
@@ -184,7 +193,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if fusable(&[x, w, b]) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1 {
         let op = LinearOp {
             grad_x: x.track_op(),
-            grad_wb: w.track_op() || b.track_op(),
+            grad_wb: w.track_op() || b.track_op() || grad_sink::holds(w) || grad_sink::holds(b),
         };
         let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
         return Ok(x.apply_op3(&w, &b, op)?);
@@ -200,7 +209,7 @@ pub fn linear_composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 struct LinearOp {
     /// `x` needs a gradient.
     grad_x: bool,
-    /// `w` or `b` needs a gradient.
+    /// `w` or `b` needs a gradient (from candle, or for the gradient sink).
     grad_wb: bool,
 }
 
@@ -260,6 +269,7 @@ impl CustomOp3 for LinearOp {
         let (n, inp) = x.dims2()?;
         let out = b.elem_count();
         let dev = x.device();
+        let (w_t, b_t) = (w, b);
         let (dx, dwb) = with_f32(x, |x| {
             with_f32(w, |w| {
                 with_f32(grad, |dy| {
@@ -280,38 +290,55 @@ impl CustomOp3 for LinearOp {
                             )
                         })
                     });
-                    // dW = dyᵀ · x (out×n · n×inp); db = column sums of dy.
-                    let dwb = self.grad_wb.then(|| {
-                        let dw = unsafe {
-                            filled(out * inp, |p| {
-                                sgemm(
-                                    out,
-                                    inp,
-                                    n,
-                                    p,
-                                    inp,
-                                    false,
-                                    Mat::rows_t(dy.as_ptr(), out),
-                                    Mat::rows(x.as_ptr(), inp),
-                                    1.0,
-                                    true,
-                                )
-                            })
-                        };
-                        (dw, column_sums(dy, out))
+                    // dW = dyᵀ · x (out×n · n×inp), rows r0.. of it from columns r0.. of dy.
+                    let dw_rows = |r0: usize, rows: usize, dst: *mut f32, acc: bool| unsafe {
+                        sgemm(
+                            rows,
+                            inp,
+                            n,
+                            dst,
+                            inp,
+                            acc,
+                            Mat::rows_t(dy.as_ptr().add(r0), out),
+                            Mat::rows(x.as_ptr(), inp),
+                            1.0,
+                            true,
+                        )
+                    };
+                    // Straight into the trainer's buffer when a gradient sink holds W,
+                    // else a tensor for candle.
+                    let dw = self.grad_wb.then(|| {
+                        if grad_sink::write_rows(w_t, inp, dw_rows) {
+                            None
+                        } else {
+                            Some(unsafe { filled(out * inp, |p| dw_rows(0, out, p, false)) })
+                        }
                     });
-                    (dx, dwb)
+                    // db = column sums of dy.
+                    let db = self.grad_wb.then(|| {
+                        let db = column_sums(dy, out);
+                        let sunk = grad_sink::write_rows(b_t, 1, |r0, rows, dst, acc| {
+                            // Safety: the sink's slot holds `rows` elements.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(dst, rows) };
+                            let src = &db[r0..r0 + rows];
+                            if acc {
+                                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                            } else {
+                                dst.copy_from_slice(src);
+                            }
+                        });
+                        (!sunk).then_some(db)
+                    });
+                    (dx, (dw.flatten(), db.flatten()))
                 })
             })
         })???;
         let dx = dx.map(|v| Tensor::from_vec(v, (n, inp), dev)).transpose()?;
-        let (dw, db) = match dwb {
-            Some((dw, db)) => (
-                Some(Tensor::from_vec(dw, (out, inp), dev)?),
-                Some(Tensor::from_vec(db, out, dev)?),
-            ),
-            None => (None, None),
-        };
+        let dw = dwb
+            .0
+            .map(|v| Tensor::from_vec(v, (out, inp), dev))
+            .transpose()?;
+        let db = dwb.1.map(|v| Tensor::from_vec(v, out, dev)).transpose()?;
         Ok((dx, dw, db))
     }
 }

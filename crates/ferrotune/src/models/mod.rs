@@ -5,13 +5,18 @@
 //! - [`bert`]: BERT with a sequence-classification head.
 //! - [`fused`], [`linear`], [`attention`]: fused operations with their backward passes
 //!   (layer norm, GELU, softmax; the linear layer; self-attention).
+//! - [`embedding`]: the embedding lookup, its table's gradient into the trainer's buffer.
+//! - [`grad_sink`]: parameter gradients written by those operations straight into the
+//!   trainer's buffers.
 //! - [`tokenizer`]: loading `tokenizer.json` (or building one from `vocab.txt`).
 //! - [`pickle`]: reading PyTorch weight files (`.bin`, `.pth`) without running code.
 
 pub mod attention;
 pub mod bert;
 pub mod config;
+pub mod embedding;
 pub mod fused;
+pub mod grad_sink;
 pub mod linear;
 pub mod params;
 pub mod pickle;

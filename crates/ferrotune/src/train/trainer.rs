@@ -25,8 +25,9 @@ use crate::data::split::stratified_split;
 use crate::error::{Error, Result};
 use crate::export::{export_model, ExportSpec};
 use crate::models::bert::{BertClassifier, Weights};
+use crate::models::grad_sink::GradSink;
 use crate::models::tokenizer::load_tokenizer;
-use crate::models::{Batch, Ctx, HfConfig, ParamStore};
+use crate::models::{Batch, Ctx, HfConfig, Param, ParamStore};
 use crate::predict::{infer_logits, ExportInfo};
 use crate::task::{encode_targets, evaluate_outputs, headline, label_map, Evaluation, TargetData};
 use crate::train::checkpoint::{self, RunState, Snapshot};
@@ -449,15 +450,35 @@ pub fn loss_and_grads_into(
     add: bool,
 ) -> Result<f32> {
     let frozen = ctx.frozen;
-    let logits = model.forward(&mut ctx, batch)?;
-    let loss = compute(loss_cfg, &logits, targets)?;
-    let grads = (&loss * scale)?.backward()?;
-    for (p, slot) in params.params.iter().zip(out.iter_mut()) {
-        let g = if frozen.get(p.group).copied().unwrap_or(false) {
+    let is_frozen = |p: &Param| frozen.get(p.group).copied().unwrap_or(false);
+    // The fused layers write weight gradients straight into the buffers (see
+    // `models::grad_sink`); candle's store has the others.
+    let tensors: Vec<Option<&Tensor>> = params
+        .params
+        .iter()
+        .map(|p| (!is_frozen(p)).then(|| p.var.as_tensor()))
+        .collect();
+    let bufs = out.iter_mut().map(std::mem::take).collect();
+    let sink = GradSink::new(&tensors, bufs, add);
+    let (r, sink) = sink.run(|| -> Result<_> {
+        let logits = model.forward(&mut ctx, batch)?;
+        let loss = compute(loss_cfg, &logits, targets)?;
+        let grads = (&loss * scale)?.backward()?;
+        Ok((loss, grads))
+    });
+    let (bufs, wrote) = sink.into_parts();
+    for (slot, b) in out.iter_mut().zip(bufs) {
+        *slot = b;
+    }
+    let (loss, grads) = r?;
+    for ((p, slot), wrote) in params.params.iter().zip(out.iter_mut()).zip(wrote) {
+        let g = if is_frozen(p) {
             None
         } else {
             grads.get(p.var.as_tensor())
         };
+        // Added to what the sink wrote this pass, if anything.
+        let add = add || wrote;
         match g {
             Some(g) => {
                 let g = g.flatten_all()?.contiguous()?;
