@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use super::fused::{f32_data, par_for, with_f32, Out, PAR_MIN};
 use super::grad_sink;
+use super::linear::filled;
 use crate::error::Result;
 
 /// Rows `ids` of `table` (`(vocab, dim)`), shape `(ids.len(), dim)`. Differentiable in the
@@ -59,13 +60,17 @@ impl CustomOp2 for EmbeddingOp {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             candle_core::bail!("embedding: token id {bad} is outside the table of {vocab} rows");
         }
-        let mut out = vec![0f32; ids.len() * dim];
-        let o = Out::new(&mut out);
-        par_for(ids.len(), ids.len() * dim >= PAR_MIN, |t| {
-            let row = ids[t] as usize * dim;
-            // Safety: token t's row is written by this task only.
-            unsafe { o.part(t * dim, dim) }.copy_from_slice(&table[row..row + dim]);
-        });
+        let n = ids.len() * dim;
+        // Safety: every token's row is written whole, by its task only.
+        let out = unsafe {
+            filled(n, |p| {
+                let o = Out(p, n);
+                par_for(ids.len(), n >= PAR_MIN, |t| {
+                    let row = ids[t] as usize * dim;
+                    o.part(t * dim, dim).copy_from_slice(&table[row..row + dim]);
+                });
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((ids.len(), dim))))
     }
 

@@ -85,23 +85,25 @@ impl Out {
     }
 }
 
-/// Calls `f(i, input part i, output part i)` over parts of `chunk` elements, in parallel
-/// when the input is large.
-fn map_parts(
-    src: &[f32],
-    out: &mut [f32],
-    chunk: usize,
-    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
-) {
-    debug_assert_eq!(src.len(), out.len());
-    let parts = src.len().div_ceil(chunk);
-    let o = Out::new(out);
-    par_for(parts, src.len() >= PAR_MIN, |i| {
-        let a = i * chunk;
-        let b = (a + chunk).min(src.len());
-        // Safety: part i is written by this task only; `out` outlives `par_for`.
-        f(i, &src[a..b], unsafe { o.part(a, b - a) })
-    });
+/// A new vector of `src.len()` elements, part `i` (of `chunk` elements) written by
+/// `f(i, input part i, output part i)`, in parallel when the input is large. The output is
+/// not zeroed first (a single-threaded memset on the calling thread, ~3% of a MiniLM
+/// step over all the ops that did it), so `f` must write every element of its part.
+fn map_parts(src: &[f32], chunk: usize, f: impl Fn(usize, &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let n = src.len();
+    let parts = n.div_ceil(chunk);
+    // Safety: the parts cover `0..n` and `f` writes each whole part (above).
+    unsafe {
+        super::linear::filled(n, |p| {
+            let o = Out(p, n);
+            par_for(parts, n >= PAR_MIN, |i| {
+                let a = i * chunk;
+                let b = (a + chunk).min(n);
+                // Part i is written by this task only.
+                f(i, &src[a..b], o.part(a, b - a))
+            });
+        })
+    }
 }
 
 /// The contiguous f32 data of a CPU storage under `layout`.
@@ -185,9 +187,8 @@ impl CustomOp3 for LayerNormOp {
         if n == 0 || l1.dims().last() != Some(&n) || b.len() != n {
             candle_core::bail!("layer norm: last dimension of x does not match the weights");
         }
-        let mut y = vec![0f32; x.len()];
-        // Parts of 16 rows.
-        map_parts(x, &mut y, 16 * n, |_, xs, ys| {
+        // Parts of 16 rows; every element of each row written.
+        let y = map_parts(x, 16 * n, |_, xs, ys| {
             for (xr, yr) in xs.chunks(n).zip(ys.chunks_mut(n)) {
                 let (mean, rstd) = row_stats(xr, self.eps);
                 for i in 0..n {
@@ -211,7 +212,6 @@ impl CustomOp3 for LayerNormOp {
         let (dx, dg, db) = with_f32(x, |x| {
             with_f32(g, |g| {
                 with_f32(grad, |dy| {
-                    let mut dx = vec![0f32; x.len()];
                     // Partial sums of dg and db over fixed blocks of rows, added in block
                     // order: the result does not depend on which thread takes a block, so
                     // runs stay bit-for-bit repeatable (and resumable) on any thread count.
@@ -219,36 +219,42 @@ impl CustomOp3 for LayerNormOp {
                     let blocks = x.len().div_ceil(ROWS * n);
                     // Block i's partial dg in partials[2i·n..], its partial db after it.
                     let mut partials = vec![0f32; blocks * 2 * n];
-                    let (dxo, po) = (Out::new(&mut dx), Out::new(&mut partials));
-                    par_for(blocks, x.len() >= PAR_MIN, |blk| {
-                        let a = blk * ROWS * n;
-                        let b = (a + ROWS * n).min(x.len());
-                        // Safety: block `blk` alone writes these parts.
-                        let dxs = unsafe { dxo.part(a, b - a) };
-                        let acc = unsafe { po.part(blk * 2 * n, 2 * n) };
-                        let (adg, adb) = acc.split_at_mut(n);
-                        for ((xr, dyr), dxr) in x[a..b]
-                            .chunks(n)
-                            .zip(dy[a..b].chunks(n))
-                            .zip(dxs.chunks_mut(n))
-                        {
-                            let (mean, rstd) = row_stats(xr, eps);
-                            let (mut s1, mut s2) = (0f32, 0f32);
-                            for i in 0..n {
-                                let xhat = (xr[i] - mean) * rstd;
-                                let dxhat = dyr[i] * g[i];
-                                s1 += dxhat;
-                                s2 += dxhat * xhat;
-                                adg[i] += dyr[i] * xhat;
-                                adb[i] += dyr[i];
-                            }
-                            let (m1, m2) = (s1 / n as f32, s2 / n as f32);
-                            for i in 0..n {
-                                let xhat = (xr[i] - mean) * rstd;
-                                dxr[i] = rstd * (dyr[i] * g[i] - m1 - xhat * m2);
-                            }
-                        }
-                    });
+                    let po = Out::new(&mut partials);
+                    // Safety: the blocks cover every row of dx and write all of each row.
+                    let dx = unsafe {
+                        super::linear::filled(x.len(), |dxp| {
+                            let dxo = Out(dxp, x.len());
+                            par_for(blocks, x.len() >= PAR_MIN, |blk| {
+                                let a = blk * ROWS * n;
+                                let b = (a + ROWS * n).min(x.len());
+                                // Safety: block `blk` alone writes these parts.
+                                let dxs = dxo.part(a, b - a);
+                                let acc = po.part(blk * 2 * n, 2 * n);
+                                let (adg, adb) = acc.split_at_mut(n);
+                                for ((xr, dyr), dxr) in x[a..b]
+                                    .chunks(n)
+                                    .zip(dy[a..b].chunks(n))
+                                    .zip(dxs.chunks_mut(n))
+                                {
+                                    let (mean, rstd) = row_stats(xr, eps);
+                                    let (mut s1, mut s2) = (0f32, 0f32);
+                                    for i in 0..n {
+                                        let xhat = (xr[i] - mean) * rstd;
+                                        let dxhat = dyr[i] * g[i];
+                                        s1 += dxhat;
+                                        s2 += dxhat * xhat;
+                                        adg[i] += dyr[i] * xhat;
+                                        adb[i] += dyr[i];
+                                    }
+                                    let (m1, m2) = (s1 / n as f32, s2 / n as f32);
+                                    for i in 0..n {
+                                        let xhat = (xr[i] - mean) * rstd;
+                                        dxr[i] = rstd * (dyr[i] * g[i] - m1 - xhat * m2);
+                                    }
+                                }
+                            });
+                        })
+                    };
                     let (mut dg, mut db) = (vec![0f32; n], vec![0f32; n]);
                     for part in partials.chunks(2 * n) {
                         let (pg, pb) = part.split_at(n);
@@ -289,8 +295,7 @@ impl CustomOp1 for GeluErfOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_data(s, l)?;
-        let mut y = vec![0f32; x.len()];
-        map_parts(x, &mut y, 4096, |_, xs, ys| simd::gelu(xs, ys));
+        let y = map_parts(x, 4096, |_, xs, ys| simd::gelu(xs, ys));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -298,12 +303,10 @@ impl CustomOp1 for GeluErfOp {
         // d/dx x·Φ(x) = Φ(x) + x·φ(x).
         let dx = with_f32(x, |x| {
             with_f32(grad, |dy| {
-                let mut out = vec![0f32; x.len()];
                 const CHUNK: usize = 4096;
-                map_parts(x, &mut out, CHUNK, |i, xs, o| {
+                map_parts(x, CHUNK, |i, xs, o| {
                     simd::gelu_backward(xs, &dy[i * CHUNK..i * CHUNK + xs.len()], o)
-                });
-                out
+                })
             })
         })??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
@@ -428,12 +431,11 @@ struct DropoutOp {
 
 impl DropoutOp {
     fn apply(&self, src: &[f32]) -> Vec<f32> {
-        let mut out = vec![0f32; src.len()];
-        map_parts(src, &mut out, DROPOUT_CHUNK, |i, s, o| {
+        // The multipliers fill each part, then scale the input into it.
+        map_parts(src, DROPOUT_CHUNK, |i, s, o| {
             dropout_multipliers(self.seed, i as u64, self.p, o);
             o.iter_mut().zip(s).for_each(|(o, s)| *o *= s);
-        });
-        out
+        })
     }
 }
 
