@@ -134,6 +134,13 @@ impl Linear {
             linear::linear_composed(x, &w, &b)
         }
     }
+
+    /// `gelu(forward(x))` (exact GELU) as one fused op.
+    fn forward_gelu(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let w = ctx.w(&self.w, self.group);
+        let b = ctx.w(&self.b, self.group);
+        linear::linear_gelu(x, &w, &b)
+    }
 }
 
 /// Layer norm over the last dimension ([`fused::layer_norm`]: one pass forward, one
@@ -602,12 +609,12 @@ impl BertClassifier {
             let attn = layer.o.forward(ctx, &attn)?;
             let attn = ctx.dropout(&attn, self.cfg.hidden_dropout_prob)?;
             let x1 = layer.ln1.forward(ctx, &(attn + &x)?)?;
-            let inter = layer.inter.forward(ctx, &x1)?;
             let inter = match self.cfg.hidden_act.as_str() {
-                "gelu_new" => inter.gelu()?,
-                "relu" => inter.relu()?,
-                _ if ctx.fused() => fused::gelu_erf(&inter)?,
-                _ => inter.gelu_erf()?,
+                "gelu_new" => layer.inter.forward(ctx, &x1)?.gelu()?,
+                "relu" => layer.inter.forward(ctx, &x1)?.relu()?,
+                // The exact GELU inside the linear op ([`linear::linear_gelu`]).
+                _ if ctx.fused() => layer.inter.forward_gelu(ctx, &x1)?,
+                _ => layer.inter.forward(ctx, &x1)?.gelu_erf()?,
             };
             let out = layer.out.forward(ctx, &inter)?;
             let out = ctx.dropout(&out, self.cfg.hidden_dropout_prob)?;

@@ -89,7 +89,11 @@ impl Out {
 /// `f(i, input part i, output part i)`, in parallel when the input is large. The output is
 /// not zeroed first (a single-threaded memset on the calling thread, ~3% of a MiniLM
 /// step over all the ops that did it), so `f` must write every element of its part.
-fn map_parts(src: &[f32], chunk: usize, f: impl Fn(usize, &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+pub(super) fn map_parts(
+    src: &[f32],
+    chunk: usize,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
     let n = src.len();
     let parts = n.div_ceil(chunk);
     // Safety: the parts cover `0..n` and `f` writes each whole part (above).

@@ -14,8 +14,9 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::fused::{f32_data, fusable, par_for, with_f32, Out, PAR_MIN};
+use super::fused::{f32_data, fusable, map_parts, par_for, with_f32, Out, PAR_MIN};
 use super::grad_sink;
+use super::simd;
 use crate::error::Result;
 
 /// A strided f32 matrix: element `(i, j)` at `p + i·rs + j·cs`.
@@ -190,15 +191,45 @@ pub(super) unsafe fn filled(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
 /// `x Wᵀ + b` for `x` of shape `(n, in)`, `w` `(out, in)`, `b` `(out)`. Differentiable in
 /// all three.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if fusable(&[x, w, b]) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1 {
-        let op = LinearOp {
-            grad_x: x.track_op(),
-            grad_wb: w.track_op() || b.track_op() || grad_sink::holds(w) || grad_sink::holds(b),
-        };
-        let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
-        return Ok(x.apply_op3(&w, &b, op)?);
+    match fused_linear(x, w, b, false)? {
+        Some(y) => Ok(y),
+        None => linear_composed(x, w, b),
     }
-    linear_composed(x, w, b)
+}
+
+/// `gelu(x Wᵀ + b)` with the exact (erf) GELU, as BERT's intermediate layer: one op, so the
+/// `(tokens, 4·hidden)` pre-activation gets no gradient tensor of its own in candle's
+/// backward (a zeroed buffer and an add over the layer's widest activation); the op keeps
+/// it for its backward pass instead. Differentiable in all three.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match fused_linear(x, w, b, true)? {
+        Some(y) => Ok(y),
+        None => linear_gelu_composed(x, w, b),
+    }
+}
+
+/// The reference composition of [`linear_gelu`].
+pub fn linear_gelu_composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(linear_composed(x, w, b)?.gelu_erf()?)
+}
+
+/// The fused op, or `None` when the tensors are not fusable (another device or dtype).
+fn fused_linear(x: &Tensor, w: &Tensor, b: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
+    if !(fusable(&[x, w, b]) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1) {
+        return Ok(None);
+    }
+    let grad_x = x.track_op();
+    let grad_wb = w.track_op() || b.track_op() || grad_sink::holds(w) || grad_sink::holds(b);
+    let op = LinearOp {
+        grad_x,
+        grad_wb,
+        gelu: gelu.then(|| Gelu {
+            keep: grad_x || grad_wb,
+            pre: Default::default(),
+        }),
+    };
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    Ok(Some(x.apply_op3(&w, &b, op)?))
 }
 
 /// The reference composition of [`linear`].
@@ -211,6 +242,16 @@ struct LinearOp {
     grad_x: bool,
     /// `w` or `b` needs a gradient (from candle, or for the gradient sink).
     grad_wb: bool,
+    /// The output goes through the exact GELU.
+    gelu: Option<Gelu>,
+}
+
+/// The GELU after the linear layer.
+struct Gelu {
+    /// Keep the pre-activation for the backward pass (something needs a gradient).
+    keep: bool,
+    /// The pre-activation `x Wᵀ + b`, kept by the forward pass.
+    pre: std::sync::Mutex<Vec<f32>>,
 }
 
 impl CustomOp3 for LinearOp {
@@ -262,6 +303,16 @@ impl CustomOp3 for LinearOp {
                 )
             })
         };
+        let y = match &self.gelu {
+            None => y,
+            Some(g) => {
+                let act = map_parts(&y, 4096, |_, z, a| simd::gelu(z, a));
+                if g.keep {
+                    *g.pre.lock().unwrap_or_else(|e| e.into_inner()) = y;
+                }
+                act
+            }
+        };
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -277,9 +328,29 @@ impl CustomOp3 for LinearOp {
         let out = b.elem_count();
         let dev = x.device();
         let (w_t, b_t) = (w, b);
+        // Through the GELU first: dz = dy · gelu'(z), z the kept pre-activation.
+        let dz = match &self.gelu {
+            None => None,
+            Some(g) => {
+                let pre = g.pre.lock().unwrap_or_else(|e| e.into_inner());
+                if pre.len() != n * out {
+                    candle_core::bail!("linear+gelu: backward without the kept pre-activation");
+                }
+                Some(with_f32(grad, |dy| {
+                    const CHUNK: usize = 4096;
+                    map_parts(&pre, CHUNK, |i, z, o| {
+                        simd::gelu_backward(z, &dy[i * CHUNK..i * CHUNK + z.len()], o)
+                    })
+                })?)
+            }
+        };
+        let grad = match dz {
+            Some(dz) => Tensor::from_vec(dz, (n, out), grad.device())?,
+            None => grad.clone(),
+        };
         let (dx, dwb) = with_f32(x, |x| {
             with_f32(w, |w| {
-                with_f32(grad, |dy| {
+                with_f32(&grad, |dy| {
                     // dx = dy · W (n×out · out×inp).
                     let dx = self.grad_x.then(|| unsafe {
                         filled(n * inp, |p| {
@@ -396,6 +467,31 @@ mod tests {
                 assert!(d < 1e-3, "grad {name} {n}x{inp}x{out}: {d}");
             }
         }
+    }
+
+    /// The linear layer with the GELU inside equals linear + candle's exact GELU, forward
+    /// and every gradient, tracked or not.
+    #[test]
+    fn linear_gelu_matches_the_composition() {
+        for &(n, inp, out) in &[(1, 1, 1), (3, 5, 7), (37, 19, 130), (300, 64, 96)] {
+            let x = Var::from_tensor(&randn(&[n, inp], 1)).unwrap();
+            let w = Var::from_tensor(&randn(&[out, inp], 2)).unwrap();
+            let b = Var::from_tensor(&randn(&[out], 3)).unwrap();
+            let up = randn(&[n, out], 4);
+            let y = linear_gelu(&x, &w, &b).unwrap();
+            let r = linear_gelu_composed(&x, &w, &b).unwrap();
+            assert!(max_diff(&y, &r) < 1e-4, "forward {n}x{inp}x{out}");
+            let (g, gr) = (grads_of(y, &up), grads_of(r, &up));
+            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                let d = max_diff(g.get(v).unwrap(), gr.get(v).unwrap());
+                assert!(d < 1e-3, "grad {name} {n}x{inp}x{out}: {d}");
+            }
+        }
+        let (x, w, b) = (randn(&[4, 3], 5), randn(&[2, 3], 6), randn(&[2], 7));
+        let y = linear_gelu(&x, &w, &b).unwrap();
+        assert!(!y.track_op());
+        let r = linear_gelu_composed(&x, &w, &b).unwrap();
+        assert!(max_diff(&y, &r) < 1e-5);
     }
 
     /// A frozen (detached) weight gets no gradient, and the input's gradient is unchanged.
