@@ -432,11 +432,13 @@ pub fn loss_and_grads(
     Ok((loss, out))
 }
 
-/// [`loss_and_grads`] into the buffers of `out`: each gradient is copied over (`add` false)
-/// or added to (`add` true, for accumulation) the buffer already there, in parallel, so a
-/// training loop that keeps `out` from step to step allocates no gradient memory (a fresh
-/// 90 MB of gradients per MiniLM step cost page faults and a single-threaded copy). A
-/// parameter without a gradient is set to `None` when not adding, left alone when adding.
+/// [`loss_and_grads`] into the buffers of `out`: each gradient overwrites (`add` false) or
+/// is added to (`add` true, for accumulation) the buffer already there, so a training loop
+/// that keeps `out` from step to step allocates no gradient memory (a fresh 90 MB of
+/// gradients per MiniLM step cost page faults and a single-threaded copy). The fused
+/// linear layers and embeddings write their weights' gradients into the buffers directly
+/// ([`GradSink`]); the rest are copied from candle's store in parallel. A parameter
+/// without a gradient is set to `None` when not adding, left alone when adding.
 #[allow(clippy::too_many_arguments)]
 pub fn loss_and_grads_into(
     model: &BertClassifier,
