@@ -736,10 +736,6 @@ mod tests {
         }
     }
 
-    /// The fused model (fused QKV projection, attention, linear layers, layer norm, GELU)
-    /// computes the same loss and gradients as the composition of candle operations, in
-    /// training (same dropout masks: same seed) with padding, and the same logits at
-    /// inference.
     /// Gradient buffers kept from an earlier step are overwritten (the fused layers write
     /// weight gradients into them directly, see `grad_sink`), and added to when
     /// accumulating; with the fused layers on and off alike.
@@ -797,6 +793,11 @@ mod tests {
         }
     }
 
+    /// The fused model (fused QKV projection, attention, linear layers with
+    /// the intermediate GELU inside, embeddings, layer norm; the gradient sink)
+    /// computes the same loss and gradients as the composition of candle operations, in
+    /// training (same dropout masks: same seed) with padding, and the same logits at
+    /// inference.
     #[test]
     fn fused_and_composed_models_agree() {
         let t = tempfile::tempdir().unwrap();

@@ -449,17 +449,18 @@ mod tests {
     use crate::models::fused::tests::{grads_of, max_diff, randn};
     use candle_core::Var;
 
-    /// Forward and every gradient equal the composition (matmul + broadcast add), on odd
-    /// shapes, small and large enough for the thread pool.
-    #[test]
-    fn linear_matches_the_composition() {
+    type Op = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+    /// `op` equals `reference`, forward and every gradient, on odd shapes, small and large
+    /// enough for the thread pool.
+    fn matches(op: Op, reference: Op) {
         for &(n, inp, out) in &[(1, 1, 1), (3, 5, 7), (37, 19, 130), (300, 64, 96)] {
             let x = Var::from_tensor(&randn(&[n, inp], 1)).unwrap();
             let w = Var::from_tensor(&randn(&[out, inp], 2)).unwrap();
             let b = Var::from_tensor(&randn(&[out], 3)).unwrap();
             let up = randn(&[n, out], 4);
-            let y = linear(&x, &w, &b).unwrap();
-            let r = linear_composed(&x, &w, &b).unwrap();
+            let y = op(&x, &w, &b).unwrap();
+            let r = reference(&x, &w, &b).unwrap();
             assert!(max_diff(&y, &r) < 1e-4, "forward {n}x{inp}x{out}");
             let (g, gr) = (grads_of(y, &up), grads_of(r, &up));
             for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
@@ -469,24 +470,17 @@ mod tests {
         }
     }
 
-    /// The linear layer with the GELU inside equals linear + candle's exact GELU, forward
-    /// and every gradient, tracked or not.
+    /// The linear layer equals the composition (matmul + broadcast add).
+    #[test]
+    fn linear_matches_the_composition() {
+        matches(linear, linear_composed);
+    }
+
+    /// The linear layer with the GELU inside equals linear + candle's exact GELU, tracked
+    /// or not.
     #[test]
     fn linear_gelu_matches_the_composition() {
-        for &(n, inp, out) in &[(1, 1, 1), (3, 5, 7), (37, 19, 130), (300, 64, 96)] {
-            let x = Var::from_tensor(&randn(&[n, inp], 1)).unwrap();
-            let w = Var::from_tensor(&randn(&[out, inp], 2)).unwrap();
-            let b = Var::from_tensor(&randn(&[out], 3)).unwrap();
-            let up = randn(&[n, out], 4);
-            let y = linear_gelu(&x, &w, &b).unwrap();
-            let r = linear_gelu_composed(&x, &w, &b).unwrap();
-            assert!(max_diff(&y, &r) < 1e-4, "forward {n}x{inp}x{out}");
-            let (g, gr) = (grads_of(y, &up), grads_of(r, &up));
-            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-                let d = max_diff(g.get(v).unwrap(), gr.get(v).unwrap());
-                assert!(d < 1e-3, "grad {name} {n}x{inp}x{out}: {d}");
-            }
-        }
+        matches(linear_gelu, linear_gelu_composed);
         let (x, w, b) = (randn(&[4, 3], 5), randn(&[2, 3], 6), randn(&[2], 7));
         let y = linear_gelu(&x, &w, &b).unwrap();
         assert!(!y.track_op());
