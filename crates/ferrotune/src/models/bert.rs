@@ -736,6 +736,46 @@ mod tests {
         }
     }
 
+    /// With the fused layers, every weight matrix and embedding table gets its gradient
+    /// from the gradient sink, not from candle's store (the point of the sink: the values
+    /// are the same either way, so only this test notices if the sink stops being used).
+    #[test]
+    fn weight_gradients_go_through_the_sink() {
+        let t = tempfile::tempdir().unwrap();
+        write_tiny_model(t.path(), &TinySpec::default()).unwrap();
+        let l = load(t.path(), Pooling::Pooler).unwrap();
+        let y = Targets::Classes(Tensor::new(&[0u32, 2], &Device::Cpu).unwrap());
+        let frozen = vec![false; l.params.num_groups()];
+        let tensors: Vec<_> = l
+            .params
+            .params
+            .iter()
+            .map(|p| Some(p.var.as_tensor()))
+            .collect();
+        let sink = grad_sink::GradSink::new(&tensors, vec![None; tensors.len()], false);
+        let (_, sink) = fused::with_enabled(true, || {
+            sink.run(|| {
+                let mut rng = ChaCha8Rng::seed_from_u64(7);
+                let logits = l
+                    .model
+                    .forward(&mut train_ctx(&frozen, &mut rng), &batch())
+                    .unwrap();
+                let loss =
+                    crate::train::loss::compute(&LossConfig::default(), &logits, &y).unwrap();
+                loss.backward().unwrap()
+            })
+        });
+        let (_, wrote) = sink.into_parts();
+        for (p, wrote) in l.params.params.iter().zip(wrote) {
+            // Position embeddings are a slice of their table (candle's narrow), small.
+            let matrix = p.var.rank() == 2 && !p.name.contains("position_embeddings");
+            let linear_bias = p.name.ends_with(".bias") && !p.name.contains("LayerNorm");
+            if matrix || linear_bias {
+                assert!(wrote, "{} did not go through the sink", p.name);
+            }
+        }
+    }
+
     /// Gradient buffers kept from an earlier step are overwritten (the fused layers write
     /// weight gradients into them directly, see `grad_sink`), and added to when
     /// accumulating; with the fused layers on and off alike.
