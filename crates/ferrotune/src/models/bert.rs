@@ -677,6 +677,17 @@ mod tests {
         }
     }
 
+    /// The gradient tests' setup: the tiny model with the pooler (its directory kept alive),
+    /// targets for `batch()`, and no group frozen.
+    fn gradient_setup() -> (tempfile::TempDir, Loaded, Targets, Vec<bool>) {
+        let t = tempfile::tempdir().unwrap();
+        write_tiny_model(t.path(), &TinySpec::default()).unwrap();
+        let l = load(t.path(), Pooling::Pooler).unwrap();
+        let y = Targets::Classes(Tensor::new(&[0u32, 2], &Device::Cpu).unwrap());
+        let frozen = vec![false; l.params.num_groups()];
+        (t, l, y, frozen)
+    }
+
     fn load(dir: &Path, pooling: Pooling) -> Result<Loaded> {
         let cfg = HfConfig::from_dir(dir)?;
         BertClassifier::load(
@@ -741,11 +752,7 @@ mod tests {
     /// are the same either way, so only this test notices if the sink stops being used).
     #[test]
     fn weight_gradients_go_through_the_sink() {
-        let t = tempfile::tempdir().unwrap();
-        write_tiny_model(t.path(), &TinySpec::default()).unwrap();
-        let l = load(t.path(), Pooling::Pooler).unwrap();
-        let y = Targets::Classes(Tensor::new(&[0u32, 2], &Device::Cpu).unwrap());
-        let frozen = vec![false; l.params.num_groups()];
+        let (_t, l, y, frozen) = gradient_setup();
         let tensors: Vec<_> = l
             .params
             .params
@@ -781,11 +788,7 @@ mod tests {
     /// accumulating; with the fused layers on and off alike.
     #[test]
     fn gradient_buffers_are_overwritten_then_accumulated() {
-        let t = tempfile::tempdir().unwrap();
-        write_tiny_model(t.path(), &TinySpec::default()).unwrap();
-        let l = load(t.path(), Pooling::Pooler).unwrap();
-        let y = Targets::Classes(Tensor::new(&[0u32, 2], &Device::Cpu).unwrap());
-        let frozen = vec![false; l.params.num_groups()];
+        let (_t, l, y, frozen) = gradient_setup();
         for on in [true, false] {
             fused::with_enabled(on, || {
                 let step = |out: &mut [Option<Vec<f32>>], add: bool| {
@@ -840,11 +843,7 @@ mod tests {
     /// inference.
     #[test]
     fn fused_and_composed_models_agree() {
-        let t = tempfile::tempdir().unwrap();
-        write_tiny_model(t.path(), &TinySpec::default()).unwrap();
-        let l = load(t.path(), Pooling::Pooler).unwrap();
-        let y = Targets::Classes(Tensor::new(&[0u32, 2], &Device::Cpu).unwrap());
-        let frozen = vec![false; l.params.num_groups()];
+        let (_t, l, y, frozen) = gradient_setup();
         let run = |on: bool| {
             fused::with_enabled(on, || {
                 let mut rng = ChaCha8Rng::seed_from_u64(7);
