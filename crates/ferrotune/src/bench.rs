@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::models::bert::{BertClassifier, Weights};
 use crate::models::{Batch, Ctx, HfConfig, Pooling};
 use crate::train::loss::{LossConfig, Targets};
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::optim::{clip_factor, grad_norm, AdamW, AdamWConfig};
 use crate::train::trainer::loss_and_grads_into;
 
 /// A model shape.
@@ -167,8 +167,8 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
             loss_and_grads_into(
                 &model, &params, &batch, &targets, &loss, 1.0, ctx, &mut grads, false,
             )?;
-            clip_grad_norm(&mut grads, 1.0);
-            opt.step(&params, &grads, &lrs)?;
+            let clip = clip_factor(grad_norm(&grads), 1.0);
+            opt.step(&params, &grads, clip, &lrs)?;
         } else {
             let logits = model.forward(&mut Ctx::eval(), &batch)?;
             logits.to_vec2::<f32>()?;

@@ -9,18 +9,19 @@
 //! polynomial), `erf` within 5e-7 absolute (the rational approximation of Eigen); the tests
 //! check both over their whole useful range.
 
-/// Defines `pub fn $name(args)` running `$body` compiled for AVX2 + FMA when the CPU has
-/// them, else for the baseline target.
+/// Defines `fn $name(args)` running `$body` compiled for AVX2 + FMA when the CPU has
+/// them, else for the baseline target. Rust never fuses a multiply and an add by itself, so
+/// both versions compute the same results.
 macro_rules! dispatch {
-    ($(#[$m:meta])* pub fn $name:ident($($a:ident: $t:ty),*) $body:block) => {
+    ($(#[$m:meta])* $v:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
-        pub fn $name($($a: $t),*) {
+        $v fn $name($($a: $t),*) $(-> $r)? {
             #[inline(always)]
-            fn body($($a: $t),*) $body
+            fn body($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($a: $t),*) {
+                unsafe fn avx2($($a: $t),*) $(-> $r)? {
                     body($($a),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
@@ -34,6 +35,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 /// `e^x` (Cephes' `expf` polynomial; inputs below -88.4 give 0, above 88.4 saturate near
 /// f32's largest value).
@@ -188,6 +190,22 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// Σ x², accumulated in f64 over 16 lanes (so the loop vectorises; the lanes are
+    /// added in a fixed order, so the result does not depend on the CPU's vector width).
+    pub fn sum_squares(v: &[f32]) -> f64 {
+        let mut acc = [0f64; 16];
+        let chunks = v.chunks_exact(16);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] += c[i] as f64 * c[i] as f64;
+            }
+        }
+        acc.iter().sum::<f64>() + rest.iter().map(|&x| x as f64 * x as f64).sum::<f64>()
+    }
+}
+
 /// A 32-bit integer hash with full avalanche (Wellons' `lowbias32`).
 #[inline(always)]
 fn hash32(mut x: u32) -> u32 {
@@ -234,6 +252,21 @@ mod tests {
         assert_eq!(exp(-1e30), 0.0);
         assert_eq!(exp(f32::MIN), 0.0);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn sum_squares_matches_a_plain_sum() {
+        for n in [0usize, 1, 15, 16, 17, 1000, 100_003] {
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 31) % 103) as f32 * 0.1 - 5.0)
+                .collect();
+            let want: f64 = v.iter().map(|&x| x as f64 * x as f64).sum();
+            let got = sum_squares(&v);
+            assert!(
+                (got - want).abs() <= 1e-12 * want.max(1.0),
+                "n={n}: {got} vs {want}"
+            );
+        }
     }
 
     #[test]

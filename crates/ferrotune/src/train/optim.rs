@@ -21,7 +21,7 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::models::fused::{par_for, Out, PAR_MIN};
-use crate::models::ParamStore;
+use crate::models::{simd, ParamStore};
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy)]
@@ -48,11 +48,10 @@ pub struct AdamW {
     state: Vec<Option<State>>,
 }
 
-/// Scales `grads` so that their global L2 norm is at most `max_norm` (0 disables), as
-/// `torch.nn.utils.clip_grad_norm_` does: `g ← g · max_norm / (‖g‖ + 1e-6)` when
-/// `‖g‖ > max_norm`. Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Option<Vec<f32>>], max_norm: f64) -> f64 {
-    // Sums of squares over fixed chunks, added in order: the same on any thread count.
+/// The global L2 norm of `grads` (None: frozen, skipped), as `torch.nn.utils.clip_grad_norm_`
+/// measures it before clipping. Sums of squares in f64 over fixed chunks, added in order:
+/// the same on any thread count.
+pub fn grad_norm(grads: &[Option<Vec<f32>>]) -> f64 {
     let sq: f64 = grads
         .iter()
         .flatten()
@@ -61,34 +60,28 @@ pub fn clip_grad_norm(grads: &mut [Option<Vec<f32>>], max_norm: f64) -> f64 {
             let mut sums = vec![0f64; parts];
             let o = OutF64(sums.as_mut_ptr());
             par_for(parts, g.len() >= PAR_MIN, |i| {
-                let s = g[i * CHUNK..((i + 1) * CHUNK).min(g.len())]
-                    .iter()
-                    .map(|&x| (x as f64) * (x as f64))
-                    .sum::<f64>();
+                let s = simd::sum_squares(&g[i * CHUNK..((i + 1) * CHUNK).min(g.len())]);
                 // Safety: chunk i alone writes sums[i].
                 unsafe { *o.get().add(i) = s };
             });
             sums.iter().sum::<f64>()
         })
         .sum();
-    let norm = sq.sqrt();
+    sq.sqrt()
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_` scales the gradients by so that their
+/// global norm is at most `max_norm`: `max_norm / (norm + 1e-6)` when that is below 1,
+/// else 1 (and 1 when `max_norm` is 0: clipping disabled). The optimizers take it as
+/// their `grad_scale`, so clipping costs no pass of its own over the gradients.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            let c = coef as f32;
-            for g in grads.iter_mut().flatten() {
-                let n = g.len();
-                let o = Out::new(g);
-                par_for(n.div_ceil(CHUNK), n >= PAR_MIN, |i| {
-                    // Safety: chunk i alone is written by this task.
-                    unsafe { o.part(i * CHUNK, CHUNK) }
-                        .iter_mut()
-                        .for_each(|x| *x *= c);
-                });
-            }
+            return coef as f32;
         }
     }
-    norm
+    1.0
 }
 
 /// Elements per task of the optimizer's and the clipping's parallel loops.
@@ -111,12 +104,34 @@ struct AdamWUpdate<'a> {
     g: &'a [f32],
     m: Out,
     v: Out,
+    k: AdamWStep,
+}
+
+/// The constants of one parameter's update.
+#[derive(Clone, Copy)]
+struct AdamWStep {
+    /// Multiplies each gradient first (gradient clipping).
+    grad_scale: f32,
     decay: f32,
     b1: f32,
     b2: f32,
     step_size: f32,
     inv_bc2: f32,
     eps: f32,
+}
+
+simd::dispatch! {
+    /// The update of one chunk: the formula of the module docs, element by element.
+    fn adamw_chunk(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: AdamWStep) {
+        for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
+            let g = g * k.grad_scale;
+            *w *= k.decay;
+            *m = k.b1 * *m + (1.0 - k.b1) * g;
+            *v = k.b2 * *v + (1.0 - k.b2) * g * g;
+            let denom = v.sqrt() * k.inv_bc2 + k.eps;
+            *w -= k.step_size * *m / denom;
+        }
+    }
 }
 
 impl candle_core::InplaceOp1 for AdamWUpdate<'_> {
@@ -146,14 +161,7 @@ impl candle_core::InplaceOp1 for AdamWUpdate<'_> {
             let (a, len) = (i * CHUNK, CHUNK.min(n - i * CHUNK));
             // Safety: chunk i of w, m and v is written by this task only.
             let (w, m, v) = unsafe { (wo.part(a, len), self.m.part(a, len), self.v.part(a, len)) };
-            let g = &self.g[a..a + len];
-            for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
-                *w *= self.decay;
-                *m = self.b1 * *m + (1.0 - self.b1) * g;
-                *v = self.b2 * *v + (1.0 - self.b2) * g * g;
-                let denom = v.sqrt() * self.inv_bc2 + self.eps;
-                *w -= self.step_size * *m / denom;
-            }
+            adamw_chunk(w, m, v, &self.g[a..a + len], self.k);
         });
         Ok(())
     }
@@ -169,11 +177,13 @@ impl AdamW {
     }
 
     /// One update. `grads[i]` is the flattened gradient of parameter `i` (None: frozen or
-    /// unused, left untouched), `lrs[i]` its learning rate for this step.
+    /// unused, left untouched), multiplied by `grad_scale` as it is read ([`clip_factor`];
+    /// 1 leaves it as it is); `lrs[i]` is its learning rate for this step.
     pub fn step(
         &mut self,
         params: &ParamStore,
         grads: &[Option<Vec<f32>>],
+        grad_scale: f32,
         lrs: &[f64],
     ) -> Result<()> {
         let c = self.cfg;
@@ -194,12 +204,15 @@ impl AdamW {
                 g,
                 m: Out::new(&mut st.m),
                 v: Out::new(&mut st.v),
-                decay: (1.0 - lr * wd) as f32,
-                b1: c.beta1 as f32,
-                b2: c.beta2 as f32,
-                step_size: (lr / bc1) as f32,
-                inv_bc2: (1.0 / bc2_sqrt) as f32,
-                eps: c.eps as f32,
+                k: AdamWStep {
+                    grad_scale,
+                    decay: (1.0 - lr * wd) as f32,
+                    b1: c.beta1 as f32,
+                    b2: c.beta2 as f32,
+                    step_size: (lr / bc1) as f32,
+                    inv_bc2: (1.0 / bc2_sqrt) as f32,
+                    eps: c.eps as f32,
+                },
             };
             p.var.as_tensor().inplace_op1(&update)?;
         }
@@ -238,6 +251,7 @@ impl Sgd {
         &mut self,
         params: &ParamStore,
         grads: &[Option<Vec<f32>>],
+        grad_scale: f32,
         lrs: &[f64],
     ) -> Result<()> {
         let mu = self.momentum as f32;
@@ -251,7 +265,11 @@ impl Sgd {
                 self.weight_decay as f32
             };
             let lr = lrs[i] as f32;
-            let mut d: Vec<f32> = g.iter().zip(&w).map(|(&g, &w)| g + wd * w).collect();
+            let mut d: Vec<f32> = g
+                .iter()
+                .zip(&w)
+                .map(|(&g, &w)| g * grad_scale + wd * w)
+                .collect();
             if mu != 0.0 {
                 let buf = match &mut self.buf[i] {
                     Some(b) => {
@@ -287,16 +305,17 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
-    /// One update.
+    /// One update (see [`AdamW::step`] for the arguments).
     pub fn step(
         &mut self,
         params: &ParamStore,
         grads: &[Option<Vec<f32>>],
+        grad_scale: f32,
         lrs: &[f64],
     ) -> Result<()> {
         match self {
-            Optimizer::AdamW(o) => o.step(params, grads, lrs),
-            Optimizer::Sgd(o) => o.step(params, grads, lrs),
+            Optimizer::AdamW(o) => o.step(params, grads, grad_scale, lrs),
+            Optimizer::Sgd(o) => o.step(params, grads, grad_scale, lrs),
         }
     }
 
@@ -403,8 +422,8 @@ mod tests {
         let mut opt = AdamW::new(cfg, 1);
         let g1 = vec![0.5f32, -1.0];
         let g2 = vec![0.1f32, 0.2];
-        opt.step(&store, &[Some(g1.clone())], &[0.1]).unwrap();
-        opt.step(&store, &[Some(g2.clone())], &[0.1]).unwrap();
+        opt.step(&store, &[Some(g1.clone())], 1.0, &[0.1]).unwrap();
+        opt.step(&store, &[Some(g2.clone())], 1.0, &[0.1]).unwrap();
         // Reference computed in f64 by the formula in the module docs.
         let mut w = [1.0f64, -2.0];
         let (mut m, mut v) = ([0.0f64; 2], [0.0f64; 2]);
@@ -427,12 +446,75 @@ mod tests {
     }
 
     #[test]
-    fn clipping_scales_to_max_norm() {
-        let mut g = vec![Some(vec![3.0f32, 4.0]), None];
-        let n = clip_grad_norm(&mut g, 1.0);
+    fn clipping_factor_follows_torch() {
+        let g = vec![Some(vec![3.0f32, 4.0]), None];
+        let n = grad_norm(&g);
         assert!((n - 5.0).abs() < 1e-9);
-        let g0 = g[0].as_ref().unwrap();
-        assert!((g0[0] - 0.6).abs() < 1e-5 && (g0[1] - 0.8).abs() < 1e-5);
+        assert!((clip_factor(n, 1.0) as f64 - 1.0 / (5.0 + 1e-6)).abs() < 1e-7);
+        assert_eq!(clip_factor(n, 10.0), 1.0);
+        assert_eq!(clip_factor(n, 0.0), 1.0, "max_norm 0 disables clipping");
+        // Long, odd-sized buffers (several parallel chunks, vector lanes and a remainder)
+        // against a plain f64 sum.
+        let a: Vec<f32> = (0..100_003)
+            .map(|i| ((i * 37) % 101) as f32 * 0.01 - 0.5)
+            .collect();
+        let b: Vec<f32> = (0..17).map(|i| i as f32).collect();
+        let want = a
+            .iter()
+            .chain(&b)
+            .map(|&x| x as f64 * x as f64)
+            .sum::<f64>()
+            .sqrt();
+        let got = grad_norm(&[Some(a), None, Some(b)]);
+        assert!((got - want).abs() < 1e-12 * want, "{got} vs {want}");
+    }
+
+    /// `grad_scale` gives exactly (bit for bit) the update of gradients scaled beforehand.
+    #[test]
+    fn gradient_scale_equals_scaling_the_gradients_first() {
+        let n = 70_001; // several parallel chunks and a remainder
+        let w0: Vec<f32> = (0..n)
+            .map(|i| ((i * 13) % 97) as f32 * 0.02 - 1.0)
+            .collect();
+        let g: Vec<f32> = (0..n)
+            .map(|i| ((i * 29) % 89) as f32 * 0.03 - 1.3)
+            .collect();
+        let c = 0.37f32;
+        let scaled: Vec<f32> = g.iter().map(|&x| x * c).collect();
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        for sgd in [false, true] {
+            let run = |grads: &[f32], scale: f32| {
+                let var = Var::from_vec(w0.clone(), n, &Device::Cpu).unwrap();
+                let mut store = ParamStore::new(0);
+                store.params.push(Param {
+                    name: "w".into(),
+                    var: var.clone(),
+                    group: 0,
+                    no_decay: false,
+                });
+                let mut opt = if sgd {
+                    Optimizer::Sgd(Sgd::new(0.9, true, 0.01, 1))
+                } else {
+                    Optimizer::AdamW(AdamW::new(cfg, 1))
+                };
+                for _ in 0..2 {
+                    opt.step(&store, &[Some(grads.to_vec())], scale, &[0.01])
+                        .unwrap();
+                }
+                var.as_tensor().to_vec1::<f32>().unwrap()
+            };
+            let (a, b) = (run(&g, c), run(&scaled, 1.0));
+            assert!(a != w0, "the weights moved");
+            assert!(
+                a == b,
+                "sgd={sgd}: scaled while read differs from scaled first"
+            );
+        }
     }
 
     #[test]
@@ -450,9 +532,9 @@ mod tests {
             });
             let mut opt = Sgd::new(0.9, nesterov, 0.01, 1);
             let (g1, g2) = ([0.5f64, -1.0], [0.1f64, 0.2]);
-            opt.step(&store, &[Some(g1.map(|x| x as f32).to_vec())], &[0.1])
+            opt.step(&store, &[Some(g1.map(|x| x as f32).to_vec())], 1.0, &[0.1])
                 .unwrap();
-            opt.step(&store, &[Some(g2.map(|x| x as f32).to_vec())], &[0.1])
+            opt.step(&store, &[Some(g2.map(|x| x as f32).to_vec())], 1.0, &[0.1])
                 .unwrap();
             let mut w = [1.0f64, -2.0];
             let mut b = [0.0f64; 2];

@@ -32,7 +32,7 @@ use crate::predict::{infer_logits, ExportInfo};
 use crate::task::{encode_targets, evaluate_outputs, headline, label_map, Evaluation, TargetData};
 use crate::train::checkpoint::{self, RunState, Snapshot};
 use crate::train::loss::{compute, LossConfig, Targets};
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer, Sgd};
+use crate::train::optim::{clip_factor, grad_norm, AdamW, AdamWConfig, Optimizer, Sgd};
 use crate::train::schedule::{warmup_from_ratio, LrSchedule};
 
 /// What the trainer reports as it goes. The library prints nothing itself; the CLI shows
@@ -971,7 +971,7 @@ pub fn run(
                 progress.advance(chunk.len() as u64);
             }
             window_loss += add_penalties(&params, &mut grads, cfg.l1_penalty, cfg.l2_penalty)?;
-            let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
+            let grad_norm = grad_norm(&grads);
             if bad.is_none() && !grad_norm.is_finite() {
                 bad = Some(format!("gradient norm {grad_norm}"));
             }
@@ -1014,7 +1014,8 @@ pub fn run(
                     .iter()
                     .map(|p| group_lr[p.group] * factor)
                     .collect();
-                optimizer.step(&params, &grads, &lrs)?;
+                let clip = clip_factor(grad_norm, cfg.max_grad_norm);
+                optimizer.step(&params, &grads, clip, &lrs)?;
                 st.loss_acc += window_loss;
                 st.loss_n += 1;
             }
