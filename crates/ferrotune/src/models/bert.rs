@@ -162,6 +162,19 @@ impl LayerNorm {
             fused::layer_norm_composed(x, &g, &b, self.eps)
         }
     }
+
+    /// `LayerNorm(dropout(h) + r)` with dropout probability `p`: one fused operation
+    /// ([`fused::residual_layer_norm`]), or the composition of the three.
+    fn forward_residual(&self, ctx: &mut Ctx, h: &Tensor, r: &Tensor, p: f64) -> Result<Tensor> {
+        if ctx.fused() {
+            let g = ctx.w(&self.g, self.group);
+            let b = ctx.w(&self.b, self.group);
+            let drop = ctx.dropout_seed(p);
+            return fused::residual_layer_norm(h, r, &g, &b, self.eps, drop);
+        }
+        let h = ctx.dropout(h, p)?;
+        self.forward(ctx, &(h + r)?)
+    }
 }
 
 /// Softmax over the last dimension, composed of differentiable operations (the row
@@ -607,8 +620,9 @@ impl BertClassifier {
                     .reshape((bsz * seq, h))?
             };
             let attn = layer.o.forward(ctx, &attn)?;
-            let attn = ctx.dropout(&attn, self.cfg.hidden_dropout_prob)?;
-            let x1 = layer.ln1.forward(ctx, &(attn + &x)?)?;
+            let x1 = layer
+                .ln1
+                .forward_residual(ctx, &attn, &x, self.cfg.hidden_dropout_prob)?;
             let inter = match self.cfg.hidden_act.as_str() {
                 "gelu_new" => layer.inter.forward(ctx, &x1)?.gelu()?,
                 "relu" => layer.inter.forward(ctx, &x1)?.relu()?,
@@ -617,8 +631,9 @@ impl BertClassifier {
                 _ => layer.inter.forward(ctx, &x1)?.gelu_erf()?,
             };
             let out = layer.out.forward(ctx, &inter)?;
-            let out = ctx.dropout(&out, self.cfg.hidden_dropout_prob)?;
-            x = layer.ln2.forward(ctx, &(out + x1)?)?;
+            x = layer
+                .ln2
+                .forward_residual(ctx, &out, &x1, self.cfg.hidden_dropout_prob)?;
         }
         Ok(x.reshape((bsz, seq, h))?)
     }
@@ -747,9 +762,10 @@ mod tests {
         }
     }
 
-    /// With the fused layers, every weight matrix and embedding table gets its gradient
-    /// from the gradient sink, not from candle's store (the point of the sink: the values
-    /// are the same either way, so only this test notices if the sink stops being used).
+    /// With the fused layers, every weight matrix, linear bias, encoder layer norm and
+    /// embedding table gets its gradient from the gradient sink, not from candle's store
+    /// (the point of the sink: the values are the same either way, so only this test
+    /// notices if the sink stops being used).
     #[test]
     fn weight_gradients_go_through_the_sink() {
         let (_t, l, y, frozen) = gradient_setup();
@@ -777,7 +793,9 @@ mod tests {
             // Position embeddings are a slice of their table (candle's narrow), small.
             let matrix = p.var.rank() == 2 && !p.name.contains("position_embeddings");
             let linear_bias = p.name.ends_with(".bias") && !p.name.contains("LayerNorm");
-            if matrix || linear_bias {
+            // The encoder layers' norms (fused with their residual sum), not the embeddings'.
+            let layer_norm = p.name.contains("LayerNorm") && p.name.contains("layer.");
+            if matrix || linear_bias || layer_norm {
                 assert!(wrote, "{} did not go through the sink", p.name);
             }
         }

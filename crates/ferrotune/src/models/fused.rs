@@ -14,7 +14,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 
-use super::simd;
+use std::sync::Mutex;
+
+use super::{grad_sink, simd};
 use crate::error::Result;
 
 /// Whether the model uses the fused operations: yes, unless the environment sets
@@ -276,57 +278,207 @@ impl CustomOp3 for LayerNormOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = g.elem_count();
-        let eps = self.eps;
         let (dx, dg, db) = with_f32(x, |x| {
             with_f32(g, |g| {
-                with_f32(grad, |dy| {
-                    // Partial sums of dg and db over fixed blocks of rows, added in block
-                    // order: the result does not depend on which thread takes a block, so
-                    // runs stay bit-for-bit repeatable (and resumable) on any thread count.
-                    const ROWS: usize = 32;
-                    let blocks = x.len().div_ceil(ROWS * n);
-                    // Block i's partial dg in partials[2i·n..], its partial db after it.
-                    let mut partials = vec![0f32; blocks * 2 * n];
-                    let po = Out::new(&mut partials);
-                    // Safety: the blocks cover every row of dx and write all of each row.
-                    let dx = unsafe {
-                        super::linear::filled(x.len(), |dxp| {
-                            let dxo = Out(dxp, x.len());
-                            par_for(blocks, x.len() >= PAR_MIN, |blk| {
-                                let a = blk * ROWS * n;
-                                let b = (a + ROWS * n).min(x.len());
-                                // Safety: block `blk` alone writes these parts.
-                                let dxs = dxo.part(a, b - a);
-                                let acc = po.part(blk * 2 * n, 2 * n);
-                                let (adg, adb) = acc.split_at_mut(n);
-                                layer_norm_rows_backward(
-                                    &x[a..b],
-                                    g,
-                                    &dy[a..b],
-                                    dxs,
-                                    adg,
-                                    adb,
-                                    eps,
-                                );
-                            });
-                        })
-                    };
-                    let (mut dg, mut db) = (vec![0f32; n], vec![0f32; n]);
-                    for part in partials.chunks(2 * n) {
-                        let (pg, pb) = part.split_at(n);
-                        dg.iter_mut().zip(pg).for_each(|(a, b)| *a += b);
-                        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-                    }
-                    (dx, dg, db)
-                })
+                with_f32(grad, |dy| layer_norm_grads(x, g, dy, self.eps))
             })
-        })???;
+        })????;
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dg, n, dev)?),
             Some(Tensor::from_vec(db, n, dev)?),
         ))
+    }
+}
+
+/// The layer norm's gradients `(dx, dg, db)` for input `x` (rows of `g.len()`), weights `g`
+/// and upstream gradient `dy`, on the thread pool.
+fn layer_norm_grads(
+    x: &[f32],
+    g: &[f32],
+    dy: &[f32],
+    eps: f32,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let n = g.len();
+    if n == 0 || !x.len().is_multiple_of(n) || dy.len() != x.len() {
+        candle_core::bail!(
+            "layer norm backward: {} inputs, {} gradients, rows of {n}",
+            x.len(),
+            dy.len()
+        );
+    }
+    // Partial sums of dg and db over fixed blocks of rows, added in block order: the
+    // result does not depend on which thread takes a block, so runs stay bit-for-bit
+    // repeatable (and resumable) on any thread count.
+    const ROWS: usize = 32;
+    let blocks = x.len().div_ceil(ROWS * n);
+    // Block i's partial dg in partials[2i·n..], its partial db after it.
+    let mut partials = vec![0f32; blocks * 2 * n];
+    let po = Out::new(&mut partials);
+    // Safety: the blocks cover every row of dx and write all of each row.
+    let dx = unsafe {
+        super::linear::filled(x.len(), |dxp| {
+            let dxo = Out(dxp, x.len());
+            par_for(blocks, x.len() >= PAR_MIN, |blk| {
+                let a = blk * ROWS * n;
+                let b = (a + ROWS * n).min(x.len());
+                // Safety: block `blk` alone writes these parts.
+                let dxs = dxo.part(a, b - a);
+                let acc = po.part(blk * 2 * n, 2 * n);
+                let (adg, adb) = acc.split_at_mut(n);
+                layer_norm_rows_backward(&x[a..b], g, &dy[a..b], dxs, adg, adb, eps);
+            });
+        })
+    };
+    let (mut dg, mut db) = (vec![0f32; n], vec![0f32; n]);
+    for part in partials.chunks(2 * n) {
+        let (pg, pb) = part.split_at(n);
+        dg.iter_mut().zip(pg).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    Ok((dx, dg, db))
+}
+
+// ---------------------------------------------------------------------------------------
+// Residual + layer norm
+
+/// `layer_norm(r + dropout(h))`, the end of BERT's attention and feed-forward blocks
+/// (`drop`: the dropout's `(p, seed)`, as [`dropout`]; `None` for none), as one operation:
+/// one pass makes the sum, one normalises it, and no candle gradient bookkeeping runs for
+/// the dropout's output or the sum. The same values, bit for bit, as the three operations
+/// it replaces. The weight and bias gradients go to the gradient sink when it holds them
+/// ([`grad_sink::concat`]). Differentiable in `h`, `r`, `g` and `b`.
+pub fn residual_layer_norm(
+    h: &Tensor,
+    r: &Tensor,
+    g: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    drop: Option<(f32, u64)>,
+) -> Result<Tensor> {
+    if fusable(&[h, r, g, b])
+        && enabled()
+        && g.rank() == 1
+        && b.dims() == g.dims()
+        && h.dims() == r.dims()
+        && h.dims().last() == Some(&g.elem_count())
+    {
+        let gb = grad_sink::concat(&[g, b])?;
+        let op = ResidualLayerNormOp {
+            eps: eps as f32,
+            drop,
+            grad_gb: gb.track_op() || grad_sink::holds(&gb),
+            sum: Mutex::new(Vec::new()),
+        };
+        return Ok(h.contiguous()?.apply_op3(&r.contiguous()?, &gb, op)?);
+    }
+    let h = match drop {
+        Some((p, seed)) => dropout(h, p, seed)?,
+        None => h.clone(),
+    };
+    layer_norm(&(h + r)?, g, b, eps)
+}
+
+struct ResidualLayerNormOp {
+    eps: f32,
+    drop: Option<(f32, u64)>,
+    /// Whether the weights (`g` and `b`, concatenated) want a gradient.
+    grad_gb: bool,
+    /// The forward pass's `r + dropout(h)`, for the backward pass.
+    sum: Mutex<Vec<f32>>,
+}
+
+impl CustomOp3 for ResidualLayerNormOp {
+    fn name(&self) -> &'static str {
+        "ferrotune-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (h, r, gb) = (f32_data(s1, l1)?, f32_data(s2, l2)?, f32_data(s3, l3)?);
+        let n = gb.len() / 2;
+        if n == 0 || h.len() != r.len() || l1.dims().last() != Some(&n) {
+            candle_core::bail!("residual layer norm: shapes of h, r and the weights differ");
+        }
+        // r + dropout(h), in the dropout's streams: the multipliers first, as `dropout`
+        // computes them, then times h plus r (two roundings, as the separate operations).
+        let sum = map_parts(h, DROPOUT_CHUNK, |i, hs, o| match self.drop {
+            Some((p, seed)) => {
+                dropout_multipliers(seed, i as u64, p, o);
+                let rs = &r[i * DROPOUT_CHUNK..i * DROPOUT_CHUNK + o.len()];
+                for ((o, &h), &r) in o.iter_mut().zip(hs).zip(rs) {
+                    *o = *o * h + r;
+                }
+            }
+            None => {
+                let rs = &r[i * DROPOUT_CHUNK..i * DROPOUT_CHUNK + o.len()];
+                for ((o, &h), &r) in o.iter_mut().zip(hs).zip(rs) {
+                    *o = h + r;
+                }
+            }
+        });
+        let (g, b) = gb.split_at(n);
+        let y = map_parts(&sum, 16 * n, |_, xs, ys| {
+            layer_norm_rows(xs, g, b, ys, self.eps)
+        });
+        *self.sum.lock().unwrap_or_else(|e| e.into_inner()) = sum;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        _r: &Tensor,
+        gb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let sum = self.sum.lock().unwrap_or_else(|e| e.into_inner());
+        let n = gb.elem_count() / 2;
+        let (ds, dg, db) = with_f32(gb, |gb| {
+            with_f32(grad, |dy| layer_norm_grads(&sum, &gb[..n], dy, self.eps))
+        })???;
+        let dev = h.device();
+        let dh = match self.drop {
+            Some((p, seed)) => Some(Tensor::from_vec(
+                DropoutOp { p, seed }.apply(&ds),
+                h.shape(),
+                dev,
+            )?),
+            None => None,
+        };
+        let ds = Tensor::from_vec(ds, h.shape(), dev)?;
+        let dgb = if !self.grad_gb {
+            None
+        } else {
+            let sunk = grad_sink::write_rows(gb, n, |row0, rows, dst, acc| {
+                let src = [&dg, &db];
+                for (k, src) in src[row0..row0 + rows].iter().enumerate() {
+                    // Safety: the sink's buffer for these rows holds `rows · n` elements.
+                    let d = unsafe { std::slice::from_raw_parts_mut(dst.add(k * n), n) };
+                    if acc {
+                        d.iter_mut().zip(src.iter()).for_each(|(d, s)| *d += s);
+                    } else {
+                        d.copy_from_slice(src);
+                    }
+                }
+            });
+            if sunk {
+                None
+            } else {
+                Some(Tensor::from_vec([dg, db].concat(), 2 * n, dev)?)
+            }
+        };
+        // Without dropout, h and r get the same gradient tensor.
+        Ok((Some(dh.unwrap_or_else(|| ds.clone())), Some(ds), dgb))
     }
 }
 
@@ -582,6 +734,74 @@ pub(crate) mod tests {
                     "{shape:?} d{name}: {}",
                     max_diff(a, r)
                 );
+            }
+        }
+    }
+
+    /// The fused residual layer norm gives bit for bit what the separate fused dropout, sum
+    /// and layer norm give, forward and every gradient, and the composition of candle's
+    /// operations within tolerance; with and without dropout, on odd shapes (one over
+    /// several dropout streams and thread-pool tasks).
+    #[test]
+    fn residual_layer_norm_matches_its_parts() {
+        for (k, shape) in [
+            vec![1, 1],
+            vec![3, 7],
+            vec![2, 3, 17],
+            vec![37, 384],
+            vec![4, 129, 100],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let n = *shape.last().unwrap();
+            let k = k as u64;
+            let h = Var::from_tensor(&randn(&shape, k)).unwrap();
+            let r = Var::from_tensor(&randn(&shape, 50 + k)).unwrap();
+            let g = Var::from_tensor(&randn(&[n], 100 + k)).unwrap();
+            let b = Var::from_tensor(&randn(&[n], 200 + k)).unwrap();
+            let w = randn(&shape, 300 + k);
+            for drop in [None, Some((0.25f32, 11 + k))] {
+                let parts = |on: bool| {
+                    with_enabled(on, || {
+                        let hd = match drop {
+                            Some((p, seed)) => dropout(&h, p, seed).unwrap(),
+                            None => h.as_tensor().clone(),
+                        };
+                        let x = (hd + r.as_tensor()).unwrap();
+                        if on {
+                            layer_norm(&x, &g, &b, 1e-12).unwrap()
+                        } else {
+                            layer_norm_composed(&x, &g, &b, 1e-12).unwrap()
+                        }
+                    })
+                };
+                let fused = with_enabled(true, || {
+                    residual_layer_norm(&h, &r, &g, &b, 1e-12, drop).unwrap()
+                });
+                let (separate, composed) = (parts(true), parts(false));
+                let vec = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(vec(&fused) == vec(&separate), "{shape:?} {drop:?} forward");
+                assert!(
+                    max_diff(&fused, &composed) < 1e-5,
+                    "{shape:?} {drop:?} forward"
+                );
+                let (gf, gs, gc) = (
+                    grads_of(fused, &w),
+                    grads_of(separate, &w),
+                    grads_of(composed, &w),
+                );
+                for (name, v) in [("h", &h), ("r", &r), ("g", &g), ("b", &b)] {
+                    let (f, s, c) = (gf.get(v).unwrap(), gs.get(v).unwrap(), gc.get(v).unwrap());
+                    assert!(vec(f) == vec(s), "{shape:?} {drop:?} d{name}");
+                    let scale = c.abs().unwrap().max_keepdim(0).unwrap().max_all().unwrap();
+                    let tol = 2e-5 * scale.to_scalar::<f32>().unwrap().max(1.0);
+                    assert!(
+                        max_diff(f, c) < tol,
+                        "{shape:?} {drop:?} d{name}: {}",
+                        max_diff(f, c)
+                    );
+                }
             }
         }
     }
