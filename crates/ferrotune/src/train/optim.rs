@@ -403,9 +403,10 @@ mod tests {
     use crate::models::Param;
     use candle_core::{Device, Var};
 
-    #[test]
-    fn matches_the_adamw_formula_for_two_steps() {
-        let var = Var::from_vec(vec![1.0f32, -2.0], 2, &Device::Cpu).unwrap();
+    /// A store holding one parameter `w` (decayed) with these values, and its variable.
+    fn one_param(w: Vec<f32>) -> (Var, ParamStore) {
+        let n = w.len();
+        let var = Var::from_vec(w, n, &Device::Cpu).unwrap();
         let mut store = ParamStore::new(0);
         store.params.push(Param {
             name: "w".into(),
@@ -413,13 +414,21 @@ mod tests {
             group: 0,
             no_decay: false,
         });
-        let cfg = AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        };
-        let mut opt = AdamW::new(cfg, 1);
+        (var, store)
+    }
+
+    /// PyTorch's AdamW defaults, with weight decay 0.01.
+    const ADAMW: AdamWConfig = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+
+    #[test]
+    fn matches_the_adamw_formula_for_two_steps() {
+        let (var, store) = one_param(vec![1.0, -2.0]);
+        let mut opt = AdamW::new(ADAMW, 1);
         let g1 = vec![0.5f32, -1.0];
         let g2 = vec![0.1f32, 0.2];
         opt.step(&store, &[Some(g1.clone())], 1.0, &[0.1]).unwrap();
@@ -481,26 +490,13 @@ mod tests {
             .collect();
         let c = 0.37f32;
         let scaled: Vec<f32> = g.iter().map(|&x| x * c).collect();
-        let cfg = AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        };
         for sgd in [false, true] {
             let run = |grads: &[f32], scale: f32| {
-                let var = Var::from_vec(w0.clone(), n, &Device::Cpu).unwrap();
-                let mut store = ParamStore::new(0);
-                store.params.push(Param {
-                    name: "w".into(),
-                    var: var.clone(),
-                    group: 0,
-                    no_decay: false,
-                });
+                let (var, store) = one_param(w0.clone());
                 let mut opt = if sgd {
                     Optimizer::Sgd(Sgd::new(0.9, true, 0.01, 1))
                 } else {
-                    Optimizer::AdamW(AdamW::new(cfg, 1))
+                    Optimizer::AdamW(AdamW::new(ADAMW, 1))
                 };
                 for _ in 0..2 {
                     opt.step(&store, &[Some(grads.to_vec())], scale, &[0.01])
@@ -522,14 +518,7 @@ mod tests {
         // torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=..., weight_decay=0.01),
         // two steps with gradients g1 then g2, written out by hand.
         for nesterov in [false, true] {
-            let var = Var::from_vec(vec![1.0f32, -2.0], 2, &Device::Cpu).unwrap();
-            let mut store = ParamStore::new(0);
-            store.params.push(Param {
-                name: "w".into(),
-                var: var.clone(),
-                group: 0,
-                no_decay: false,
-            });
+            let (var, store) = one_param(vec![1.0, -2.0]);
             let mut opt = Sgd::new(0.9, nesterov, 0.01, 1);
             let (g1, g2) = ([0.5f64, -1.0], [0.1f64, 0.2]);
             opt.step(&store, &[Some(g1.map(|x| x as f32).to_vec())], 1.0, &[0.1])
