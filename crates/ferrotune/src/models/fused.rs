@@ -410,16 +410,14 @@ impl CustomOp3 for ResidualLayerNormOp {
         }
         // r + dropout(h), in the dropout's streams: the multipliers first, as `dropout`
         // computes them, then times h plus r (two roundings, as the separate operations).
-        let sum = map_parts(h, DROPOUT_CHUNK, |i, hs, o| match self.drop {
-            Some((p, seed)) => {
+        let sum = map_parts(h, DROPOUT_CHUNK, |i, hs, o| {
+            let rs = &r[i * DROPOUT_CHUNK..i * DROPOUT_CHUNK + o.len()];
+            if let Some((p, seed)) = self.drop {
                 dropout_multipliers(seed, i as u64, p, o);
-                let rs = &r[i * DROPOUT_CHUNK..i * DROPOUT_CHUNK + o.len()];
                 for ((o, &h), &r) in o.iter_mut().zip(hs).zip(rs) {
                     *o = *o * h + r;
                 }
-            }
-            None => {
-                let rs = &r[i * DROPOUT_CHUNK..i * DROPOUT_CHUNK + o.len()];
+            } else {
                 for ((o, &h), &r) in o.iter_mut().zip(hs).zip(rs) {
                     *o = h + r;
                 }
@@ -456,26 +454,11 @@ impl CustomOp3 for ResidualLayerNormOp {
             None => None,
         };
         let ds = Tensor::from_vec(ds, h.shape(), dev)?;
-        let dgb = if !self.grad_gb {
+        let dgb = [dg, db].concat();
+        let dgb = if !self.grad_gb || grad_sink::write_slice(gb, n, &dgb) {
             None
         } else {
-            let sunk = grad_sink::write_rows(gb, n, |row0, rows, dst, acc| {
-                let src = [&dg, &db];
-                for (k, src) in src[row0..row0 + rows].iter().enumerate() {
-                    // Safety: the sink's buffer for these rows holds `rows · n` elements.
-                    let d = unsafe { std::slice::from_raw_parts_mut(dst.add(k * n), n) };
-                    if acc {
-                        d.iter_mut().zip(src.iter()).for_each(|(d, s)| *d += s);
-                    } else {
-                        d.copy_from_slice(src);
-                    }
-                }
-            });
-            if sunk {
-                None
-            } else {
-                Some(Tensor::from_vec([dg, db].concat(), 2 * n, dev)?)
-            }
+            Some(Tensor::from_vec(dgb, 2 * n, dev)?)
         };
         // Without dropout, h and r get the same gradient tensor.
         Ok((Some(dh.unwrap_or_else(|| ds.clone())), Some(ds), dgb))

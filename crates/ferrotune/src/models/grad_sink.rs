@@ -214,6 +214,25 @@ pub(crate) fn write_rows(
     })
 }
 
+/// [`write_rows`] for a gradient already computed: `src`, row-major with `cols` columns,
+/// copied into the sink's buffers (added to them when accumulating). Returns `false`,
+/// writing nothing, when no sink holds `t` or `src` is not its size.
+pub(crate) fn write_slice(t: &Tensor, cols: usize, src: &[f32]) -> bool {
+    if src.len() != t.elem_count() {
+        return false;
+    }
+    write_rows(t, cols, |row0, rows, dst, acc| {
+        let src = &src[row0 * cols..(row0 + rows) * cols];
+        // Safety: the sink's buffer for these rows holds `rows · cols` elements.
+        let dst = unsafe { std::slice::from_raw_parts_mut(dst, rows * cols) };
+        if acc {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        } else {
+            dst.copy_from_slice(src);
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

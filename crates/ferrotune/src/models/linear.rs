@@ -395,17 +395,7 @@ impl CustomOp3 for LinearOp {
                     // db = column sums of dy.
                     let db = self.grad_wb.then(|| {
                         let db = column_sums(dy, out);
-                        let sunk = grad_sink::write_rows(b_t, 1, |r0, rows, dst, acc| {
-                            // Safety: the sink's slot holds `rows` elements.
-                            let dst = unsafe { std::slice::from_raw_parts_mut(dst, rows) };
-                            let src = &db[r0..r0 + rows];
-                            if acc {
-                                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                            } else {
-                                dst.copy_from_slice(src);
-                            }
-                        });
-                        (!sunk).then_some(db)
+                        (!grad_sink::write_slice(b_t, 1, &db)).then_some(db)
                     });
                     (dx, (dw.flatten(), db.flatten()))
                 })
