@@ -42,10 +42,42 @@ pub fn attention(
     let (batch, seq) = key_bias.dims2()?;
     let shape = Dims::new(batch, seq, heads, qkv)?;
     if fusable(&[qkv, key_bias]) {
-        let op = AttentionOp { shape, dropout };
+        let op = AttentionOp {
+            shape,
+            dropout,
+            queries: seq,
+        };
         return Ok(qkv.contiguous()?.apply_op2(&key_bias.contiguous()?, op)?);
     }
     attention_composed(qkv, key_bias, dropout, heads)
+}
+
+/// [`attention`] for each sequence's first query (`[CLS]`) only: `(batch, hidden)`, row `b`
+/// equal to row `b·seq` of [`attention`]'s output (the same dropout masks: the first row
+/// of each sequence and head's). Keys and values are every token's; the scores are one row
+/// per sequence and head instead of `seq`.
+pub fn attention_first_query(
+    qkv: &Tensor,
+    key_bias: &Tensor,
+    dropout: Option<(f32, u64)>,
+    heads: usize,
+) -> Result<Tensor> {
+    let (batch, seq) = key_bias.dims2()?;
+    let shape = Dims::new(batch, seq, heads, qkv)?;
+    if fusable(&[qkv, key_bias]) {
+        let op = AttentionOp {
+            shape,
+            dropout,
+            queries: seq.min(1),
+        };
+        return Ok(qkv.contiguous()?.apply_op2(&key_bias.contiguous()?, op)?);
+    }
+    let y = attention_composed(qkv, key_bias, dropout, heads)?;
+    let h = shape.hidden;
+    Ok(y.reshape((batch, seq, h))?
+        .narrow(1, 0, seq.min(1))?
+        .contiguous()?
+        .reshape((batch * seq.min(1), h))?)
 }
 
 /// The reference composition of [`attention`] from candle's differentiable operations (the
@@ -115,6 +147,9 @@ impl Dims {
 struct AttentionOp {
     shape: Dims,
     dropout: Option<(f32, u64)>,
+    /// Query rows per sequence: `seq` (every token), or 1 (the first token only; the
+    /// output then has one row per sequence).
+    queries: usize,
 }
 
 /// Pointer wrapper for reading a shared input from the tasks.
@@ -133,7 +168,7 @@ impl In {
 
 impl AttentionOp {
     /// The probabilities of task `t` (sequence `t / heads`, head `t % heads`) into `p`
-    /// (`seq × seq`): `softmax(Q Kᵀ·scale + key_bias)`.
+    /// (`queries × seq`): `softmax(Q Kᵀ·scale + key_bias)` for the first `queries` queries.
     ///
     /// # Safety
     /// `qkv` must hold the whole `(batch·seq, 3·hidden)` input.
@@ -150,7 +185,7 @@ impl AttentionOp {
         let q = qkv.get().add(bi * s * 3 * h + hd * dh);
         let k = q.add(h);
         sgemm(
-            s,
+            self.queries,
             s,
             dh,
             p.as_mut_ptr(),
@@ -164,11 +199,12 @@ impl AttentionOp {
         simd::softmax_rows(p, &kb[bi * s..(bi + 1) * s], s);
     }
 
-    /// The dropout multipliers of task `t`'s probabilities into `d` (`seq × seq`), if any.
+    /// The dropout multipliers of task `t`'s probabilities into `d` (`queries × seq`: the
+    /// first rows of the `seq × seq` mask), if any.
     fn drop_mask(&self, t: usize, d: &mut Vec<f32>) -> bool {
         match self.dropout {
             Some((p, seed)) => {
-                d.resize(self.shape.seq * self.shape.seq, 0.0);
+                d.resize(self.queries * self.shape.seq, 0.0);
                 dropout_multipliers(seed, t as u64, p, d);
                 true
             }
@@ -179,7 +215,7 @@ impl AttentionOp {
     /// Tasks are worth a thread when the whole op is not tiny.
     fn parallel(&self) -> bool {
         let s = self.shape;
-        s.batch * s.heads > 1 && s.batch * s.heads * s.seq * s.seq * s.head_dim >= 1 << 16
+        s.batch * s.heads > 1 && s.batch * s.heads * self.queries * s.seq * s.head_dim >= 1 << 16
     }
 }
 
@@ -204,12 +240,13 @@ impl CustomOp2 for AttentionOp {
             hidden: h,
             ..
         } = self.shape;
+        let nq = self.queries;
         let qkv_in = In(qkv.as_ptr());
         let y = unsafe {
-            filled(batch * s * h, |yp| {
-                let yo = Out(yp, batch * s * h);
+            filled(batch * nq * h, |yp| {
+                let yo = Out(yp, batch * nq * h);
                 par_for(batch * heads, self.parallel(), |t| {
-                    let mut p = vec![0f32; s * s];
+                    let mut p = vec![0f32; nq * s];
                     self.probs(t, qkv_in, kb, &mut p);
                     let mut d = Vec::new();
                     if self.drop_mask(t, &mut d) {
@@ -218,9 +255,9 @@ impl CustomOp2 for AttentionOp {
                     let (bi, hd) = (t / heads, t % heads);
                     let v = qkv_in.get().add(bi * s * 3 * h + 2 * h + hd * dh);
                     // Task t alone writes rows of sequence bi, columns of head hd.
-                    let dst = yo.ptr().add(bi * s * h + hd * dh);
+                    let dst = yo.ptr().add(bi * nq * h + hd * dh);
                     sgemm(
-                        s,
+                        nq,
                         dh,
                         s,
                         dst,
@@ -234,7 +271,10 @@ impl CustomOp2 for AttentionOp {
                 });
             })
         };
-        Ok((CpuStorage::F32(y), candle_core::Shape::from((batch * s, h))))
+        Ok((
+            CpuStorage::F32(y),
+            candle_core::Shape::from((batch * nq, h)),
+        ))
     }
 
     fn bwd(
@@ -252,6 +292,7 @@ impl CustomOp2 for AttentionOp {
             hidden: h,
             scale,
         } = self.shape;
+        let nq = self.queries;
         let dqkv = with_f32(qkv, |qkv| {
             with_f32(key_bias, |kb| {
                 with_f32(grad, |dy| {
@@ -261,7 +302,7 @@ impl CustomOp2 for AttentionOp {
                         filled(n, |gp| {
                             let go = Out(gp, n);
                             par_for(batch * heads, self.parallel(), |t| {
-                                let mut p = vec![0f32; s * s];
+                                let mut p = vec![0f32; nq * s];
                                 self.probs(t, qkv_in, kb, &mut p);
                                 let mut d = Vec::new();
                                 let dropout = self.drop_mask(t, &mut d);
@@ -279,17 +320,22 @@ impl CustomOp2 for AttentionOp {
                                     qkv_in.get().add(base + h),
                                     qkv_in.get().add(base + 2 * h),
                                 );
-                                let d_o = dy_in.get().add(bi * s * h + hd * dh);
+                                let d_o = dy_in.get().add(bi * nq * h + hd * dh);
                                 let (dq, dk, dv) = (
                                     go.ptr().add(base),
                                     go.ptr().add(base + h),
                                     go.ptr().add(base + 2 * h),
                                 );
+                                // Queries without an output get no gradient (this task's
+                                // head columns of the rows after the first `nq`).
+                                for r in nq..s {
+                                    std::slice::from_raw_parts_mut(dq.add(r * 3 * h), dh).fill(0.0);
+                                }
                                 // dV = Pdᵀ dO.
                                 sgemm(
                                     s,
                                     dh,
-                                    s,
+                                    nq,
                                     dv,
                                     3 * h,
                                     false,
@@ -299,9 +345,9 @@ impl CustomOp2 for AttentionOp {
                                     false,
                                 );
                                 // dPd = dO Vᵀ; dP = dPd ⊙ D; dS = P ⊙ (dP - rowsum(dP ⊙ P)).
-                                let mut ds = vec![0f32; s * s];
+                                let mut ds = vec![0f32; nq * s];
                                 sgemm(
-                                    s,
+                                    nq,
                                     s,
                                     dh,
                                     ds.as_mut_ptr(),
@@ -318,7 +364,7 @@ impl CustomOp2 for AttentionOp {
                                 simd::softmax_rows_backward(&p, &mut ds, s);
                                 // dQ = scale · dS K;  dK = scale · dSᵀ Q.
                                 sgemm(
-                                    s,
+                                    nq,
                                     dh,
                                     s,
                                     dq,
@@ -332,7 +378,7 @@ impl CustomOp2 for AttentionOp {
                                 sgemm(
                                     s,
                                     dh,
-                                    s,
+                                    nq,
                                     dk,
                                     3 * h,
                                     false,
@@ -397,6 +443,48 @@ mod tests {
             let (g, gr) = (grads_of(y, &up), grads_of(r, &up));
             let d = max_diff(g.get(&qkv).unwrap(), gr.get(&qkv).unwrap());
             assert!(d < 1e-4, "grad {what}: {d}");
+        }
+    }
+
+    /// The first-query op gives row `b·seq` of the full op's output for every sequence `b`,
+    /// and the gradient of the full op's output when only those rows get a gradient (the
+    /// other queries' gradient is zero), with padding and dropout, on odd shapes.
+    #[test]
+    fn first_query_matches_the_full_attention() {
+        for &(batch, seq, heads, dh, dropout) in &[
+            (1, 1, 1, 1, false),
+            (2, 5, 3, 1, true),
+            (3, 7, 2, 5, false),
+            (4, 33, 3, 8, true),
+            (5, 64, 4, 16, true),
+        ] {
+            let h = heads * dh;
+            let qkv = Var::from_tensor(&(randn(&[batch * seq, 3 * h], 31) * 0.5).unwrap()).unwrap();
+            let kb = key_bias(batch, seq);
+            let d = dropout.then_some((0.2, 32));
+            let up = randn(&[batch, h], 33);
+            let first = |y: Tensor| {
+                y.reshape((batch, seq, h))
+                    .unwrap()
+                    .narrow(1, 0, 1)
+                    .unwrap()
+                    .reshape((batch, h))
+                    .unwrap()
+            };
+            let y = attention_first_query(&qkv, &kb, d, heads).unwrap();
+            let r = first(attention(&qkv, &kb, d, heads).unwrap());
+            let c = first(attention_composed(&qkv, &kb, d, heads).unwrap());
+            let what = format!("{batch}x{seq} heads {heads}x{dh} dropout {dropout}");
+            assert_eq!(y.dims(), &[batch, h], "{what}");
+            assert!(max_diff(&y, &r) < 1e-5, "forward {what}");
+            let (g, gr, gc) = (grads_of(y, &up), grads_of(r, &up), grads_of(c, &up));
+            let (g, gr, gc) = (
+                g.get(&qkv).unwrap(),
+                gr.get(&qkv).unwrap(),
+                gc.get(&qkv).unwrap(),
+            );
+            assert!(max_diff(g, gr) < 1e-5, "grad vs fused {what}");
+            assert!(max_diff(g, gc) < 1e-4, "grad vs composed {what}");
         }
     }
 

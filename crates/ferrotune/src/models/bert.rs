@@ -583,7 +583,8 @@ impl BertClassifier {
     /// row) when `first_only`. Attention mixes tokens; everything after it in a layer (output
     /// projection, residual, layer norm, feed-forward) works on each token's row alone, so
     /// the last layer's `[CLS]` row needs the other rows only up to its attention: with
-    /// `first_only` the rest of that layer runs on one row per sequence instead of `seq`.
+    /// `first_only` the rest of that layer runs on one row per sequence instead of `seq`,
+    /// and its attention computes the `[CLS]` query's scores only.
     fn encode_layers(&self, ctx: &mut Ctx, batch: &Batch, first_only: bool) -> Result<Tensor> {
         let (bsz, seq) = batch.input_ids.dims2()?;
         let h = self.cfg.hidden_size;
@@ -622,9 +623,16 @@ impl BertClassifier {
         let last = self.layers.len().saturating_sub(1);
         let mut rows = seq;
         for (i, layer) in self.layers.iter().enumerate() {
+            let first = first_only && i == last && seq > 1;
             let attn = if ctx.fused() {
                 let qkv = layer.qkv(ctx, &x)?;
-                attention::attention(&qkv, &key_bias, ctx.dropout_seed(p_attn), nh)?
+                let drop = ctx.dropout_seed(p_attn);
+                if first {
+                    // One row per sequence (the `[CLS]` query's).
+                    attention::attention_first_query(&qkv, &key_bias, drop, nh)?
+                } else {
+                    attention::attention(&qkv, &key_bias, drop, nh)?
+                }
             } else {
                 // The composed reference (`FERROTUNE_NO_FUSED=1`).
                 let heads = |t: Tensor| -> Result<Tensor> {
@@ -650,9 +658,14 @@ impl BertClassifier {
                     .contiguous()?
                     .reshape((bsz * seq, h))?
             };
-            let (attn, residual) = if first_only && i == last && seq > 1 {
+            let (attn, residual) = if first {
                 rows = 1;
-                (first_rows(&attn, bsz, seq)?, first_rows(&x, bsz, seq)?)
+                let attn = if ctx.fused() {
+                    attn
+                } else {
+                    first_rows(&attn, bsz, seq)?
+                };
+                (attn, first_rows(&x, bsz, seq)?)
             } else {
                 (attn, x)
             };
