@@ -420,21 +420,38 @@ mod tests {
         Tensor::from_vec(v, (batch, seq), &Device::Cpu).unwrap()
     }
 
+    /// `(batch, seq, heads, head_dim, dropout)`: odd shapes (head_dim 1, a single token,
+    /// more tasks than threads), with and without dropout.
+    const CASES: [(usize, usize, usize, usize, bool); 5] = [
+        (1, 1, 1, 1, false),
+        (2, 5, 3, 1, true),
+        (3, 7, 2, 5, false),
+        (4, 33, 3, 8, true),
+        (5, 64, 4, 16, true),
+    ];
+
+    /// A random QKV input, the padding bias of `batch x seq` and the dropout of a case.
+    fn inputs(
+        (batch, seq, heads, dh, dropout): (usize, usize, usize, usize, bool),
+        seed: u64,
+    ) -> (Var, Tensor, Option<(f32, u64)>) {
+        let h = heads * dh;
+        let qkv = (randn(&[batch * seq, 3 * h], seed) * 0.5).unwrap();
+        (
+            Var::from_tensor(&qkv).unwrap(),
+            key_bias(batch, seq),
+            dropout.then_some((0.2, seed + 1)),
+        )
+    }
+
     /// Forward and the gradient of the fused QKV input equal the composition, with padding
-    /// and dropout, on odd shapes (head_dim 1, a single token, more tasks than threads).
+    /// and dropout, on odd shapes.
     #[test]
     fn attention_matches_the_composition() {
-        for &(batch, seq, heads, dh, dropout) in &[
-            (1, 1, 1, 1, false),
-            (2, 5, 3, 1, true),
-            (3, 7, 2, 5, false),
-            (4, 33, 3, 8, true),
-            (5, 64, 4, 16, true),
-        ] {
+        for case in CASES {
+            let (batch, seq, heads, dh, dropout) = case;
             let h = heads * dh;
-            let qkv = Var::from_tensor(&(randn(&[batch * seq, 3 * h], 11) * 0.5).unwrap()).unwrap();
-            let kb = key_bias(batch, seq);
-            let d = dropout.then_some((0.2, 12));
+            let (qkv, kb, d) = inputs(case, 11);
             let up = randn(&[batch * seq, h], 13);
             let y = attention(&qkv, &kb, d, heads).unwrap();
             let r = attention_composed(&qkv, &kb, d, heads).unwrap();
@@ -451,17 +468,10 @@ mod tests {
     /// other queries' gradient is zero), with padding and dropout, on odd shapes.
     #[test]
     fn first_query_matches_the_full_attention() {
-        for &(batch, seq, heads, dh, dropout) in &[
-            (1, 1, 1, 1, false),
-            (2, 5, 3, 1, true),
-            (3, 7, 2, 5, false),
-            (4, 33, 3, 8, true),
-            (5, 64, 4, 16, true),
-        ] {
+        for case in CASES {
+            let (batch, seq, heads, dh, dropout) = case;
             let h = heads * dh;
-            let qkv = Var::from_tensor(&(randn(&[batch * seq, 3 * h], 31) * 0.5).unwrap()).unwrap();
-            let kb = key_bias(batch, seq);
-            let d = dropout.then_some((0.2, 32));
+            let (qkv, kb, d) = inputs(case, 31);
             let up = randn(&[batch, h], 33);
             let first = |y: Tensor| {
                 y.reshape((batch, seq, h))

@@ -919,39 +919,62 @@ mod tests {
     /// inference.
     #[test]
     fn fused_and_composed_models_agree() {
-        let (_t, l, y, frozen) = gradient_setup();
-        let run = |on: bool| {
-            fused::with_enabled(on, || {
-                let mut rng = ChaCha8Rng::seed_from_u64(7);
-                let (loss, grads) = loss_and_grads(
-                    &l.model,
-                    &l.params,
-                    &batch(),
-                    &y,
-                    &LossConfig::default(),
-                    1.0,
-                    train_ctx(&frozen, &mut rng),
-                )
-                .unwrap();
-                let logits = l.model.forward(&mut Ctx::eval(), &batch()).unwrap();
-                (
-                    loss,
-                    grads,
-                    logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                )
-            })
-        };
-        let (fl, fg, fo) = run(true);
-        let (cl, cg, co) = run(false);
-        assert!((fl - cl).abs() < 1e-5, "loss {fl} vs {cl}");
-        for (a, b) in fo.iter().zip(&co) {
-            assert!((a - b).abs() < 1e-5, "logits {fo:?} vs {co:?}");
+        let (_t, l, y, _) = gradient_setup();
+        let run = |on: bool| fused::with_enabled(on, || training_step(&l, &y, 7));
+        let (fused, composed) = (run(true), run(false));
+        assert_steps_agree(
+            &l.params,
+            &fused,
+            &composed,
+            1e-5,
+            1e-4,
+            "fused vs composed",
+        );
+    }
+
+    /// Loss, every gradient (nothing frozen, dropout seeded by `seed`) and the inference
+    /// logits of one step of `l` on `batch()`.
+    fn training_step(l: &Loaded, y: &Targets, seed: u64) -> (f32, Vec<Option<Vec<f32>>>, Vec<f32>) {
+        let frozen = vec![false; l.params.num_groups()];
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (loss, grads) = loss_and_grads(
+            &l.model,
+            &l.params,
+            &batch(),
+            y,
+            &LossConfig::default(),
+            1.0,
+            train_ctx(&frozen, &mut rng),
+        )
+        .unwrap();
+        let logits = l.model.forward(&mut Ctx::eval(), &batch()).unwrap();
+        let logits = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (loss, grads, logits)
+    }
+
+    /// Two [`training_step`]s agree: loss and logits within `tol`, every gradient within
+    /// `grad_tol` relative to its largest element.
+    fn assert_steps_agree(
+        params: &ParamStore,
+        (al, ag, ao): &(f32, Vec<Option<Vec<f32>>>, Vec<f32>),
+        (bl, bg, bo): &(f32, Vec<Option<Vec<f32>>>, Vec<f32>),
+        tol: f32,
+        grad_tol: f32,
+        what: &str,
+    ) {
+        assert!((al - bl).abs() < tol, "{what}: loss {al} vs {bl}");
+        for (a, b) in ao.iter().zip(bo) {
+            assert!((a - b).abs() < tol, "{what}: logits {ao:?} vs {bo:?}");
         }
-        for ((p, a), b) in l.params.params.iter().zip(&fg).zip(&cg) {
+        for ((p, a), b) in params.params.iter().zip(ag).zip(bg) {
             let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
             let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
             let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(d < 1e-4 * scale, "{}: {d} (largest {scale})", p.name);
+            assert!(
+                d < grad_tol * scale,
+                "{what} {}: {d} (largest {scale})",
+                p.name
+            );
         }
     }
 
@@ -968,37 +991,11 @@ mod tests {
                 let mut l = load(t.path(), pooling).unwrap();
                 l.model.set_dropout(Some(0.0), Some(0.0), Some(0.0));
                 l.model.set_first_token_last_layer(first_only);
-                let frozen = vec![false; l.params.num_groups()];
-                let mut rng = ChaCha8Rng::seed_from_u64(3);
-                let (loss, grads) = loss_and_grads(
-                    &l.model,
-                    &l.params,
-                    &batch(),
-                    &y,
-                    &LossConfig::default(),
-                    1.0,
-                    train_ctx(&frozen, &mut rng),
-                )
-                .unwrap();
-                let logits = l.model.forward(&mut Ctx::eval(), &batch()).unwrap();
-                let names: Vec<String> = l.params.params.iter().map(|p| p.name.clone()).collect();
-                (loss, grads, logits.to_vec2::<f32>().unwrap(), names)
+                (training_step(&l, &y, 3), l.params)
             };
-            let (fl, fg, fo, names) = run(true);
-            let (cl, cg, co, _) = run(false);
-            assert!((fl - cl).abs() < 1e-6, "{pooling:?}: loss {fl} vs {cl}");
-            for (a, b) in fo.iter().flatten().zip(co.iter().flatten()) {
-                assert!((a - b).abs() < 1e-5, "{pooling:?}: logits {fo:?} vs {co:?}");
-            }
-            for ((name, a), b) in names.iter().zip(&fg).zip(&cg) {
-                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-                let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-                let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(
-                    d < 1e-5 * scale,
-                    "{pooling:?} {name}: {d} (largest {scale})"
-                );
-            }
+            let ((first, params), (full, _)) = (run(true), run(false));
+            let what = format!("{pooling:?}, first token vs full layer");
+            assert_steps_agree(&params, &first, &full, 1e-5, 1e-5, &what);
         }
     }
 
