@@ -39,17 +39,7 @@ pub fn attention(
     dropout: Option<(f32, u64)>,
     heads: usize,
 ) -> Result<Tensor> {
-    let (batch, seq) = key_bias.dims2()?;
-    let shape = Dims::new(batch, seq, heads, qkv)?;
-    if fusable(&[qkv, key_bias]) {
-        let op = AttentionOp {
-            shape,
-            dropout,
-            queries: seq,
-        };
-        return Ok(qkv.contiguous()?.apply_op2(&key_bias.contiguous()?, op)?);
-    }
-    attention_composed(qkv, key_bias, dropout, heads)
+    attend(qkv, key_bias, dropout, heads, false)
 }
 
 /// [`attention`] for each sequence's first query (`[CLS]`) only: `(batch, hidden)`, row `b`
@@ -62,22 +52,38 @@ pub fn attention_first_query(
     dropout: Option<(f32, u64)>,
     heads: usize,
 ) -> Result<Tensor> {
+    attend(qkv, key_bias, dropout, heads, true)
+}
+
+/// [`attention`], or with `first_only` [`attention_first_query`]: the fused op, or the
+/// composition when the inputs are not on the CPU in f32.
+fn attend(
+    qkv: &Tensor,
+    key_bias: &Tensor,
+    dropout: Option<(f32, u64)>,
+    heads: usize,
+    first_only: bool,
+) -> Result<Tensor> {
     let (batch, seq) = key_bias.dims2()?;
     let shape = Dims::new(batch, seq, heads, qkv)?;
+    let queries = if first_only { seq.min(1) } else { seq };
     if fusable(&[qkv, key_bias]) {
         let op = AttentionOp {
             shape,
             dropout,
-            queries: seq.min(1),
+            queries,
         };
         return Ok(qkv.contiguous()?.apply_op2(&key_bias.contiguous()?, op)?);
     }
     let y = attention_composed(qkv, key_bias, dropout, heads)?;
+    if !first_only {
+        return Ok(y);
+    }
     let h = shape.hidden;
     Ok(y.reshape((batch, seq, h))?
-        .narrow(1, 0, seq.min(1))?
+        .narrow(1, 0, queries)?
         .contiguous()?
-        .reshape((batch * seq.min(1), h))?)
+        .reshape((batch * queries, h))?)
 }
 
 /// The reference composition of [`attention`] from candle's differentiable operations (the
