@@ -652,22 +652,22 @@ impl BertClassifier {
                     }
                     None => probs,
                 };
-                probs
+                let attn = probs
                     .matmul(&v)?
                     .transpose(1, 2)?
                     .contiguous()?
-                    .reshape((bsz * seq, h))?
-            };
-            let (attn, residual) = if first {
-                rows = 1;
-                let attn = if ctx.fused() {
-                    attn
-                } else {
+                    .reshape((bsz * seq, h))?;
+                if first {
                     first_rows(&attn, bsz, seq)?
-                };
-                (attn, first_rows(&x, bsz, seq)?)
+                } else {
+                    attn
+                }
+            };
+            let residual = if first {
+                rows = 1;
+                first_rows(&x, bsz, seq)?
             } else {
-                (attn, x)
+                x
             };
             let attn = layer.o.forward(ctx, &attn)?;
             let x1 =
