@@ -4,7 +4,7 @@
 
 mod common;
 
-use ferrotune::models::pickle::read_torch_file;
+use ferrotune::formats::pickle::read_torch_file;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

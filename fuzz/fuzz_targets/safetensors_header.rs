@@ -5,8 +5,8 @@
 mod common;
 
 use candle_core::Device;
-use ferrotune::models::bert::read_safetensors;
-use ferrotune::models::safetensors_shapes;
+use ferrotune::formats::safetensors::read_safetensors;
+use ferrotune::formats::safetensors::safetensors_shapes;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

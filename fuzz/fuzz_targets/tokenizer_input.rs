@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use candle_core::Device;
 use ferrotune::data::batch::{make_batch, pad_id, tokenize};
 use ferrotune::data::reader::Example;
-use ferrotune::models::tokenizer::{from_vocab, load_tokenizer};
+use ferrotune::data::tokenizer::{from_vocab, load_tokenizer};
 use libfuzzer_sys::fuzz_target;
 use tokenizers::Tokenizer;
 
@@ -59,5 +59,6 @@ fuzz_target!(|data: &[u8]| {
     );
     assert_eq!(f.ids.len(), f.type_ids.len());
     let b = make_batch(&[f], pad_id(tok), &Device::Cpu).unwrap();
+    let b = b.tokens().unwrap();
     assert_eq!(b.input_ids.dims()[1], f.ids.len().max(1));
 });

@@ -121,7 +121,8 @@ enum Cmd {
         /// `train` or `infer`.
         #[arg(value_parser = ["train", "infer"])]
         mode: String,
-        /// `minilm-l6` or `bert-base`.
+        /// `minilm-l6`, `bert-base` (BERT), `roberta-base`, `distilbert-base`,
+        /// `mpnet-base`.
         #[arg(long, default_value = "minilm-l6")]
         preset: String,
         /// Sequences per batch.
@@ -139,6 +140,32 @@ enum Cmd {
         /// Kernel threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+    },
+    /// Sentence embeddings from a model directory (pretrained or fine-tuned): one JSONL
+    /// line `{"embedding": [...]}` per input, as sentence-transformers computes them.
+    Embed {
+        /// The model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Texts (CSV, TSV, JSONL, or .txt with one text per line).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output file (JSONL); standard output when absent.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Text column.
+        #[arg(long, default_value = "text")]
+        text_column: String,
+        /// `mean` (over the non-padding tokens) or `cls` (the first token).
+        #[arg(long, default_value = "mean")]
+        pooling: String,
+        /// Divide each embedding by its L2 norm.
+        #[arg(long)]
+        normalize: bool,
+        /// Truncation length (default: the sentence-transformers config's, else the
+        /// model's longest input, at most 512).
+        #[arg(long)]
+        max_length: Option<usize>,
     },
     /// Describe a model directory.
     Inspect {
@@ -384,12 +411,52 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             })?;
             println!("{}", serde_json::to_string(&r)?);
         }
+        Cmd::Embed {
+            model,
+            input,
+            output,
+            text_column,
+            pooling,
+            normalize,
+            max_length,
+        } => {
+            let pooling: ferrotune::nn::Pooling = pooling.parse().map_err(anyhow::Error::msg)?;
+            if pooling == ferrotune::nn::Pooling::Pooler {
+                anyhow::bail!("--pooling: expected mean or cls");
+            }
+            let device = ferrotune::nn::device();
+            let (m, enc) = ferrotune::infer::load_embedder(&model, max_length, &device)?;
+            let ex = read_examples(&input, &reader_for(text_column, None))?;
+            use ferrotune::data::InputEncoder;
+            let items = enc.encode(&ex)?;
+            let emb =
+                ferrotune::infer::embed(m.as_ref(), &enc, &items, pooling, normalize, 32, &device)?;
+            let mut text = String::new();
+            for e in &emb {
+                text.push_str(&serde_json::json!({ "embedding": e }).to_string());
+                text.push('\n');
+            }
+            match output {
+                Some(path) => {
+                    let tmp = path.with_extension("partial");
+                    std::fs::write(&tmp, &text).map_err(|e| Error::io(&tmp, e))?;
+                    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+                    eprintln!("{} embeddings written to {}", emb.len(), path.display());
+                }
+                None => {
+                    use std::io::Write;
+                    std::io::stdout()
+                        .write_all(text.as_bytes())
+                        .context("writing to standard output")?;
+                }
+            }
+        }
         Cmd::Inspect { model } => {
-            let info = ferrotune::models::inspect(&model)?;
+            let info = ferrotune::artifact::inspect(&model)?;
             println!("{info}");
         }
         Cmd::Convert { input, output } => {
-            let n = ferrotune::models::pickle::convert_to_safetensors(&input, &output)?;
+            let n = ferrotune::formats::pickle::convert_to_safetensors(&input, &output)?;
             println!("{n} tensors written to {}", output.display());
         }
     }

@@ -162,3 +162,101 @@ fn bad_recipe_and_data_give_one_line_errors() {
     ]);
     assert_clean_error(code, &stderr, &["config.json"]);
 }
+
+/// Every family through the whole command line: train, predict, eval, inspect (which
+/// names the family), embed, and a benchmark step of its preset shape.
+#[test]
+fn every_family_trains_predicts_evaluates_inspects_and_embeds() {
+    for family in ferrotune::families::FAMILIES {
+        let t = tempfile::tempdir().unwrap();
+        let model = t.path().join("base");
+        write_tiny_model(&model, &TinySpec::of(family.model_type())).unwrap();
+        let data = t.path().join("train.csv");
+        write_tiny_csv(&data, 48).unwrap();
+        let recipe = t.path().join("recipe.toml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "model_name_or_path = {model:?}\ntrain_file = {data:?}\nvalidation_split = 0.25\n\
+                 num_train_epochs = 1\nlearning_rate = 1e-3\nmax_seq_length = 16\n"
+            ),
+        )
+        .unwrap();
+        let out = t.path().join("run");
+        let (code, stdout, stderr) = ferrotune(&[
+            "train",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{}: {stderr}", family.name());
+        assert!(stdout.contains(&format!("({})", family.name())), "{stdout}");
+        assert!(stdout.contains("epoch 1: eval_loss"), "{stdout}");
+        let m = out.join("model");
+        let m = m.to_str().unwrap();
+        let (code, stdout, stderr) =
+            ferrotune(&["predict", "--model", m, "--input", data.to_str().unwrap()]);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(stdout.lines().count(), 48);
+        let (code, stdout, stderr) =
+            ferrotune(&["eval", "--model", m, "--input", data.to_str().unwrap()]);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("\"eval_accuracy\""), "{stdout}");
+        let (code, stdout, _) = ferrotune(&["inspect", "--model", m]);
+        assert_eq!(code, 0);
+        assert!(
+            stdout.contains(&format!("family:       {}", family.name())),
+            "{stdout}"
+        );
+        assert!(stdout.contains(family.architecture()), "{stdout}");
+        for base in [model.to_str().unwrap(), m] {
+            let (code, stdout, stderr) = ferrotune(&[
+                "embed",
+                "--model",
+                base,
+                "--input",
+                data.to_str().unwrap(),
+                "--normalize",
+            ]);
+            assert_eq!(code, 0, "{stderr}");
+            let rows: Vec<serde_json::Value> = stdout
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(rows.len(), 48);
+            let e: Vec<f64> = rows[0]["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert_eq!(e.len(), 16);
+            let norm = e.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        }
+    }
+}
+
+#[test]
+fn bench_runs_every_preset_shape() {
+    for preset in ferrotune::bench::presets() {
+        let (code, stdout, stderr) = ferrotune(&[
+            "bench",
+            "infer",
+            "--preset",
+            preset.name,
+            "--batch",
+            "1",
+            "--seq",
+            "4",
+            "--steps",
+            "1",
+        ]);
+        assert_eq!(code, 0, "{}: {stderr}", preset.name);
+        let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert!(last["median_ms"].as_f64().unwrap() > 0.0, "{stdout}");
+    }
+    let (code, _, stderr) = ferrotune(&["bench", "infer", "--preset", "gpt-9"]);
+    assert_clean_error(code, &stderr, &["gpt-9", "minilm-l6", "bert-base"]);
+}

@@ -5,8 +5,8 @@
 use std::time::Instant;
 
 use candle_core::{Device, Var};
-use ferrotune::models::{Param, ParamStore};
-use ferrotune::train::optim::{clip_factor, grad_norm, AdamW, AdamWConfig};
+use ferrotune::nn::{Param, ParamStore};
+use ferrotune::optim::{clip_factor, grad_norm, AdamW, AdamWConfig};
 
 fn main() {
     let threads = std::env::args().nth(1).unwrap_or_else(|| "2".into());
@@ -24,7 +24,7 @@ fn main() {
         ]);
         sizes.extend([768; 5]);
     }
-    let mut store = ParamStore::new(0);
+    let mut store = ParamStore::default();
     let mut grads = Vec::new();
     for (i, &n) in sizes.iter().enumerate() {
         let w: Vec<f32> = (0..n)

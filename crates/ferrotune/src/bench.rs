@@ -1,5 +1,5 @@
 //! `ferrotune bench`: time one training step or one inference pass of a randomly
-//! initialised BERT of a known shape, the same code the trainer runs.
+//! initialised model of a known shape (any family), the same code the trainer runs.
 //!
 //! The result is the median and minimum over the timed steps (after 2 warm-up steps), the
 //! achieved GFLOP/s (the model's multiply-adds counted as 2 FLOPs, training = 3× the
@@ -7,46 +7,57 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
-use crate::models::bert::{BertClassifier, Weights};
-use crate::models::{Batch, Ctx, HfConfig, Pooling};
-use crate::train::loss::{LossConfig, Targets};
-use crate::train::optim::{clip_factor, grad_norm, AdamW, AdamWConfig};
-use crate::train::trainer::loss_and_grads_into;
+use crate::families::{Family, HeadSpec, HfConfig, ModelShape, FAMILIES};
+use crate::loss::{LossConfig, Targets};
+use crate::nn::{Batch, Ctx, TokenBatch, Weights};
+use crate::optim::{clip_factor, grad_norm, AdamW, AdamWConfig};
+use crate::train::step::loss_and_grads_into;
 
-/// A model shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Preset {
-    /// all-MiniLM-L6-v2: hidden 384, 6 layers, 12 heads, intermediate 1536.
-    MiniLmL6,
-    /// BERT-base: hidden 768, 12 layers, 12 heads, intermediate 3072.
-    BertBase,
+/// A named model shape of some family (`minilm-l6`, `bert-base`, `mpnet-base`, ...):
+/// each family lists its own ([`crate::families::Family::presets`]).
+#[derive(Clone, Copy)]
+pub struct Preset {
+    /// Its name.
+    pub name: &'static str,
+    /// The family.
+    pub family: &'static dyn Family,
+    /// The shape.
+    pub shape: ModelShape,
+}
+
+impl std::fmt::Debug for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name, self.family.model_type())
+    }
+}
+
+/// Every family's presets.
+pub fn presets() -> Vec<Preset> {
+    FAMILIES
+        .iter()
+        .flat_map(|&family| {
+            family.presets().iter().map(move |&(name, shape)| Preset {
+                name,
+                family,
+                shape,
+            })
+        })
+        .collect()
 }
 
 impl std::str::FromStr for Preset {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "minilm-l6" => Ok(Preset::MiniLmL6),
-            "bert-base" => Ok(Preset::BertBase),
-            _ => Err(format!(
-                "unknown preset `{s}` (expected minilm-l6 or bert-base)"
-            )),
-        }
-    }
-}
-
-impl Preset {
-    /// (hidden, layers, heads, intermediate).
-    pub fn shape(self) -> (usize, usize, usize, usize) {
-        match self {
-            Preset::MiniLmL6 => (384, 6, 12, 1536),
-            Preset::BertBase => (768, 12, 12, 3072),
-        }
+        let all = presets();
+        all.iter().find(|p| p.name == s).copied().ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|p| p.name).collect();
+            format!("unknown preset `{s}` (expected {})", names.join(", "))
+        })
     }
 }
 
@@ -84,8 +95,9 @@ pub struct BenchResult {
 
 /// FLOPs of one forward pass: 2 per multiply-add of the linear layers and of attention's
 /// two batched products (embeddings and element-wise work not counted).
-pub fn forward_flops(preset: Preset, batch: usize, seq: usize) -> f64 {
-    let (h, l, _, i) = preset.shape();
+pub fn forward_flops(preset: &Preset, batch: usize, seq: usize) -> f64 {
+    let s = preset.shape;
+    let (h, l, i) = (s.hidden, s.layers, s.intermediate);
     let tokens = (batch * seq) as f64;
     let (h, i, s) = (h as f64, i as f64, seq as f64);
     let linear = 2.0 * tokens * (4.0 * h * h + 2.0 * h * i);
@@ -120,25 +132,24 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
             "bench: batch >= 1, 2 <= seq <= 512 and steps >= 1 are required".into(),
         ));
     }
-    let (h, l, heads, i) = spec.preset.shape();
-    let json = serde_json::json!({
-        "model_type": "bert", "vocab_size": 30522, "hidden_size": h, "num_hidden_layers": l,
-        "num_attention_heads": heads, "intermediate_size": i, "max_position_embeddings": 512,
-        "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
-    });
-    let cfg: HfConfig =
-        serde_json::from_value(json).map_err(|e| Error::Msg(format!("bench config: {e}")))?;
-    let device = Device::Cpu;
-    let loaded = BertClassifier::load(&cfg, Weights::Random, 2, Pooling::Pooler, 0, &device)?;
+    let family = spec.preset.family;
+    let serde_json::Value::Object(json) = family.config_json(&spec.preset.shape) else {
+        return Err(Error::Msg(
+            "bench: a family's config is not an object".into(),
+        ));
+    };
+    let cfg = HfConfig::from_object(json, std::path::Path::new("(bench preset)"))?;
+    let device = crate::nn::device();
+    let loaded = family.build(&cfg, &Weights::Random, &HeadSpec::new(2), 0, &device)?;
     let (model, params) = (loaded.model, loaded.params);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let n = spec.batch * spec.seq;
     let ids: Vec<u32> = (0..n).map(|_| rng.random_range(1000..30000)).collect();
-    let batch = Batch {
+    let batch = Batch::Tokens(TokenBatch {
         input_ids: Tensor::from_vec(ids, (spec.batch, spec.seq), &device)?,
         token_type_ids: Tensor::zeros((spec.batch, spec.seq), candle_core::DType::U32, &device)?,
         attention_mask: Tensor::ones((spec.batch, spec.seq), candle_core::DType::F32, &device)?,
-    };
+    });
     let y: Vec<u32> = (0..spec.batch).map(|k| (k % 2) as u32).collect();
     let targets = Targets::Classes(Tensor::from_vec(y, spec.batch, &device)?);
     let loss = LossConfig::default();
@@ -165,7 +176,15 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
             };
             // As the trainer: gradient buffers kept from step to step.
             loss_and_grads_into(
-                &model, &params, &batch, &targets, &loss, 1.0, ctx, &mut grads, false,
+                model.as_ref(),
+                &params,
+                &batch,
+                &targets,
+                &loss,
+                1.0,
+                ctx,
+                &mut grads,
+                false,
             )?;
             let clip = clip_factor(grad_norm(&grads), 1.0);
             opt.step(&params, &grads, clip, &lrs)?;
@@ -186,7 +205,7 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
         (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
     };
     let flops =
-        forward_flops(spec.preset, spec.batch, spec.seq) * if spec.train { 3.0 } else { 1.0 };
+        forward_flops(&spec.preset, spec.batch, spec.seq) * if spec.train { 3.0 } else { 1.0 };
     Ok(BenchResult {
         median_ms: median,
         min_ms: times[0],

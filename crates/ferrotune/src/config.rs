@@ -11,33 +11,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::data::reader::EncodingErrors;
+use crate::data::tokenizer::MIN_SEQ_LENGTH;
 use crate::error::{Error, Result};
-use crate::models::Pooling;
-use crate::train::loss::LossKind;
-use crate::train::schedule::SchedulerKind;
-
-/// The task, as Hugging Face's `problem_type` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProblemType {
-    /// One class per example (softmax).
-    SingleLabelClassification,
-    /// Any number of classes per example (one sigmoid per class).
-    MultiLabelClassification,
-    /// One or several real-valued targets.
-    Regression,
-}
-
-impl ProblemType {
-    /// The Hugging Face spelling.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ProblemType::SingleLabelClassification => "single_label_classification",
-            ProblemType::MultiLabelClassification => "multi_label_classification",
-            ProblemType::Regression => "regression",
-        }
-    }
-}
+use crate::loss::LossKind;
+use crate::nn::Pooling;
+use crate::optim::schedule::SchedulerKind;
+pub use crate::tasks::ProblemType;
 
 /// Class weights for cross-entropy: explicit, one per class in label order, or
 /// `"balanced"` (`n_examples / (n_classes · count(class))`, as scikit-learn).
@@ -143,9 +122,10 @@ pub struct TrainConfig {
     pub max_eval_samples: Option<usize>,
     /// Where the run writes its model, metrics and resolved config.
     pub output_dir: PathBuf,
-    /// Sequence representation for the head: `pooler` (BERT's, what transformers exports),
-    /// `cls` or `mean`.
-    pub pooling: Pooling,
+    /// Sequence representation for the head: `pooler` (BERT's), `cls` or `mean`. Default:
+    /// what the model family's transformers head reads (`pooler` for BERT, `cls` for
+    /// RoBERTa, MPNet and DistilBERT).
+    pub pooling: Option<Pooling>,
     /// Log the training loss every N optimisation steps.
     pub logging_steps: usize,
     /// Which evaluation metric picks the exported epoch (an `eval_` prefix is accepted).
@@ -260,7 +240,7 @@ impl Default for TrainConfig {
             max_train_samples: None,
             max_eval_samples: None,
             output_dir: PathBuf::from("runs/ferrotune"),
-            pooling: Pooling::Pooler,
+            pooling: None,
             logging_steps: 50,
             metric_for_best_model: None,
             hidden_dropout_prob: None,
@@ -365,10 +345,6 @@ pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
         .unwrap_or_else(|| toml::Value::String(v.to_string()));
     Ok((k, value))
 }
-
-/// The shortest `max_seq_length`: a text pair needs three special tokens and one token of
-/// text. Below it the tokenizer would not truncate at all (found by fuzzing).
-pub const MIN_SEQ_LENGTH: usize = 4;
 
 impl TrainConfig {
     /// Reads a recipe file and applies `--set` overrides, then validates the result.
@@ -639,17 +615,7 @@ impl TrainConfig {
             }
         }
         let loss = self.loss_kind();
-        let fits = match self.problem_type {
-            ProblemType::SingleLabelClassification => {
-                matches!(loss, LossKind::CrossEntropy | LossKind::Focal)
-            }
-            ProblemType::MultiLabelClassification => {
-                matches!(loss, LossKind::BinaryCrossEntropy | LossKind::Focal)
-            }
-            ProblemType::Regression => {
-                matches!(loss, LossKind::Mse | LossKind::SmoothL1 | LossKind::Huber)
-            }
-        };
+        let fits = self.problem_type.task().fits(loss);
         if !fits {
             return bad(
                 "loss",
@@ -709,55 +675,19 @@ impl TrainConfig {
     /// The metric that picks the best epoch, without an `eval_` prefix, and whether greater
     /// is better. The names depend on the task.
     pub fn best_metric(&self) -> Option<(&'static str, bool)> {
-        let default = match self.problem_type {
-            ProblemType::SingleLabelClassification => "accuracy",
-            ProblemType::MultiLabelClassification => "micro_f1",
-            ProblemType::Regression => "mse",
-        };
+        let task = self.problem_type.task();
         let m = self
             .metric_for_best_model
             .as_deref()
-            .unwrap_or(default)
+            .unwrap_or(task.default_metric())
             .trim_start_matches("eval_");
-        let common = match m {
-            "loss" => Some(("loss", false)),
-            _ => None,
-        };
-        let task = match self.problem_type {
-            ProblemType::SingleLabelClassification => match m {
-                "accuracy" => Some(("accuracy", true)),
-                "macro_f1" | "f1" => Some(("macro_f1", true)),
-                "micro_f1" => Some(("micro_f1", true)),
-                "weighted_f1" => Some(("weighted_f1", true)),
-                "mcc" => Some(("mcc", true)),
-                _ => None,
-            },
-            ProblemType::MultiLabelClassification => match m {
-                "micro_f1" | "f1" => Some(("micro_f1", true)),
-                "macro_f1" => Some(("macro_f1", true)),
-                "subset_accuracy" | "accuracy" => Some(("subset_accuracy", true)),
-                _ => None,
-            },
-            ProblemType::Regression => match m {
-                "mse" => Some(("mse", false)),
-                "mae" => Some(("mae", false)),
-                "rmse" => Some(("rmse", false)),
-                "r2" => Some(("r2", true)),
-                "pearson" => Some(("pearson", true)),
-                "spearman" => Some(("spearman", true)),
-                _ => None,
-            },
-        };
-        common.or(task)
+        task.metric(m)
     }
 
     /// The loss in use: `loss`, or the task's default.
     pub fn loss_kind(&self) -> LossKind {
-        self.loss.unwrap_or(match self.problem_type {
-            ProblemType::SingleLabelClassification => LossKind::CrossEntropy,
-            ProblemType::MultiLabelClassification => LossKind::BinaryCrossEntropy,
-            ProblemType::Regression => LossKind::Mse,
-        })
+        self.loss
+            .unwrap_or_else(|| self.problem_type.task().default_loss())
     }
 
     /// The resolved recipe as TOML (written to the output directory).

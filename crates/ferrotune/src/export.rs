@@ -1,29 +1,33 @@
 //! Writes a fine-tuned model as a Hugging Face directory that
 //! `transformers.AutoModelForSequenceClassification.from_pretrained` loads:
-//! `config.json` (with `architectures`, `id2label`, `label2id`, `num_labels`,
-//! `problem_type`), `model.safetensors` under HF tensor names (`bert.…`, `classifier.…`),
-//! and the tokenizer files.
+//! `config.json` (with the family's `architectures`, `id2label`, `label2id`, `num_labels`,
+//! `problem_type`), `model.safetensors` under transformers' tensor names (the family's
+//! backbone prefix, `bert.…`, and its head's, `classifier.…`), and the tokenizer files.
 //!
 //! The directory is written under a temporary name and renamed into place, so a crash never
 //! leaves a half-written model.
 //!
-//! transformers' `BertForSequenceClassification` always applies BERT's pooler; a model
-//! trained with `pooling = "cls"` or `"mean"` is exported all the same, but only ferrotune
-//! (which reads `config.json`'s `ferrotune.pooling`) reproduces its predictions.
+//! transformers' heads read a fixed pooling (BERT's pooler, the first token for the
+//! others); a model trained with another `pooling` (`cls` or `mean` for BERT, `mean` for
+//! the others) is exported all the same, but only ferrotune (which reads `config.json`'s
+//! `ferrotune.pooling`) reproduces its predictions.
 
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
+use crate::artifact::ExportInfo;
 use crate::error::{Error, Result};
-use crate::models::{HfConfig, ParamStore};
-use crate::predict::ExportInfo;
+use crate::families::{Family, HfConfig};
+use crate::nn::ParamStore;
 
 /// Everything the exporter needs.
 pub struct ExportSpec<'a> {
     /// The pretrained model's configuration (its raw JSON is carried over).
     pub base: &'a HfConfig,
+    /// Its family (the architecture and tokenizer class written).
+    pub family: &'a dyn Family,
     /// The pretrained model's directory (tokenizer side files are copied from it).
     pub source_dir: &'a Path,
     /// The trained parameters.
@@ -53,10 +57,7 @@ pub fn export_config(spec: &ExportSpec) -> Value {
         .enumerate()
         .map(|(i, l)| (l.clone(), json!(i)))
         .collect();
-    cfg.insert(
-        "architectures".into(),
-        json!(["BertForSequenceClassification"]),
-    );
+    cfg.insert("architectures".into(), json!([spec.family.architecture()]));
     cfg.insert("id2label".into(), Value::Object(id2label));
     cfg.insert("label2id".into(), Value::Object(label2id));
     cfg.insert("num_labels".into(), json!(spec.labels.len()));
@@ -92,7 +93,12 @@ pub fn export_model(dir: &Path, spec: &ExportSpec) -> Result<()> {
     spec.tokenizer
         .save(&tok, false)
         .map_err(|e| Error::file(&tok, format!("cannot write: {e}")))?;
-    for side in ["vocab.txt", "special_tokens_map.json"] {
+    for side in [
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+    ] {
         let src = spec.source_dir.join(side);
         if src.exists() {
             std::fs::copy(&src, tmp.join(side)).map_err(|e| Error::io(&src, e))?;
@@ -106,7 +112,7 @@ pub fn export_model(dir: &Path, spec: &ExportSpec) -> Result<()> {
     tok_cfg.insert("model_max_length".into(), json!(spec.info.max_seq_length));
     tok_cfg
         .entry("tokenizer_class".to_string())
-        .or_insert(json!("BertTokenizer"));
+        .or_insert(json!(spec.family.tokenizer_class()));
     let tok_cfg = serde_json::to_string_pretty(&Value::Object(tok_cfg)).unwrap_or_default();
     write(&tmp.join("tokenizer_config.json"), tok_cfg.as_bytes())?;
 

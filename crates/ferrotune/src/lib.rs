@@ -3,31 +3,45 @@
 //! Fine-tune pretrained transformer models on your own labelled data, evaluate them, export
 //! them in the Hugging Face format and predict with them — in Rust, with no Python.
 //!
-//! The path of data, one module per stage:
+//! The path of data, one module per stage (imports point down this list, never up):
 //!
 //! 1. [`config`] — the recipe (TOML + `--set` overrides), validated once.
 //! 2. [`data`] — readers (CSV, TSV, JSONL, directory per class), labels, the seeded
-//!    stratified split, tokenization and dynamically padded batches.
-//! 3. [`models`] — the Hugging Face `config.json`, the tokenizer, BERT with a classification
-//!    head, and the parameter store with its layer groups.
-//! 4. [`train`] — loss, AdamW, learning-rate schedule and the training loop.
-//! 5. [`eval`] — metrics.
-//! 6. [`export`] — the Hugging Face directory written at the end of a run.
-//! 7. [`predict`] — inference on an exported model.
-//! 8. `serve` (cargo feature `serve`) — the HTTP inference server over [`predict`].
+//!    stratified split, and the input encoder (tokenizer, dynamically padded batches).
+//! 3. [`tasks`] — what each `problem_type` means: targets, default loss, metrics, output.
+//! 4. [`families`] — model families (BERT, ...), one folder each,
+//!    registered by `config.json`'s `model_type`.
+//! 5. [`nn`] — layers families share (linear, layer norm, the transformer encoder,
+//!    classification heads), the parameter store with its layer groups, the weight loader.
+//! 6. [`kernels`] — CPU kernels with forward and backward passes.
+//! 7. [`loss`], [`optim`] — losses; AdamW, SGD and learning-rate schedules.
+//! 8. [`train`] — the training loop, one step, checkpoints, parameter groups.
+//! 9. [`eval`] — metrics.
+//! 10. [`infer`], [`predict`] — inference for any family; a fine-tuned model loaded from
+//!     its exported directory ([`artifact`]).
+//! 11. [`export`] — the Hugging Face directory written at the end of a run.
+//! 12. `serve` (cargo feature `serve`) — the HTTP inference server over [`predict`].
+//! 13. [`formats`] — safetensors and PyTorch pickle files, read as data only.
 #![warn(missing_docs)]
 
+pub mod artifact;
 pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
 pub mod export;
-pub mod models;
+pub mod families;
+pub mod formats;
+pub mod infer;
+pub mod kernels;
+pub mod loss;
+pub mod nn;
+pub mod optim;
 pub mod predict;
 #[cfg(feature = "serve")]
 pub mod serve;
-pub mod task;
+pub mod tasks;
 pub mod testing;
 pub mod train;
 

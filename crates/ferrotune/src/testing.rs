@@ -1,17 +1,18 @@
 //! Tiny random models written in the real file formats, for tests and benchmarks.
 //!
-//! A test builds its own model directory (`config.json`, `model.safetensors`, `vocab.txt`)
-//! in a few milliseconds, so unit tests need no downloaded assets and no network.
+//! A test builds its own model directory (`config.json`, `model.safetensors`, and the
+//! tokenizer files its family's transformers tokenizer reads: `vocab.txt`, or
+//! `vocab.json` + `merges.txt` for RoBERTa's byte-level BPE) in a few milliseconds, for
+//! any family, so unit tests need no downloaded assets and no network.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::Device;
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::models::bert::{BertClassifier, Weights};
-use crate::models::{HfConfig, Pooling};
+use crate::families::{self, HeadSpec, HfConfig, ModelShape};
+use crate::nn::{GroupKind, Weights};
 
 /// Words of the tiny vocabulary (after the special tokens).
 pub const TINY_WORDS: &[&str] = &[
@@ -19,9 +20,11 @@ pub const TINY_WORDS: &[&str] = &[
     "plot", "acting", "very", "not", ".", ",", "!", "##s",
 ];
 
-/// Shape of a random BERT.
+/// Shape of a random model.
 #[derive(Debug, Clone, Copy)]
 pub struct TinySpec {
+    /// The family's `model_type` (`bert`, `roberta`, `distilbert`, `mpnet`).
+    pub family: &'static str,
     /// Hidden width.
     pub hidden: usize,
     /// Encoder layers.
@@ -30,9 +33,10 @@ pub struct TinySpec {
     pub heads: usize,
     /// Feed-forward width.
     pub intermediate: usize,
-    /// Positions.
+    /// Longest input in tokens.
     pub max_positions: usize,
-    /// Write backbone tensors with the `bert.` prefix (as HF fine-tuned checkpoints do).
+    /// Write backbone tensors with the family's prefix (`bert.`, as transformers'
+    /// fine-tuned checkpoints do) rather than without (sentence-transformers).
     pub prefix: bool,
     /// Seed of the random weights.
     pub seed: u64,
@@ -41,6 +45,7 @@ pub struct TinySpec {
 impl Default for TinySpec {
     fn default() -> Self {
         TinySpec {
+            family: "bert",
             hidden: 16,
             layers: 2,
             heads: 2,
@@ -52,59 +57,156 @@ impl Default for TinySpec {
     }
 }
 
-/// The `config.json` of a random BERT of `spec` with `vocab_size` tokens.
-pub fn tiny_config(spec: &TinySpec, vocab_size: usize) -> serde_json::Value {
-    json!({
-        "model_type": "bert",
-        "architectures": ["BertModel"],
-        "vocab_size": vocab_size,
-        "hidden_size": spec.hidden,
-        "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads,
-        "intermediate_size": spec.intermediate,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1,
-        "attention_probs_dropout_prob": 0.1,
-        "max_position_embeddings": spec.max_positions,
-        "type_vocab_size": 2,
-        "layer_norm_eps": 1e-12,
-        "initializer_range": 0.2,
-        "pad_token_id": 0
-    })
+impl TinySpec {
+    /// The default tiny shape for `family`.
+    pub fn of(family: &'static str) -> TinySpec {
+        TinySpec {
+            family,
+            ..Default::default()
+        }
+    }
 }
 
-/// Writes a random pretrained BERT (no classifier) to `dir`: `config.json`,
-/// `model.safetensors`, `vocab.txt`.
+/// The `config.json` of a random model of `spec` with `vocab_size` tokens.
+pub fn tiny_config(spec: &TinySpec, vocab_size: usize) -> Result<serde_json::Value> {
+    let fam = families::by_model_type(spec.family)
+        .ok_or_else(|| Error::Msg(format!("no family `{}`", spec.family)))?;
+    Ok(fam.config_json(&ModelShape {
+        vocab_size,
+        hidden: spec.hidden,
+        layers: spec.layers,
+        heads: spec.heads,
+        intermediate: spec.intermediate,
+        max_positions: spec.max_positions,
+        initializer_range: 0.2,
+    }))
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// Writes the tokenizer files of `family`'s transformers tokenizer over the tiny
+/// vocabulary; returns the vocabulary size.
+fn write_tokenizer(dir: &Path, tokenizer_class: &str) -> Result<usize> {
+    match tokenizer_class {
+        "RobertaTokenizer" => write_bpe(dir),
+        "MPNetTokenizer" => {
+            let mut vocab = vec!["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>"];
+            vocab.extend_from_slice(TINY_WORDS);
+            write(&dir.join("vocab.txt"), &(vocab.join("\n") + "\n"))?;
+            let cfg = json!({
+                "tokenizer_class": "MPNetTokenizer", "do_lower_case": true,
+                "bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>",
+                "sep_token": "</s>", "pad_token": "<pad>", "unk_token": "[UNK]",
+                "mask_token": "<mask>",
+            });
+            write(&dir.join("tokenizer_config.json"), &cfg.to_string())?;
+            Ok(vocab.len())
+        }
+        _ => {
+            let mut vocab = vec!["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+            vocab.extend_from_slice(TINY_WORDS);
+            write(&dir.join("vocab.txt"), &(vocab.join("\n") + "\n"))?;
+            if tokenizer_class != "BertTokenizer" {
+                let cfg = json!({"tokenizer_class": tokenizer_class, "do_lower_case": true});
+                write(&dir.join("tokenizer_config.json"), &cfg.to_string())?;
+            }
+            Ok(vocab.len())
+        }
+    }
+}
+
+/// A byte-level BPE vocabulary (`vocab.json`, `merges.txt`): RoBERTa's special tokens, the
+/// 256 byte symbols, and merges that make each tiny word one token (with and without the
+/// leading-space symbol `Ġ`).
+fn write_bpe(dir: &Path) -> Result<usize> {
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let mut tokens: Vec<String> = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort();
+    tokens.extend(alphabet.iter().map(|c| c.to_string()));
+    let mut merges = Vec::new();
+    for w in TINY_WORDS
+        .iter()
+        .filter(|w| w.chars().all(char::is_alphabetic))
+    {
+        for start in ["", "Ġ"] {
+            let mut cur = String::from(start);
+            for (i, c) in w.chars().enumerate() {
+                if i == 0 && start.is_empty() {
+                    cur.push(c);
+                    continue;
+                }
+                let next = format!("{cur}{c}");
+                let merge = format!("{cur} {c}");
+                if !merges.contains(&merge) {
+                    merges.push(merge);
+                }
+                if !tokens.contains(&next) {
+                    tokens.push(next.clone());
+                }
+                cur = next;
+            }
+        }
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    write(
+        &dir.join("vocab.json"),
+        &serde_json::Value::Object(vocab).to_string(),
+    )?;
+    write(
+        &dir.join("merges.txt"),
+        &(String::from("#version: 0.2\n") + &merges.join("\n") + "\n"),
+    )?;
+    let cfg = json!({
+        "tokenizer_class": "RobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "cls_token": "<s>", "sep_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "mask_token": "<mask>", "add_prefix_space": false,
+    });
+    write(&dir.join("tokenizer_config.json"), &cfg.to_string())?;
+    Ok(tokens.len())
+}
+
+/// Writes a random pretrained model of `spec.family` (no task head) to `dir`:
+/// `config.json`, `model.safetensors` and its tokenizer files.
 pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut vocab: Vec<&str> = vec!["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
-    vocab.extend_from_slice(TINY_WORDS);
-    let vp = dir.join("vocab.txt");
-    std::fs::write(&vp, vocab.join("\n") + "\n").map_err(|e| Error::io(&vp, e))?;
-    let cfg_json = tiny_config(spec, vocab.len());
+    let fam = families::by_model_type(spec.family)
+        .ok_or_else(|| Error::Msg(format!("no family `{}`", spec.family)))?;
+    let vocab_size = write_tokenizer(dir, fam.tokenizer_class())?;
     let cp = dir.join("config.json");
-    std::fs::write(&cp, cfg_json.to_string()).map_err(|e| Error::io(&cp, e))?;
+    write(&cp, &tiny_config(spec, vocab_size)?.to_string())?;
     let cfg = HfConfig::from_file(&cp)?;
-    let loaded = BertClassifier::load(
+    let device = crate::nn::device();
+    let loaded = fam.build(
         &cfg,
-        Weights::Random,
-        2,
-        Pooling::Pooler,
+        &Weights::Random,
+        &HeadSpec::new(2),
         spec.seed,
-        &Device::Cpu,
+        &device,
     )?;
+    let prefix = format!("{}.", fam.model_type());
+    let groups = &loaded.params.groups;
     let tensors: HashMap<String, candle_core::Tensor> = loaded
         .params
-        .named_tensors()
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("classifier."))
-        .map(|(k, v)| {
+        .params
+        .iter()
+        .filter(|p| groups[p.group].kind != GroupKind::Head)
+        .map(|p| {
             let k = if spec.prefix {
-                k
+                p.name.clone()
             } else {
-                k.trim_start_matches("bert.").to_string()
+                p.name.trim_start_matches(&prefix).to_string()
             };
-            (k, v)
+            (k, p.var.as_tensor().clone())
         })
         .collect();
     let sp = dir.join("model.safetensors");

@@ -1,7 +1,7 @@
 //! Inputs the fuzz targets (fuzz/) found, kept as tests of the fixes.
 
 use ferrotune::data::reader::{read_examples, read_examples_skipping, ReaderOptions};
-use ferrotune::models::tokenizer::load_tokenizer;
+use ferrotune::data::tokenizer::load_tokenizer;
 use ferrotune::testing::{write_tiny_model, TinySpec};
 use ferrotune::TrainConfig;
 

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use ferrotune::models::pickle::{convert_to_safetensors, read_torch_file};
+use ferrotune::formats::pickle::{convert_to_safetensors, read_torch_file};
 use safetensors::{SafeTensors, View};
 
 fn fixture(name: &str) -> PathBuf {

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, D};
 use ferrotune::data::batch::{make_batch, tokenize};
 use ferrotune::data::reader::Example;
-use ferrotune::models::bert::{BertClassifier, Weights};
-use ferrotune::models::tokenizer::load_tokenizer;
-use ferrotune::models::{Ctx, HfConfig, Pooling};
+use ferrotune::data::tokenizer::load_tokenizer;
+use ferrotune::families::{self, HeadSpec};
+use ferrotune::nn::{Ctx, Pooling};
 
 fn assets() -> Option<PathBuf> {
     let dir = std::env::var_os("FERROTUNE_ASSETS")
@@ -40,17 +40,12 @@ fn example(text: &str) -> Example {
 fn minilm_matches_the_reference_values() {
     let Some(assets) = assets() else { return };
     let dir = assets.join("all-MiniLM-L6-v2");
-    let cfg = HfConfig::from_dir(&dir).unwrap();
     let tok = load_tokenizer(&dir, 256).unwrap();
-    let l = BertClassifier::load(
-        &cfg,
-        Weights::Safetensors(&dir.join("model.safetensors")),
-        2,
-        Pooling::Mean,
-        0,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let head = HeadSpec {
+        pooling: Some(Pooling::Mean),
+        ..HeadSpec::new(2)
+    };
+    let (_, _, l) = families::load(&dir, &head, 0, &Device::Cpu).unwrap();
     let texts = ["A man is eating food.", "A man is eating a piece of bread."];
     let ex: Vec<Example> = texts.iter().map(|t| example(t)).collect();
     let feats = tokenize(&tok, &ex).unwrap();
@@ -61,7 +56,7 @@ fn minilm_matches_the_reference_values() {
     );
 
     let batch = make_batch(&[&feats[0], &feats[1]], 0, &Device::Cpu).unwrap();
-    let hidden = l.model.encode(&mut Ctx::eval(), &batch).unwrap();
+    let hidden = l.model.hidden_states(&mut Ctx::eval(), &batch).unwrap();
     let first: Vec<f32> = hidden
         .get(0)
         .unwrap()
@@ -84,7 +79,8 @@ fn minilm_matches_the_reference_values() {
             "last_hidden_state[0,0,:5] = {first:?}, want {want:?}"
         );
     }
-    let pooled = l.model.pool(&mut Ctx::eval(), &batch, &hidden).unwrap();
+    let mask = &batch.tokens().unwrap().attention_mask;
+    let pooled = Pooling::Mean.pool(&hidden, mask).unwrap();
     let norm = pooled
         .sqr()
         .unwrap()

@@ -13,12 +13,13 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::Router;
 use candle_core::Device;
+use ferrotune::artifact::ExportInfo;
 use ferrotune::data::reader::Example;
+use ferrotune::data::tokenizer::load_tokenizer;
 use ferrotune::export::{export_model, ExportSpec};
-use ferrotune::models::bert::{BertClassifier, Weights};
-use ferrotune::models::tokenizer::load_tokenizer;
-use ferrotune::models::{HfConfig, Pooling};
-use ferrotune::predict::{ExportInfo, Predictor};
+use ferrotune::families::{self, HeadSpec, HfConfig};
+use ferrotune::nn::Weights;
+use ferrotune::predict::Predictor;
 use ferrotune::serve::{shutdown_signal, ServeConfig, Server};
 use ferrotune::testing::{write_tiny_model, TinySpec, TINY_WORDS};
 use serde_json::{json, Value};
@@ -31,13 +32,20 @@ fn tiny_classifier(dir: &Path) -> PathBuf {
     tiny_model(dir, "single_label_classification")
 }
 
-/// A random 3-output model of `problem_type`.
+/// A random 3-output BERT of `problem_type`.
 fn tiny_model(dir: &Path, problem_type: &str) -> PathBuf {
+    tiny_model_of(dir, "bert", problem_type)
+}
+
+/// A random 3-output model of `family` and `problem_type`.
+fn tiny_model_of(dir: &Path, family: &'static str, problem_type: &str) -> PathBuf {
     let base = dir.join("base");
-    write_tiny_model(&base, &TinySpec::default()).unwrap();
+    write_tiny_model(&base, &TinySpec::of(family)).unwrap();
     let cfg = HfConfig::from_file(&base.join("config.json")).unwrap();
-    let loaded =
-        BertClassifier::load(&cfg, Weights::Random, 3, Pooling::Pooler, 11, &Device::Cpu).unwrap();
+    let family = families::family(&cfg).unwrap();
+    let loaded = family
+        .build(&cfg, &Weights::Random, &HeadSpec::new(3), 11, &Device::Cpu)
+        .unwrap();
     let tok = load_tokenizer(&base, MAX_LEN).unwrap();
     let labels: Vec<String> = ["neg", "neu", "pos"].map(String::from).to_vec();
     let out = dir.join("model");
@@ -45,13 +53,14 @@ fn tiny_model(dir: &Path, problem_type: &str) -> PathBuf {
         &out,
         &ExportSpec {
             base: &cfg,
+            family,
             source_dir: &base,
             params: &loaded.params,
             tokenizer: &tok,
             labels: &labels,
             problem_type,
             info: ExportInfo {
-                pooling: Pooling::Pooler,
+                pooling: loaded.model.pooling(),
                 max_seq_length: MAX_LEN,
                 text_column: "text".into(),
                 text_pair_column: None,
@@ -254,6 +263,36 @@ async fn multi_label_and_regression_scores_are_the_librarys() {
             // One sigmoid per label: in (0, 1), not summing to 1.
             assert!(want[0].iter().all(|&x| x > 0.0 && x < 1.0));
             assert!((want[0].iter().sum::<f32>() - 1.0).abs() > 1e-3);
+        }
+    }
+}
+
+/// Every family's server answers as its predictor, for every task type, text pairs
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_family_serves_the_librarys_predictions() {
+    for family in families::FAMILIES {
+        for problem_type in [
+            "single_label_classification",
+            "multi_label_classification",
+            "regression",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let model = tiny_model_of(dir.path(), family.model_type(), problem_type);
+            let p = Predictor::load(&model).unwrap();
+            assert_eq!(p.family.model_type(), family.model_type());
+            let s = Server::new(Predictor::load(&model).unwrap(), ServeConfig::default()).unwrap();
+            let (t1, t2) = (text(2, 7), text(5, 3));
+            let a = predict(&s.router(), json!({ "inputs": [t1, [t2, t1]] })).await;
+            assert_eq!(a.status, StatusCode::OK, "{}", family.name());
+            let v = a.json();
+            let ex = [example(&t1, None), example(&t2, Some(&t1))];
+            let want = p.predict_probs(&ex, |_| {}).unwrap();
+            for (i, w) in want.iter().enumerate() {
+                assert_close(&by_label(&v[i], &p.labels), w);
+            }
+            let info = call(&s.router(), "GET", "/info", "").await.json();
+            assert_eq!(info["model_type"], family.model_type());
         }
     }
 }

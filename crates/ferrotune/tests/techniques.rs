@@ -337,3 +337,110 @@ fn data_errors_come_before_the_model_is_loaded() {
     let e = train(&cfg, &mut Silent).unwrap_err().to_string();
     assert!(e.contains("ev.jsonl:1") && e.contains("`z`"), "{e}");
 }
+
+/// Every family runs every task type with the techniques of the recipe: freezing (frozen
+/// weights bit-identical, the rest changed), gradual unfreezing, discriminative learning
+/// rates, gradient accumulation, L1/L2 penalties, focal, smooth-L1 and label smoothing,
+/// class weights, SGD — and exports a model its predictor reloads.
+#[test]
+fn every_family_runs_every_task_and_technique() {
+    for family in ferrotune::families::FAMILIES {
+        let t = tempfile::tempdir().unwrap();
+        let model = t.path().join("model");
+        write_tiny_model(&model, &TinySpec::of(family.model_type())).unwrap();
+        let prefix = format!("{}.", family.model_type());
+        let (csv, ml, reg) = (
+            t.path().join("train.csv"),
+            t.path().join("ml.jsonl"),
+            t.path().join("reg.csv"),
+        );
+        write_tiny_csv(&csv, 48).unwrap();
+        let mut s = String::new();
+        for i in 0..24 {
+            let (text, labels) = [
+                ("the plot and acting were good", "[\"plot\", \"acting\"]"),
+                ("the plot was fine", "[\"plot\"]"),
+                ("a film", "[]"),
+            ][i % 3];
+            s.push_str(&format!("{{\"text\": \"{text}\", \"label\": {labels}}}\n"));
+        }
+        std::fs::write(&ml, s).unwrap();
+        let mut s = String::from("text,label\n");
+        for i in 0..24 {
+            let (w, v) = [("good", 0.9), ("bad", 0.1)][i % 2];
+            s.push_str(&format!("the film was {w} .,{v}\n"));
+        }
+        std::fs::write(&reg, s).unwrap();
+        let cases: [(&str, &Path, &[&str]); 3] = [
+            (
+                "single",
+                &csv,
+                &[
+                    "freeze=\"embeddings\"",
+                    "freeze_layers=1",
+                    "layerwise_lr_decay=0.8",
+                    "head_learning_rate=1e-2",
+                    "label_smoothing=0.1",
+                    "class_weights=\"balanced\"",
+                    "l2_penalty=1e-4",
+                ],
+            ),
+            (
+                "multi",
+                &ml,
+                &[
+                    "problem_type=\"multi_label_classification\"",
+                    "loss=\"focal\"",
+                    "gradient_accumulation_steps=2",
+                    "gradual_unfreeze=true",
+                    "l1_penalty=1e-5",
+                ],
+            ),
+            (
+                "regression",
+                &reg,
+                &[
+                    "problem_type=\"regression\"",
+                    "loss=\"smooth_l1\"",
+                    "optimizer=\"sgd\"",
+                    "momentum=0.9",
+                    "pooling=\"mean\"",
+                ],
+            ),
+        ];
+        for (name, data, sets) in cases {
+            let out = t.path().join(name);
+            let cfg = config(&model, data, &out, sets).unwrap();
+            let s = train(&cfg, &mut Silent)
+                .unwrap_or_else(|e| panic!("{} {name}: {e}", family.name()));
+            let m = &s.epochs[0];
+            assert!(m.get("loss").is_finite(), "{} {name}: {m:?}", family.name());
+            let p = Predictor::load(&out.join("model")).unwrap();
+            assert_eq!(p.family.model_type(), family.model_type());
+            let ex = ferrotune::data::reader::read_examples(data, &Default::default()).unwrap();
+            assert_eq!(p.predict_probs(&ex[..3], |_| {}).unwrap().len(), 3);
+            if name == "single" {
+                // The embeddings and the first layer are frozen: bit-identical.
+                let before = tensors(&model.join("model.safetensors"));
+                let after = tensors(&out.join("model/model.safetensors"));
+                let mut frozen = 0;
+                for (k, b) in &before {
+                    let a = &after[&format!("{prefix}{k}")];
+                    let first = k.contains("layer.0.") || k.starts_with("embeddings.");
+                    let bias_table = k.contains("relative_attention_bias");
+                    if first || bias_table {
+                        assert!(same(a, b), "{}: {k} is frozen but changed", family.name());
+                        frozen += 1;
+                    } else if !k.contains("pooler") && !k.contains("token_type") {
+                        assert!(
+                            !same(a, b),
+                            "{}: {k} trains but did not change",
+                            family.name()
+                        );
+                    }
+                }
+                assert!(frozen > 0);
+            }
+        }
+    }
+}

@@ -66,11 +66,12 @@ fn trains_exports_and_predicts_the_same() {
     assert_eq!(cfg_json["label2id"]["pos"], 1);
     assert_eq!(cfg_json["num_labels"], 2);
     assert_eq!(cfg_json["problem_type"], "single_label_classification");
-    let names = ferrotune::models::safetensors_shapes(&out.join("model/model.safetensors"))
-        .unwrap()
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect::<Vec<_>>();
+    let names =
+        ferrotune::formats::safetensors::safetensors_shapes(&out.join("model/model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>();
     assert!(names.contains(&"bert.embeddings.word_embeddings.weight".to_string()));
     assert!(names.contains(&"bert.pooler.dense.weight".to_string()));
     assert!(names.contains(&"classifier.weight".to_string()));

@@ -6,7 +6,7 @@ use tokenizers::{EncodeInput, Tokenizer};
 
 use crate::data::reader::Example;
 use crate::error::{Error, Result};
-use crate::models::Batch;
+use crate::nn::{Batch, TokenBatch};
 
 /// One tokenized example (unpadded).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,11 +90,11 @@ pub fn make_batch(feats: &[&Features], pad: u32, device: &Device) -> Result<Batc
         types[row..row + f.type_ids.len()].copy_from_slice(&f.type_ids);
         mask[row..row + f.ids.len()].fill(1.0);
     }
-    Ok(Batch {
+    Ok(Batch::Tokens(TokenBatch {
         input_ids: Tensor::from_vec(ids, (b, s), device)?,
         token_type_ids: Tensor::from_vec(types, (b, s), device)?,
         attention_mask: Tensor::from_vec(mask, (b, s), device)?,
-    })
+    }))
 }
 
 /// Batches of indices for inference: examples sorted by length (so each batch pads
@@ -123,6 +123,7 @@ mod tests {
             type_ids: vec![0, 0],
         };
         let batch = make_batch(&[&a, &b], 0, &Device::Cpu).unwrap();
+        let batch = batch.tokens().unwrap();
         assert_eq!(batch.input_ids.dims(), &[2, 3]);
         assert_eq!(
             batch.input_ids.to_vec2::<u32>().unwrap(),

@@ -1,6 +1,7 @@
-//! Reading users' labelled data, mapping labels to ids, and splitting it.
+//! Reading users' labelled data, mapping labels to ids, splitting it, and encoding it as
+//! model input.
 //!
-//! Data goes through three stages:
+//! Data goes through these stages:
 //!
 //! 1. [`reader`]: [`read_examples`] turns a data set on disk into a list of [`Example`]s
 //!    (text, optional text pair, optional raw label, and where each came from). The
@@ -14,14 +15,18 @@
 //! 3. [`split`]: [`stratified_split`] carves a deterministic, per-class held-out set out
 //!    of the training examples when the user has no separate evaluation file. Its hash
 //!    ([`split_key`]) is documented so that the same split can be reproduced outside Rust.
-//! 4. [`batch`]: tokenization (once, up front) and batches padded to their own longest
-//!    sequence (dynamic padding).
+//! 4. [`encoder`]: the [`InputEncoder`] that turns examples into model input —
+//!    [`TextEncoder`]: the model's tokenizer ([`tokenizer`]), tokenization once up front
+//!    and batches padded to their own longest sequence ([`batch`]).
 
 pub mod batch;
+pub mod encoder;
 pub mod labels;
 pub mod reader;
 pub mod split;
+pub mod tokenizer;
 
+pub use encoder::{InputEncoder, TextEncoder};
 pub use labels::LabelMap;
 pub use reader::{read_examples, EncodingErrors, Example, RawLabel, ReaderOptions};
 pub use split::{fmix64, fnv1a64, split_key, stratified_split};

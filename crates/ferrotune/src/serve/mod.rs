@@ -146,13 +146,14 @@ impl Server {
     pub fn new(mut predictor: Predictor, cfg: ServeConfig) -> Result<Server> {
         cfg.validate()?;
         predictor.batch_size = usize::MAX;
-        let mut untruncated = predictor.tokenizer.clone();
+        let mut untruncated = predictor.tokenizer().clone();
         untruncated
             .with_truncation(None)
             .map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
         let info = json!({
             "model": predictor.dir.display().to_string(),
             "version": env!("CARGO_PKG_VERSION"),
+            "model_type": predictor.family.model_type(),
             "problem_type": predictor.problem_type,
             "labels": predictor.labels,
             "pooling": predictor.info.pooling,
@@ -534,7 +535,7 @@ impl Shared {
         let max = self.predictor.info.max_seq_length;
         let mut out = Vec::with_capacity(inputs.len());
         for (i, inp) in inputs.iter().enumerate() {
-            let enc = encode(&self.predictor.tokenizer, i, inp)?;
+            let enc = encode(self.predictor.tokenizer(), i, inp)?;
             if !truncate && !enc.get_overflowing().is_empty() {
                 let full = encode(&self.untruncated, i, inp)?.len();
                 return Err(ApiError::too_large(format!(

@@ -12,7 +12,7 @@
 //! only when its manifest is present and every checksum matches, so a crash or a failed
 //! write mid-checkpoint never leaves one that `--resume latest` would pick.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,22 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::train::trainer::EpochMetrics;
+
+/// Evaluation results of one epoch.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Metric name (without `eval_`) → value; see [`crate::tasks::Task::evaluate`].
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl EpochMetrics {
+    /// A metric by name (without `eval_`); NaN when absent.
+    pub fn get(&self, name: &str) -> f64 {
+        self.metrics.get(name).copied().unwrap_or(f64::NAN)
+    }
+}
 
 /// Where a run continues from (everything except tensors).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +75,29 @@ pub struct RunState {
     /// Non-finite steps in all.
     #[serde(default)]
     pub bad_total: usize,
+}
+
+impl Default for RunState {
+    /// The state before the first step.
+    fn default() -> Self {
+        RunState {
+            step: 0,
+            epoch: 1,
+            window: 0,
+            rng_word_pos: 0,
+            loss_acc: 0.0,
+            loss_n: 0,
+            best: None,
+            since_best: 0,
+            epochs: Vec::new(),
+            train_seconds: 0.0,
+            metrics_len: 0,
+            optimizer_steps: Vec::new(),
+            stopped_early: false,
+            bad_in_row: 0,
+            bad_total: 0,
+        }
+    }
 }
 
 /// A checkpoint read back.
@@ -273,7 +311,7 @@ pub fn load(dir: &Path, n_params: usize) -> Result<Checkpoint> {
         serde_json::from_str(&text).map_err(|e| Error::file(&sp, format!("invalid: {e}")))?;
     let read = |name: &str| -> Result<HashMap<String, Tensor>> {
         let p = dir.join(name);
-        crate::models::bert::read_safetensors(&p, &Device::Cpu)
+        crate::formats::safetensors::read_safetensors(&p, &Device::Cpu)
     };
     let weights = unindexed(
         read("model.safetensors")?,

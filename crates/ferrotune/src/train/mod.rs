@@ -1,10 +1,15 @@
-//! Training: the loop ([`trainer`]), losses ([`loss`]), the optimizer ([`optim`]) and
-//! learning-rate schedules ([`schedule`]).
+//! Training: everything before the first step ([`prepare`]), the loop ([`trainer`]), one
+//! step's arithmetic ([`step`]), per-group learning rates and freezing ([`groups`]),
+//! checkpoints ([`checkpoint`]) and what a run reports ([`log`]). Losses are in
+//! [`crate::loss`], the optimizers and schedules in [`crate::optim`].
 
 pub mod checkpoint;
-pub mod loss;
-pub mod optim;
-pub mod schedule;
+pub mod groups;
+pub mod log;
+pub mod prepare;
+pub mod step;
 pub mod trainer;
 
-pub use trainer::{train, train_with, Control, Progress, Silent, TrainSummary};
+pub use checkpoint::EpochMetrics;
+pub use log::{Progress, Silent};
+pub use trainer::{train, train_with, Control, TrainSummary};

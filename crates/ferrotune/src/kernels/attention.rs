@@ -13,10 +13,11 @@
 //!
 //! Tasks run on candle's thread pool (`--threads`), each GEMM single-threaded.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Tensor};
 
-use super::fused::{dropout_mask, dropout_multipliers, f32_data, fusable, par_for, with_f32, Out};
-use super::linear::{filled, sgemm, Mat};
+use super::fused::{dropout_mask, dropout_multipliers};
+use super::gemm::{sgemm, Mat};
+use super::par::{f32_data, filled, fusable, par_for, with_f32, Out};
 use super::simd;
 use crate::error::{Error, Result};
 
@@ -27,19 +28,23 @@ use crate::error::{Error, Result};
 ///   concatenated query/key/value weights produce them.
 /// - `key_bias`: `(batch, seq)`, added to every score of that key (0 for a token, a large
 ///   negative number for padding).
+/// - `pos_bias`: `(heads, seq, seq)`, added to the scores of every sequence (MPNet's
+///   relative position bias), or `None`. Differentiable: its gradient is the scores'
+///   gradient summed over the batch.
 /// - `dropout`: `(p, seed)` of the dropout of the probabilities, or `None`. The mask of
 ///   (sequence `b`, head `h`) is stream `b·heads + h` of the seed
 ///   ([`super::fused::dropout_multipliers`]), regenerated in the backward pass.
 ///
 /// Returns the attended values `(batch·seq, hidden)`, heads side by side (tokens-first, the
-/// layout the output projection reads). Differentiable in `qkv`.
+/// layout the output projection reads). Differentiable in `qkv` and `pos_bias`.
 pub fn attention(
     qkv: &Tensor,
     key_bias: &Tensor,
+    pos_bias: Option<&Tensor>,
     dropout: Option<(f32, u64)>,
     heads: usize,
 ) -> Result<Tensor> {
-    attend(qkv, key_bias, dropout, heads, false)
+    attend(qkv, key_bias, pos_bias, dropout, heads, false)
 }
 
 /// [`attention`] for each sequence's first query (`[CLS]`) only: `(batch, hidden)`, row `b`
@@ -49,10 +54,11 @@ pub fn attention(
 pub fn attention_first_query(
     qkv: &Tensor,
     key_bias: &Tensor,
+    pos_bias: Option<&Tensor>,
     dropout: Option<(f32, u64)>,
     heads: usize,
 ) -> Result<Tensor> {
-    attend(qkv, key_bias, dropout, heads, true)
+    attend(qkv, key_bias, pos_bias, dropout, heads, true)
 }
 
 /// [`attention`], or with `first_only` [`attention_first_query`]: the fused op, or the
@@ -60,22 +66,37 @@ pub fn attention_first_query(
 fn attend(
     qkv: &Tensor,
     key_bias: &Tensor,
+    pos_bias: Option<&Tensor>,
     dropout: Option<(f32, u64)>,
     heads: usize,
     first_only: bool,
 ) -> Result<Tensor> {
     let (batch, seq) = key_bias.dims2()?;
     let shape = Dims::new(batch, seq, heads, qkv)?;
+    if let Some(pb) = pos_bias {
+        if pb.dims() != [heads, seq, seq] {
+            return Err(Error::Msg(format!(
+                "attention: position bias is {:?}, expected [{heads}, {seq}, {seq}]",
+                pb.dims()
+            )));
+        }
+    }
     let queries = if first_only { seq.min(1) } else { seq };
-    if fusable(&[qkv, key_bias]) {
+    let mut all = vec![qkv, key_bias];
+    all.extend(pos_bias);
+    if fusable(&all) {
         let op = AttentionOp {
             shape,
             dropout,
             queries,
         };
-        return Ok(qkv.contiguous()?.apply_op2(&key_bias.contiguous()?, op)?);
+        let (qkv, kb) = (qkv.contiguous()?, key_bias.contiguous()?);
+        return Ok(match pos_bias {
+            None => qkv.apply_op2(&kb, op)?,
+            Some(pb) => qkv.apply_op3(&kb, &pb.contiguous()?, op)?,
+        });
     }
-    let y = attention_composed(qkv, key_bias, dropout, heads)?;
+    let y = attention_composed(qkv, key_bias, pos_bias, dropout, heads)?;
     if !first_only {
         return Ok(y);
     }
@@ -91,6 +112,7 @@ fn attend(
 pub fn attention_composed(
     qkv: &Tensor,
     key_bias: &Tensor,
+    pos_bias: Option<&Tensor>,
     dropout: Option<(f32, u64)>,
     heads: usize,
 ) -> Result<Tensor> {
@@ -105,7 +127,10 @@ pub fn attention_composed(
     };
     let (q, k, v) = (split(0)?, split(1)?, split(2)?);
     let bias = key_bias.reshape((batch, 1, 1, seq))?;
-    let scores = (q.matmul(&k.t()?)? * s.scale as f64)?.broadcast_add(&bias)?;
+    let mut scores = (q.matmul(&k.t()?)? * s.scale as f64)?.broadcast_add(&bias)?;
+    if let Some(pb) = pos_bias {
+        scores = scores.broadcast_add(&pb.unsqueeze(0)?)?;
+    }
     let mut probs = super::fused::softmax_last_composed(&scores)?;
     if let Some((p, seed)) = dropout {
         let shape = [batch, heads, seq, seq];
@@ -174,11 +199,12 @@ impl In {
 
 impl AttentionOp {
     /// The probabilities of task `t` (sequence `t / heads`, head `t % heads`) into `p`
-    /// (`queries × seq`): `softmax(Q Kᵀ·scale + key_bias)` for the first `queries` queries.
+    /// (`queries × seq`): `softmax(Q Kᵀ·scale + pos_bias + key_bias)` for the first
+    /// `queries` queries.
     ///
     /// # Safety
     /// `qkv` must hold the whole `(batch·seq, 3·hidden)` input.
-    unsafe fn probs(&self, t: usize, qkv: In, kb: &[f32], p: &mut [f32]) {
+    unsafe fn probs(&self, t: usize, qkv: In, kb: &[f32], pb: Option<&[f32]>, p: &mut [f32]) {
         let Dims {
             seq: s,
             heads,
@@ -202,6 +228,11 @@ impl AttentionOp {
             scale,
             false,
         );
+        if let Some(pb) = pb {
+            // This head's first `queries` rows of the position bias.
+            let rows = &pb[hd * s * s..hd * s * s + self.queries * s];
+            p.iter_mut().zip(rows).for_each(|(p, b)| *p += b);
+        }
         simd::softmax_rows(p, &kb[bi * s..(bi + 1) * s], s);
     }
 
@@ -225,19 +256,14 @@ impl AttentionOp {
     }
 }
 
-impl CustomOp2 for AttentionOp {
-    fn name(&self) -> &'static str {
-        "ferrotune-attention"
-    }
-
-    fn cpu_fwd(
+impl AttentionOp {
+    /// The forward pass on the contiguous inputs.
+    fn forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        qkv: &[f32],
+        kb: &[f32],
+        pb: Option<&[f32]>,
     ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        let (qkv, kb) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
         let Dims {
             batch,
             seq: s,
@@ -253,7 +279,7 @@ impl CustomOp2 for AttentionOp {
                 let yo = Out(yp, batch * nq * h);
                 par_for(batch * heads, self.parallel(), |t| {
                     let mut p = vec![0f32; nq * s];
-                    self.probs(t, qkv_in, kb, &mut p);
+                    self.probs(t, qkv_in, kb, pb, &mut p);
                     let mut d = Vec::new();
                     if self.drop_mask(t, &mut d) {
                         p.iter_mut().zip(&d).for_each(|(p, d)| *p *= d);
@@ -283,13 +309,14 @@ impl CustomOp2 for AttentionOp {
         ))
     }
 
-    fn bwd(
+    /// The gradients of `qkv` and of the position bias (when there is one).
+    fn backward(
         &self,
         qkv: &Tensor,
         key_bias: &Tensor,
-        _res: &Tensor,
+        pos_bias: Option<&Tensor>,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let Dims {
             batch,
             seq: s,
@@ -299,6 +326,21 @@ impl CustomOp2 for AttentionOp {
             scale,
         } = self.shape;
         let nq = self.queries;
+        // The position bias is small (heads·seq²): read from a copy.
+        let pb_data = pos_bias
+            .map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()))
+            .transpose()?;
+        let pb = pb_data.as_deref();
+        // The scores' gradient of every task, when the position bias needs it.
+        let mut ds_all = vec![
+            0f32;
+            if pb.is_some() {
+                batch * heads * nq * s
+            } else {
+                0
+            }
+        ];
+        let dso = Out::new(&mut ds_all);
         let dqkv = with_f32(qkv, |qkv| {
             with_f32(key_bias, |kb| {
                 with_f32(grad, |dy| {
@@ -309,7 +351,7 @@ impl CustomOp2 for AttentionOp {
                             let go = Out(gp, n);
                             par_for(batch * heads, self.parallel(), |t| {
                                 let mut p = vec![0f32; nq * s];
-                                self.probs(t, qkv_in, kb, &mut p);
+                                self.probs(t, qkv_in, kb, pb, &mut p);
                                 let mut d = Vec::new();
                                 let dropout = self.drop_mask(t, &mut d);
                                 // Pd = P ⊙ D (the probabilities after dropout).
@@ -368,6 +410,10 @@ impl CustomOp2 for AttentionOp {
                                     ds.iter_mut().zip(&d).for_each(|(g, d)| *g *= d);
                                 }
                                 simd::softmax_rows_backward(&p, &mut ds, s);
+                                if pb.is_some() {
+                                    // Task t alone writes its block of the scores' gradient.
+                                    dso.part(t * nq * s, nq * s).copy_from_slice(&ds);
+                                }
                                 // dQ = scale · dS K;  dK = scale · dSᵀ Q.
                                 sgemm(
                                     nq,
@@ -399,17 +445,91 @@ impl CustomOp2 for AttentionOp {
                 })
             })
         })???;
-        Ok((
-            Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?),
-            None,
-        ))
+        let dqkv = Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?;
+        let dpb = match pos_bias {
+            None => None,
+            Some(t) => {
+                // Σ over the sequences of each head's scores' gradient (rows past the
+                // first `nq` queries get none).
+                let mut g = vec![0f32; heads * s * s];
+                for (task, ds) in ds_all.chunks(nq * s).enumerate() {
+                    let hd = task % heads;
+                    let dst = &mut g[hd * s * s..hd * s * s + nq * s];
+                    dst.iter_mut().zip(ds).for_each(|(g, d)| *g += d);
+                }
+                Some(Tensor::from_vec(g, t.shape(), t.device())?)
+            }
+        };
+        Ok((dqkv, dpb))
+    }
+}
+
+impl CustomOp2 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "ferrotune-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        self.forward(f32_data(s1, l1)?, f32_data(s2, l2)?, None)
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        key_bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dqkv, _) = self.backward(qkv, key_bias, None, grad)?;
+        Ok((Some(dqkv), None))
+    }
+}
+
+/// With a position bias (MPNet): the same op, differentiable in the bias too.
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "ferrotune-attention-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        self.forward(
+            f32_data(s1, l1)?,
+            f32_data(s2, l2)?,
+            Some(f32_data(s3, l3)?),
+        )
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        key_bias: &Tensor,
+        pos_bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dqkv, dpb) = self.backward(qkv, key_bias, Some(pos_bias), grad)?;
+        Ok((Some(dqkv), None, dpb))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::fused::tests::{grads_of, max_diff, randn};
+    use crate::kernels::fused::tests::{grads_of, max_diff, randn};
     use candle_core::{Device, Var};
 
     fn key_bias(batch: usize, seq: usize) -> Tensor {
@@ -459,8 +579,8 @@ mod tests {
             let h = heads * dh;
             let (qkv, kb, d) = inputs(case, 11);
             let up = randn(&[batch * seq, h], 13);
-            let y = attention(&qkv, &kb, d, heads).unwrap();
-            let r = attention_composed(&qkv, &kb, d, heads).unwrap();
+            let y = attention(&qkv, &kb, None, d, heads).unwrap();
+            let r = attention_composed(&qkv, &kb, None, d, heads).unwrap();
             let what = format!("{batch}x{seq} heads {heads}x{dh} dropout {dropout}");
             assert!(max_diff(&y, &r) < 1e-4, "forward {what}");
             let (g, gr) = (grads_of(y, &up), grads_of(r, &up));
@@ -487,9 +607,9 @@ mod tests {
                     .reshape((batch, h))
                     .unwrap()
             };
-            let y = attention_first_query(&qkv, &kb, d, heads).unwrap();
-            let r = first(attention(&qkv, &kb, d, heads).unwrap());
-            let c = first(attention_composed(&qkv, &kb, d, heads).unwrap());
+            let y = attention_first_query(&qkv, &kb, None, d, heads).unwrap();
+            let r = first(attention(&qkv, &kb, None, d, heads).unwrap());
+            let c = first(attention_composed(&qkv, &kb, None, d, heads).unwrap());
             let what = format!("{batch}x{seq} heads {heads}x{dh} dropout {dropout}");
             assert_eq!(y.dims(), &[batch, h], "{what}");
             assert!(max_diff(&y, &r) < 1e-5, "forward {what}");
@@ -501,6 +621,46 @@ mod tests {
             );
             assert!(max_diff(g, gr) < 1e-5, "grad vs fused {what}");
             assert!(max_diff(g, gc) < 1e-4, "grad vs composed {what}");
+        }
+    }
+
+    /// With a per-head position bias (MPNet's): forward, the QKV gradient and the bias's
+    /// gradient equal the composition, for every query and for the first query only, with
+    /// padding and dropout, on odd shapes.
+    #[test]
+    fn position_bias_matches_the_composition() {
+        for case in CASES {
+            let (batch, seq, heads, dh, dropout) = case;
+            let h = heads * dh;
+            let (qkv, kb, d) = inputs(case, 41);
+            let pb = Var::from_tensor(&randn(&[heads, seq, seq], 43)).unwrap();
+            let what = format!("{batch}x{seq} heads {heads}x{dh} dropout {dropout}");
+            let up = randn(&[batch * seq, h], 45);
+            let y = attention(&qkv, &kb, Some(pb.as_tensor()), d, heads).unwrap();
+            let r = attention_composed(&qkv, &kb, Some(pb.as_tensor()), d, heads).unwrap();
+            assert!(max_diff(&y, &r) < 1e-4, "forward {what}");
+            let (g, gr) = (grads_of(y, &up), grads_of(r, &up));
+            for v in [&qkv, &pb] {
+                let d = max_diff(g.get(v).unwrap(), gr.get(v).unwrap());
+                assert!(d < 1e-4, "grad {what}: {d}");
+            }
+            // The first query only: the bias's gradient is that of its first rows.
+            let up = randn(&[batch, h], 47);
+            let y = attention_first_query(&qkv, &kb, Some(pb.as_tensor()), d, heads).unwrap();
+            let r = attention_composed(&qkv, &kb, Some(pb.as_tensor()), d, heads)
+                .unwrap()
+                .reshape((batch, seq, h))
+                .unwrap()
+                .narrow(1, 0, 1)
+                .unwrap()
+                .reshape((batch, h))
+                .unwrap();
+            assert!(max_diff(&y, &r) < 1e-4, "first-query forward {what}");
+            let (g, gr) = (grads_of(y, &up), grads_of(r, &up));
+            for v in [&qkv, &pb] {
+                let d = max_diff(g.get(v).unwrap(), gr.get(v).unwrap());
+                assert!(d < 1e-4, "first-query grad {what}: {d}");
+            }
         }
     }
 
@@ -519,8 +679,8 @@ mod tests {
         }
         let b = Tensor::from_vec(v, a.shape(), a.device()).unwrap();
         let (ya, yb) = (
-            attention(&a, &kb, None, heads).unwrap(),
-            attention(&b, &kb, None, heads).unwrap(),
+            attention(&a, &kb, None, None, heads).unwrap(),
+            attention(&b, &kb, None, None, heads).unwrap(),
         );
         let tokens = |y: &Tensor| y.narrow(0, seq, seq - 1).unwrap();
         assert!(max_diff(&tokens(&ya), &tokens(&yb)) < 1e-6);

@@ -19,7 +19,7 @@ use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::models::bert::log_softmax_last;
+use crate::kernels::fused::log_softmax_last;
 
 /// Which loss a run trains with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,10 +12,11 @@
 //! (another dtype or device) takes the composed path, so results never depend on whether a
 //! fused op exists.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, D};
 
 use std::sync::Mutex;
 
+use super::par::{f32_data, filled, fusable, map_parts, par_for, with_f32, Out, PAR_MIN};
 use super::{grad_sink, simd};
 use crate::error::Result;
 
@@ -41,100 +42,6 @@ pub fn with_enabled<R>(on: bool, f: impl FnOnce() -> R) -> R {
     let r = f();
     OVERRIDE.with(|o| o.set(before));
     r
-}
-
-/// Rows (or elements) below this are not worth a thread.
-pub(crate) const PAR_MIN: usize = 1 << 14;
-
-/// Runs `f(i)` for every `i` in `0..n`, on candle's own thread pool when `parallel` (the
-/// pool its element-wise kernels use, sized by `--threads`). Not rayon's: candle's pinned
-/// workers spin between operations, and a second pool beside them made inference slower.
-pub(crate) fn par_for(n: usize, parallel: bool, f: impl Fn(usize) + Sync) {
-    if parallel && n > 1 {
-        candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
-    } else {
-        (0..n).for_each(f);
-    }
-}
-
-/// A pointer into an output buffer that tasks of [`par_for`] write in disjoint parts.
-#[derive(Clone, Copy)]
-pub(crate) struct Out(pub(super) *mut f32, pub(super) usize);
-// Safety: every task writes a part no other task touches (see `Out::part`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    pub(crate) fn new(v: &mut [f32]) -> Self {
-        Out(v.as_mut_ptr(), v.len())
-    }
-
-    /// The start of the buffer (a method, so closures capture the whole `Out`, which is
-    /// `Sync`, not the bare pointer).
-    pub(super) fn ptr(&self) -> *mut f32 {
-        self.0
-    }
-
-    /// Elements `start..start + len` (clipped to the buffer).
-    ///
-    /// # Safety
-    /// Each part must be taken by one task only, and the buffer must outlive the tasks.
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn part(&self, start: usize, len: usize) -> &mut [f32] {
-        let end = (start + len).min(self.1);
-        let start = start.min(end);
-        std::slice::from_raw_parts_mut(self.0.add(start), end - start)
-    }
-}
-
-/// A new vector of `src.len()` elements, part `i` (of `chunk` elements) written by
-/// `f(i, input part i, output part i)`, in parallel when the input is large. The output is
-/// not zeroed first (a single-threaded memset on the calling thread, ~3% of a MiniLM
-/// step over all the ops that did it), so `f` must write every element of its part.
-pub(super) fn map_parts(
-    src: &[f32],
-    chunk: usize,
-    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let n = src.len();
-    let parts = n.div_ceil(chunk);
-    // Safety: the parts cover `0..n` and `f` writes each whole part (above).
-    unsafe {
-        super::linear::filled(n, |p| {
-            let o = Out(p, n);
-            par_for(parts, n >= PAR_MIN, |i| {
-                let a = i * chunk;
-                let b = (a + chunk).min(n);
-                // Part i is written by this task only.
-                f(i, &src[a..b], o.part(a, b - a))
-            });
-        })
-    }
-}
-
-/// The contiguous f32 data of a CPU storage under `layout`.
-pub(super) fn f32_data<'a>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused op on a non-contiguous tensor"),
-    }
-}
-
-/// Runs `f` on the contiguous f32 data of CPU tensor `t` (copied to contiguous first if
-/// it is not).
-pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(cs) => Ok(f(f32_data(cs, l)?)),
-        _ => candle_core::bail!("fused op on a non-CPU tensor"),
-    }
-}
-
-pub(super) fn fusable(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -318,7 +225,7 @@ fn layer_norm_grads(
     let po = Out::new(&mut partials);
     // Safety: the blocks cover every row of dx and write all of each row.
     let dx = unsafe {
-        super::linear::filled(x.len(), |dxp| {
+        filled(x.len(), |dxp| {
             let dxo = Out(dxp, x.len());
             par_for(blocks, x.len() >= PAR_MIN, |blk| {
                 let a = blk * ROWS * n;
@@ -523,6 +430,15 @@ pub fn softmax_last_composed(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
     Ok(e.broadcast_div(&s)?)
+}
+
+/// Log-softmax over the last dimension, composed of differentiable operations (the row
+/// maximum detached, as in [`softmax_last_composed`]); the losses use it.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let d = x.broadcast_sub(&max)?;
+    let lse = d.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(d.broadcast_sub(&lse)?)
 }
 
 struct SoftmaxLastOp;
@@ -792,7 +708,9 @@ pub(crate) mod tests {
     /// A constant row (variance 0) gives the bias and finite gradients, as the composition.
     #[test]
     fn layer_norm_of_a_constant_row() {
-        let x = Var::from_tensor(&Tensor::ones((2, 8), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let x =
+            Var::from_tensor(&Tensor::ones((2, 8), candle_core::DType::F32, &Device::Cpu).unwrap())
+                .unwrap();
         let g = Var::from_tensor(&randn(&[8], 1)).unwrap();
         let b = Var::from_tensor(&randn(&[8], 2)).unwrap();
         let y = layer_norm(&x, &g, &b, 1e-5).unwrap();

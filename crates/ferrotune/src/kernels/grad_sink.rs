@@ -21,7 +21,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, TensorId, Var};
 
-use super::fused::with_f32;
+use super::par::with_f32;
 
 /// Part of a tensor's gradient: elements `start..start + len` of the tensor are slot
 /// `slot`'s whole buffer.

@@ -14,14 +14,19 @@
 //! candle's thread pool, rather than a dozen tensor operations each (candle's own AdamW),
 //! which allocates and passes over memory once per operation.
 //! Frozen parameters (no gradient) get no state at all.
+//!
+//! [`schedule`] holds the learning-rate schedules.
+
+pub mod schedule;
 
 use std::collections::HashMap;
 
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::models::fused::{par_for, Out, PAR_MIN};
-use crate::models::{simd, ParamStore};
+use crate::kernels::par::{par_for, Out, PAR_MIN};
+use crate::kernels::simd;
+use crate::nn::ParamStore;
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy)]
@@ -400,14 +405,14 @@ impl Optimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::Param;
+    use crate::nn::Param;
     use candle_core::{Device, Var};
 
     /// A store holding one parameter `w` (decayed) with these values, and its variable.
     fn one_param(w: Vec<f32>) -> (Var, ParamStore) {
         let n = w.len();
         let var = Var::from_vec(w, n, &Device::Cpu).unwrap();
-        let mut store = ParamStore::new(0);
+        let mut store = ParamStore::default();
         store.params.push(Param {
             name: "w".into(),
             var: var.clone(),

@@ -12,9 +12,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use super::fused::{f32_data, par_for, with_f32, Out, PAR_MIN};
 use super::grad_sink;
-use super::linear::filled;
+use super::par::{f32_data, filled, par_for, with_f32, Out, PAR_MIN};
 use crate::error::Result;
 
 /// Rows `ids` of `table` (`(vocab, dim)`), shape `(ids.len(), dim)`. Differentiable in the
@@ -130,7 +129,7 @@ impl CustomOp2 for EmbeddingOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::fused::tests::{grads_of, max_diff, randn};
+    use crate::kernels::fused::tests::{grads_of, max_diff, randn};
     use candle_core::{Device, Var};
 
     /// Forward and gradient equal candle's `embedding` (repeated ids included); an id

@@ -1,0 +1,74 @@
+//! A model directory as ferrotune writes and reads it: the settings it adds to an exported
+//! `config.json` (under the key `ferrotune`) so that predictions can be reproduced, and
+//! `ferrotune inspect`'s description of any model directory.
+
+use std::path::Path;
+
+use crate::error::Result;
+use crate::families::{self, HfConfig};
+use crate::formats::safetensors::safetensors_shapes;
+use crate::nn::Pooling;
+
+/// What ferrotune adds to an exported `config.json` under the key `ferrotune`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExportInfo {
+    /// Pooling the head was trained with.
+    pub pooling: Pooling,
+    /// Truncation length used in training.
+    pub max_seq_length: usize,
+    /// Text column of the training data (the default column for predict input).
+    pub text_column: String,
+    /// Second text column, for pair tasks.
+    pub text_pair_column: Option<String>,
+    /// Label column of the training data (used by `ferrotune eval`).
+    pub label_column: String,
+    /// Multi-label decision threshold.
+    #[serde(default = "half")]
+    pub threshold: f64,
+    /// Multi-label separator in CSV/TSV label cells.
+    #[serde(default)]
+    pub label_separator: Option<String>,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+/// A human-readable description of a model directory (`ferrotune inspect`).
+pub fn inspect(dir: &Path) -> Result<String> {
+    let cfg = HfConfig::from_dir(dir)?;
+    let fam = families::family(&cfg)?;
+    let shapes = safetensors_shapes(&dir.join("model.safetensors"))?;
+    let params: usize = shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let arch = cfg.architecture().unwrap_or("(none: a base model)");
+    let ft = cfg.raw.get("ferrotune");
+    let max_len = match ft
+        .and_then(|f| f.get("max_seq_length"))
+        .and_then(|v| v.as_u64())
+    {
+        Some(v) => v as usize,
+        None => fam.max_tokens(&cfg)?,
+    };
+    let mut s = format!(
+        "model:        {}\nfamily:       {} (model_type {})\narchitecture: {}\nlayers:       {}\nparameters:   {} ({} tensors)\nmax length:   {} tokens\n",
+        dir.display(),
+        fam.name(),
+        cfg.model_type,
+        arch,
+        fam.describe(&cfg)?,
+        params,
+        shapes.len(),
+        max_len
+    );
+    match cfg.labels() {
+        Some(l) => s.push_str(&format!("labels:       {} ({})\n", l.len(), l.join(", "))),
+        None => s.push_str("labels:       (none)\n"),
+    }
+    if let Some(p) = ft.and_then(|f| f.get("pooling")).and_then(|p| p.as_str()) {
+        s.push_str(&format!("pooling:      {p}\n"));
+    }
+    Ok(s.trim_end().to_string())
+}

@@ -1,0 +1,268 @@
+//! Model families: one folder each, registered here by `config.json`'s `model_type`.
+//!
+//! A family knows its architecture — its `config.json` fields, its tensor names, its
+//! embeddings and head — and nothing of data, training or serving. Everything above this
+//! module (trainer, predictor, exporter, server, bench) holds a `&dyn Family` and a
+//! `Box<dyn Model>`, never a concrete family. Adding a family is a new folder that
+//! implements [`Family`] and [`Model`], plus its line in [`FAMILIES`]; `docs/FAMILIES.md`
+//! walks through one.
+//!
+//! | `model_type` | folder | transformers class it loads and exports |
+//! |---|---|---|
+//! | `bert` | [`bert`] | `BertForSequenceClassification` |
+
+pub mod bert;
+pub mod config;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+pub use config::HfConfig;
+
+use crate::error::{Error, Result};
+use crate::nn::{Batch, Ctx, ParamStore, Pooling, Weights};
+
+/// Every family ferrotune can load, by `model_type`.
+pub static FAMILIES: &[&dyn Family] = &[&bert::Bert];
+
+/// What the task asks of the model: the head, and the recipe's dropout overrides.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeadSpec {
+    /// Outputs of the head (classes, labels or regression targets).
+    pub num_labels: usize,
+    /// How hidden states are pooled for the head; `None`: the family's default (what its
+    /// transformers head reads).
+    pub pooling: Option<Pooling>,
+    /// Override of the checkpoint's hidden-state dropout.
+    pub hidden_dropout: Option<f64>,
+    /// Override of the checkpoint's attention-probability dropout.
+    pub attention_dropout: Option<f64>,
+    /// Override of the head's dropout.
+    pub classifier_dropout: Option<f64>,
+}
+
+impl HeadSpec {
+    /// A head of `num_labels` outputs with the family's defaults.
+    pub fn new(num_labels: usize) -> HeadSpec {
+        HeadSpec {
+            num_labels,
+            pooling: None,
+            hidden_dropout: None,
+            attention_dropout: None,
+            classifier_dropout: None,
+        }
+    }
+}
+
+/// The dimensions of a transformer encoder, for writing any family's `config.json`
+/// ([`Family::config_json`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelShape {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub hidden: usize,
+    /// Layers.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Feed-forward width.
+    pub intermediate: usize,
+    /// Longest input in tokens (families that offset positions by the padding id get
+    /// that many more position embeddings).
+    pub max_positions: usize,
+    /// Standard deviation of random weights.
+    pub initializer_range: f64,
+}
+
+impl ModelShape {
+    /// A BERT-base-sized encoder (hidden 768, 12 layers, 12 heads, intermediate 3072, 512
+    /// positions) with `vocab_size` tokens.
+    pub const fn base(vocab_size: usize) -> ModelShape {
+        ModelShape {
+            vocab_size,
+            hidden: 768,
+            layers: 12,
+            heads: 12,
+            intermediate: 3072,
+            max_positions: 512,
+            initializer_range: 0.02,
+        }
+    }
+}
+
+/// A model built with a head.
+pub struct Loaded {
+    /// The model.
+    pub model: Box<dyn Model>,
+    /// Its parameters, in a fixed order, with their layer groups.
+    pub params: ParamStore,
+    /// True when the head was newly initialised (not in the checkpoint, or of another
+    /// size).
+    pub new_head: bool,
+    /// Other things the user should know (a newly initialised pooler).
+    pub notes: Vec<String>,
+}
+
+/// A model with its task head, ready to run.
+pub trait Model: Send + Sync {
+    /// Head outputs (logits or regression values), `(batch, num_labels)`.
+    fn forward(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor>;
+
+    /// The backbone's last hidden states, `(batch, seq, hidden)` (sentence embeddings).
+    fn hidden_states(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor>;
+
+    /// The pooling the head reads.
+    fn pooling(&self) -> Pooling;
+
+    /// Whether the last layer may run for the first token only when the head reads
+    /// nothing else (on by default; off gives the full computation, for comparison).
+    fn set_first_token_only(&mut self, on: bool);
+}
+
+/// One model family (see the module documentation).
+pub trait Family: Sync {
+    /// `config.json`'s `model_type`.
+    fn model_type(&self) -> &'static str;
+
+    /// The family's name for people (`BERT`).
+    fn name(&self) -> &'static str;
+
+    /// The transformers class an exported classifier is loaded as (`config.json`'s
+    /// `architectures`).
+    fn architecture(&self) -> &'static str;
+
+    /// `tokenizer_class` written to an exported `tokenizer_config.json` that has none.
+    fn tokenizer_class(&self) -> &'static str;
+
+    /// Whether a checkpoint with these tensor names is of this family (for the error
+    /// when `config.json` names one family and the weights are another's).
+    fn claims(&self, tensor_names: &[&str]) -> bool;
+
+    /// The poolings this family's head can read; the first is its default.
+    fn poolings(&self) -> &'static [Pooling];
+
+    /// The longest input the model takes, in tokens (checked against `config.json`).
+    fn max_tokens(&self, cfg: &HfConfig) -> Result<usize>;
+
+    /// One line of shape for `ferrotune inspect` (layers, widths, heads).
+    fn describe(&self, cfg: &HfConfig) -> Result<String>;
+
+    /// A pretrained `config.json` of this family with the dimensions of `shape` (random
+    /// models for tests and benchmarks).
+    fn config_json(&self, shape: &ModelShape) -> serde_json::Value;
+
+    /// Named shapes of well-known checkpoints of this family, for `ferrotune bench
+    /// --preset NAME` (`bert-base`, ...).
+    fn presets(&self) -> &'static [(&'static str, ModelShape)] {
+        &[]
+    }
+
+    /// Builds the model from `cfg` and `weights` with a head of `head`. A missing or
+    /// mis-shaped backbone tensor is an error naming the file and the tensor; the head
+    /// (and BERT's pooler) are initialised when the checkpoint lacks them. New weights are
+    /// drawn from a generator seeded by `seed`.
+    fn build(
+        &self,
+        cfg: &HfConfig,
+        weights: &Weights,
+        head: &HeadSpec,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Loaded>;
+}
+
+/// The family registered for `model_type`, if any.
+pub fn by_model_type(model_type: &str) -> Option<&'static dyn Family> {
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.model_type() == model_type)
+}
+
+/// The family of `cfg`'s `model_type`; an error listing the ones that exist otherwise.
+pub fn family(cfg: &HfConfig) -> Result<&'static dyn Family> {
+    by_model_type(&cfg.model_type).ok_or_else(|| {
+        let known: Vec<&str> = FAMILIES.iter().map(|f| f.model_type()).collect();
+        Error::at(
+            &cfg.path,
+            None,
+            Some("model_type"),
+            format!(
+                "unsupported model type `{}` (supported: {})",
+                cfg.model_type,
+                known.join(", ")
+            ),
+        )
+    })
+}
+
+/// Checks that `weights` look like `fam`'s: when they do not and another family claims
+/// them, an error naming that family (a `config.json` of one family beside another's
+/// weights).
+pub fn check_weights(fam: &dyn Family, weights: &Weights) -> Result<()> {
+    let Weights::File { path, .. } = weights else {
+        return Ok(());
+    };
+    let names = weights.names();
+    if names.is_empty() || fam.claims(&names) {
+        return Ok(());
+    }
+    match FAMILIES.iter().find(|f| f.claims(&names)) {
+        Some(other) => Err(Error::file(
+            path,
+            format!(
+                "the tensor names are those of a {} checkpoint (model_type `{}`), but \
+                 config.json says model_type `{}`",
+                other.name(),
+                other.model_type(),
+                fam.model_type()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The pooling of `head` for `fam`: the recipe's, which must be one the family's head
+/// reads, or the family's default.
+pub fn pooling(fam: &dyn Family, head: &HeadSpec) -> Result<Pooling> {
+    let allowed = fam.poolings();
+    match head.pooling {
+        None => Ok(allowed[0]),
+        Some(p) if allowed.contains(&p) => Ok(p),
+        Some(p) => Err(Error::Config(format!(
+            "pooling `{}` does not apply to {} (its head reads: {})",
+            p.as_str(),
+            fam.name(),
+            allowed
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// A model read from directory `dir` (`config.json`, `model.safetensors`) with a head of
+/// `head`: its config, family and the built model.
+pub fn load(
+    dir: &Path,
+    head: &HeadSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<(HfConfig, &'static dyn Family, Loaded)> {
+    let cfg = HfConfig::from_dir(dir)?;
+    let fam = family(&cfg)?;
+    let st = dir.join("model.safetensors");
+    if !st.exists() {
+        return Err(Error::file(
+            dir,
+            "no model.safetensors in the model directory",
+        ));
+    }
+    let weights = Weights::safetensors(&st, device)?;
+    check_weights(fam, &weights)?;
+    let loaded = fam.build(&cfg, &weights, head, seed, device)?;
+    Ok((cfg, fam, loaded))
+}

@@ -1,0 +1,22 @@
+//! CPU kernels: fused operations with forward and backward passes, as candle custom ops.
+//!
+//! - [`par`]: the parallel loop on candle's thread pool and the raw-buffer helpers.
+//! - [`gemm`]: the strided GEMM call split over that pool.
+//! - [`simd`]: vectorised exp, erf, row sums and softmax rows, chosen at run time.
+//! - [`grad_sink`]: parameter gradients written straight into the trainer's buffers.
+//! - [`fused`]: layer norm, residual + dropout + layer norm, GELU, softmax, dropout.
+//! - [`linear`]: `x Wᵀ + b` (and with GELU) in one GEMM.
+//! - [`attention`]: multi-head self-attention over a fused QKV projection.
+//! - [`embedding`]: the embedding lookup whose table gradient goes to the sink.
+//!
+//! Imports point one way: `par`, `gemm`, `simd` ← `grad_sink` ← `fused`, `linear`,
+//! `embedding` ← `attention` (which takes dropout masks from `fused`).
+
+pub mod attention;
+pub mod embedding;
+pub mod fused;
+pub mod gemm;
+pub mod grad_sink;
+pub mod linear;
+pub mod par;
+pub mod simd;

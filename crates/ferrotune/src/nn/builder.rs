@@ -1,0 +1,298 @@
+//! Building a model's parameters from a checkpoint (or at random), VarBuilder-style: the
+//! model asks for each tensor by its Hugging Face name as it builds its layers, and the
+//! builder loads it (checking its shape), records it in the [`ParamStore`] with its layer
+//! group and export name, and marks biases and normalisation weights as exempt from weight
+//! decay. How a new tensor is initialised follows from the layer that asks for it
+//! (transformers' `_init_weights`): normal(0, `initializer_range`) for weights and
+//! embeddings, zeros for biases, ones for normalisation scales.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+use crate::nn::layers::{Embedding, LayerNorm, Linear};
+use crate::nn::params::{GroupKind, Param, ParamStore};
+
+/// Where the weights come from.
+pub enum Weights {
+    /// The tensors of a checkpoint file (its path, for messages).
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its tensors by name.
+        tensors: HashMap<String, Tensor>,
+    },
+    /// Random weights (tests and benchmarks).
+    Random,
+}
+
+impl Weights {
+    /// The tensors of a safetensors file.
+    pub fn safetensors(path: &Path, device: &Device) -> Result<Weights> {
+        Ok(Weights::File {
+            path: path.to_path_buf(),
+            tensors: crate::formats::safetensors::read_safetensors(path, device)?,
+        })
+    }
+
+    /// The tensor names (none for random weights).
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            Weights::File { tensors, .. } => tensors.keys().map(|k| k.as_str()).collect(),
+            Weights::Random => Vec::new(),
+        }
+    }
+
+    /// True when the checkpoint holds tensor `name`.
+    pub fn has(&self, name: &str) -> bool {
+        matches!(self, Weights::File { tensors, .. } if tensors.contains_key(name))
+    }
+}
+
+/// How a tensor the checkpoint lacks is initialised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// normal(0, `initializer_range`).
+    Normal,
+    /// All zeros.
+    Zeros,
+    /// All ones.
+    Ones,
+}
+
+/// Builds a model's parameters (see the module documentation).
+pub struct Builder<'a> {
+    weights: &'a Weights,
+    /// Prefix of the backbone's tensors in the checkpoint (`"bert."` or `""`).
+    ckpt_prefix: String,
+    /// Prefix of the backbone's tensors in the export (`"bert."`).
+    export_prefix: String,
+    store: ParamStore,
+    rng: ChaCha8Rng,
+    init_std: f64,
+    device: Device,
+}
+
+/// One normal sample per element, by Box–Muller (two uniforms give one normal sample; the
+/// second is dropped for clarity).
+fn normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1: f64 = rng.random::<f64>().max(1e-300);
+            let u2: f64 = rng.random::<f64>();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect()
+}
+
+impl<'a> Builder<'a> {
+    /// A builder over `weights`. The backbone's tensors are exported under
+    /// `export_prefix` (`"bert."`), and read from the checkpoint with that prefix when
+    /// `{export_prefix}{probe}` is in it, else without (sentence-transformers checkpoints
+    /// have none). New tensors are drawn from a generator seeded by `seed`.
+    pub fn new(
+        weights: &'a Weights,
+        export_prefix: &str,
+        probe: &str,
+        init_std: f64,
+        seed: u64,
+        device: &Device,
+    ) -> Self {
+        let ckpt_prefix = if weights.has(&format!("{export_prefix}{probe}")) {
+            export_prefix.to_string()
+        } else {
+            String::new()
+        };
+        Builder {
+            weights,
+            ckpt_prefix,
+            export_prefix: export_prefix.to_string(),
+            store: ParamStore::default(),
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_4ead),
+            init_std,
+            device: device.clone(),
+        }
+    }
+
+    /// The prefix the checkpoint's backbone tensors carry (`"bert."` or `""`).
+    pub fn checkpoint_prefix(&self) -> &str {
+        &self.ckpt_prefix
+    }
+
+    /// Declares the next layer group (bottom to top) and returns its index.
+    pub fn group(&mut self, kind: GroupKind) -> usize {
+        self.store.add_group(kind)
+    }
+
+    /// The parameters built so far.
+    pub fn finish(self) -> ParamStore {
+        self.store
+    }
+
+    /// A backbone tensor: it must be in the checkpoint under its name (with or without
+    /// the backbone prefix), of this shape; random weights when there is no checkpoint.
+    pub fn need(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        group: usize,
+        init: Init,
+        no_decay: bool,
+    ) -> Result<Var> {
+        let t = match self.weights {
+            Weights::Random => self.random(shape, init)?,
+            Weights::File { path, tensors } => {
+                let full = format!("{}{}", self.ckpt_prefix, name);
+                let t = tensors.get(&full).ok_or_else(|| {
+                    Error::at(
+                        path,
+                        None,
+                        Some(&full),
+                        "tensor is missing from the checkpoint",
+                    )
+                })?;
+                if t.dims() != shape {
+                    return Err(Error::at(
+                        path,
+                        None,
+                        Some(&full),
+                        format!("tensor has shape {:?}, expected {:?}", t.dims(), shape),
+                    ));
+                }
+                t.to_dtype(DType::F32)?.to_device(&self.device)?
+            }
+        };
+        let export = format!("{}{}", self.export_prefix, name);
+        self.push(export, t, group, no_decay)
+    }
+
+    /// A tensor outside the backbone (pooler, head): loaded when the checkpoint has it
+    /// under `ckpt_name` with this shape, else initialised. Returns the variable and
+    /// whether it was newly initialised.
+    pub fn optional(
+        &mut self,
+        ckpt_name: &str,
+        export_name: &str,
+        shape: &[usize],
+        group: usize,
+        init: Init,
+        no_decay: bool,
+    ) -> Result<(Var, bool)> {
+        let found = match self.weights {
+            Weights::File { tensors, .. } => tensors.get(ckpt_name).filter(|t| t.dims() == shape),
+            Weights::Random => None,
+        };
+        let (t, new) = match found {
+            Some(t) => (t.to_dtype(DType::F32)?.to_device(&self.device)?, false),
+            None => (self.random(shape, init)?, true),
+        };
+        Ok((self.push(export_name.to_string(), t, group, no_decay)?, new))
+    }
+
+    fn random(&mut self, shape: &[usize], init: Init) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data = match init {
+            Init::Zeros => vec![0f32; n],
+            Init::Ones => vec![1f32; n],
+            Init::Normal => normal(&mut self.rng, n, self.init_std),
+        };
+        Ok(Tensor::from_vec(data, shape, &self.device)?)
+    }
+
+    fn push(&mut self, name: String, t: Tensor, group: usize, no_decay: bool) -> Result<Var> {
+        let var = Var::from_tensor(&t)?;
+        self.store.params.push(Param {
+            name,
+            var: var.clone(),
+            group,
+            no_decay,
+        });
+        Ok(var)
+    }
+
+    /// A backbone linear layer `{name}.weight` `(out, inp)` and `{name}.bias`.
+    pub fn linear(&mut self, name: &str, out: usize, inp: usize, group: usize) -> Result<Linear> {
+        Ok(Linear {
+            w: self.need(
+                &format!("{name}.weight"),
+                &[out, inp],
+                group,
+                Init::Normal,
+                false,
+            )?,
+            b: self.need(&format!("{name}.bias"), &[out], group, Init::Zeros, true)?,
+            group,
+        })
+    }
+
+    /// A backbone layer norm `{name}.weight` and `{name}.bias` of width `n`.
+    pub fn layer_norm(
+        &mut self,
+        name: &str,
+        n: usize,
+        eps: f64,
+        group: usize,
+    ) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            g: self.need(&format!("{name}.weight"), &[n], group, Init::Ones, true)?,
+            b: self.need(&format!("{name}.bias"), &[n], group, Init::Zeros, true)?,
+            eps,
+            group,
+        })
+    }
+
+    /// A backbone embedding table `{name}.weight` `(rows, dim)`.
+    pub fn embedding(
+        &mut self,
+        name: &str,
+        rows: usize,
+        dim: usize,
+        group: usize,
+    ) -> Result<Embedding> {
+        Ok(Embedding {
+            table: self.need(
+                &format!("{name}.weight"),
+                &[rows, dim],
+                group,
+                Init::Normal,
+                false,
+            )?,
+            group,
+        })
+    }
+
+    /// A linear layer outside the backbone (pooler, head), exported as `{export}.weight`
+    /// and `{export}.bias`: loaded from `{ckpt}.weight` / `{ckpt}.bias` when the checkpoint
+    /// has both with these shapes, else new. Returns the layer and whether any of it is
+    /// new.
+    pub fn optional_linear(
+        &mut self,
+        ckpt: &str,
+        export: &str,
+        out: usize,
+        inp: usize,
+        group: usize,
+    ) -> Result<(Linear, bool)> {
+        let (w, n1) = self.optional(
+            &format!("{ckpt}.weight"),
+            &format!("{export}.weight"),
+            &[out, inp],
+            group,
+            Init::Normal,
+            false,
+        )?;
+        let (b, n2) = self.optional(
+            &format!("{ckpt}.bias"),
+            &format!("{export}.bias"),
+            &[out],
+            group,
+            Init::Zeros,
+            true,
+        )?;
+        Ok((Linear { w, b, group }, n1 || n2))
+    }
+}

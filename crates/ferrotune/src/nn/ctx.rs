@@ -1,0 +1,68 @@
+//! The per-forward context every layer receives: training or inference, the frozen
+//! groups, and the dropout generator.
+
+use candle_core::{Tensor, Var};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::Result;
+use crate::kernels::fused;
+
+/// Per-forward state: training or inference, which parameter groups are frozen, and the
+/// random generator for dropout (seeded by the trainer, so runs are reproducible).
+pub struct Ctx<'a> {
+    /// Dropout active.
+    pub train: bool,
+    /// `frozen[g]`: parameters of group `g` get no gradient (see
+    /// [`crate::nn::ParamStore::groups`]).
+    pub frozen: &'a [bool],
+    /// Dropout's random generator (needed when `train`).
+    pub rng: Option<&'a mut ChaCha8Rng>,
+}
+
+impl Ctx<'_> {
+    /// Whether to use the fused operations ([`crate::kernels`]), in training and inference
+    /// alike. `FERROTUNE_NO_FUSED=1` turns them off (see [`fused::enabled`]): the model
+    /// then runs the composition of candle operations they are tested against.
+    pub fn fused(&self) -> bool {
+        fused::enabled()
+    }
+
+    /// An inference context: no dropout, nothing tracked for gradients.
+    pub fn eval() -> Ctx<'static> {
+        Ctx {
+            train: false,
+            frozen: &[],
+            rng: None,
+        }
+    }
+
+    /// The value of parameter `v` of group `group` for this pass: tracked for gradients
+    /// when training and the group is not frozen, detached otherwise.
+    pub fn w(&self, v: &Var, group: usize) -> Tensor {
+        if !self.train || self.frozen.get(group).copied().unwrap_or(false) {
+            v.as_tensor().detach()
+        } else {
+            v.as_tensor().clone()
+        }
+    }
+
+    /// Inverted dropout with probability `p`; its mask is seeded from the context's
+    /// generator ([`fused::dropout`]).
+    pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+        match self.dropout_seed(p) {
+            Some((p, seed)) => fused::dropout(x, p, seed),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// `(p, seed)` for a dropout with probability `p` (one draw from the context's
+    /// generator), or `None` when there is no dropout (inference, or `p = 0`).
+    pub fn dropout_seed(&mut self, p: f64) -> Option<(f32, u64)> {
+        if !self.train || p <= 0.0 {
+            return None;
+        }
+        let rng = self.rng.as_deref_mut()?;
+        Some((p as f32, rng.random::<u64>()))
+    }
+}

@@ -1,0 +1,183 @@
+//! Layers shared by model families: linear, layer norm, embedding lookup, activations.
+//! Each reads its parameters through the [`Ctx`] (frozen groups are detached) and runs the
+//! fused kernel, or the composition of candle operations it is tested against when the
+//! fused operations are off.
+
+use candle_core::{Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::kernels::{embedding, fused, linear};
+use crate::nn::Ctx;
+
+/// A linear layer `y = x Wᵀ + b` on 2-D input.
+pub struct Linear {
+    /// `(out, in)`.
+    pub w: Var,
+    /// `(out)`.
+    pub b: Var,
+    /// Its parameter group.
+    pub group: usize,
+}
+
+impl Linear {
+    /// `x Wᵀ + b`.
+    pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let w = ctx.w(&self.w, self.group);
+        let b = ctx.w(&self.b, self.group);
+        if ctx.fused() {
+            linear::linear(x, &w, &b)
+        } else {
+            linear::linear_composed(x, &w, &b)
+        }
+    }
+
+    /// `act(x Wᵀ + b)`; the exact GELU runs inside the fused linear op.
+    pub fn forward_act(&self, ctx: &Ctx, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match act {
+            Activation::Gelu if ctx.fused() => {
+                let w = ctx.w(&self.w, self.group);
+                let b = ctx.w(&self.b, self.group);
+                linear::linear_gelu(x, &w, &b)
+            }
+            act => act.apply(&self.forward(ctx, x)?),
+        }
+    }
+}
+
+/// Layer norm over the last dimension ([`fused::layer_norm`]: one pass forward, one
+/// backward).
+pub struct LayerNorm {
+    /// Scale.
+    pub g: Var,
+    /// Shift.
+    pub b: Var,
+    /// Epsilon.
+    pub eps: f64,
+    /// Its parameter group.
+    pub group: usize,
+}
+
+impl LayerNorm {
+    /// `LayerNorm(x)`.
+    pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let g = ctx.w(&self.g, self.group);
+        let b = ctx.w(&self.b, self.group);
+        if ctx.fused() {
+            fused::layer_norm(x, &g, &b, self.eps)
+        } else {
+            fused::layer_norm_composed(x, &g, &b, self.eps)
+        }
+    }
+
+    /// `LayerNorm(dropout(h) + r)` with dropout probability `p`: one fused operation
+    /// ([`fused::residual_layer_norm`]), or the composition of the three.
+    pub fn forward_residual(
+        &self,
+        ctx: &mut Ctx,
+        h: &Tensor,
+        r: &Tensor,
+        p: f64,
+    ) -> Result<Tensor> {
+        if ctx.fused() {
+            let g = ctx.w(&self.g, self.group);
+            let b = ctx.w(&self.b, self.group);
+            let drop = ctx.dropout_seed(p);
+            return fused::residual_layer_norm(h, r, &g, &b, self.eps, drop);
+        }
+        let h = ctx.dropout(h, p)?;
+        self.forward(ctx, &(h + r)?)
+    }
+}
+
+/// An embedding table `(rows, dim)`.
+pub struct Embedding {
+    /// The table.
+    pub table: Var,
+    /// Its parameter group.
+    pub group: usize,
+}
+
+impl Embedding {
+    /// The rows of `ids` (any shape, u32): `(ids.elem_count(), dim)`.
+    pub fn forward(&self, ctx: &Ctx, ids: &Tensor) -> Result<Tensor> {
+        let table = ctx.w(&self.table, self.group);
+        let ids = ids.flatten_all()?;
+        if ctx.fused() {
+            embedding::embedding(&table, &ids)
+        } else {
+            Ok(table.embedding(&ids)?)
+        }
+    }
+
+    /// The first `n` rows of the table (positions `0..n`), `(n, dim)`.
+    pub fn first_rows(&self, ctx: &Ctx, n: usize) -> Result<Tensor> {
+        Ok(ctx.w(&self.table, self.group).narrow(0, 0, n)?)
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.table.dims().first().copied().unwrap_or(0)
+    }
+}
+
+/// Position ids counted from the padding index, as RoBERTa and MPNet number positions
+/// (transformers' `create_position_ids_from_input_ids`): in each row, the `k`-th token
+/// that is not `pad` gets `pad + k` (from 1), every `pad` token gets `pad`. `(batch, seq)`
+/// u32.
+pub fn positions_after_padding(input_ids: &Tensor, pad: u32) -> Result<Tensor> {
+    let (bsz, seq) = input_ids.dims2()?;
+    let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+    let mut pos = Vec::with_capacity(ids.len());
+    for row in ids.chunks(seq.max(1)) {
+        let mut k = 0;
+        for &id in row {
+            if id == pad {
+                pos.push(pad);
+            } else {
+                k += 1;
+                pos.push(pad + k);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(pos, (bsz, seq), input_ids.device())?)
+}
+
+/// The feed-forward activations of transformer encoders (`hidden_act` in `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// The exact, erf-based GELU (`gelu`).
+    Gelu,
+    /// The tanh approximation of GELU (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// `relu`.
+    Relu,
+    /// `tanh`.
+    Tanh,
+}
+
+impl Activation {
+    /// Parses a `hidden_act` value.
+    pub fn parse(name: &str) -> Result<Activation> {
+        Ok(match name {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            "tanh" => Activation::Tanh,
+            _ => {
+                return Err(Error::Msg(format!(
+                    "unsupported activation `{name}` (supported: gelu, gelu_new, gelu_pytorch_tanh, relu)"
+                )))
+            }
+        })
+    }
+
+    /// `act(x)`.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Relu => x.relu()?,
+            Activation::Tanh => x.tanh()?,
+        })
+    }
+}

@@ -1,0 +1,137 @@
+//! The trainable parameters of a model, in a fixed order, each in a named layer group.
+//!
+//! Groups drive freezing, gradual unfreezing and per-layer (discriminative) learning rates.
+//! They are declared by the model as it is built ([`crate::nn::Builder::group`]), bottom to
+//! top, so the layout follows the module tree rather than tensor names: the embeddings
+//! (and anything else below the first layer, such as MPNet's relative position bias), one
+//! group per encoder layer, then what sits on top (BERT's pooler, the task head).
+//! The trainer reads only the groups' [`GroupKind`]s; no family is named outside its
+//! folder.
+
+use std::collections::HashMap;
+
+use candle_core::{Tensor, Var};
+
+use crate::error::Result;
+
+/// One parameter tensor.
+#[derive(Clone)]
+pub struct Param {
+    /// Its Hugging Face name in the exported checkpoint
+    /// (`bert.encoder.layer.0.attention.self.query.weight`, `classifier.weight`, ...).
+    pub name: String,
+    /// The variable (shared with the model).
+    pub var: Var,
+    /// Its layer group (an index into [`ParamStore::groups`]).
+    pub group: usize,
+    /// Exempt from weight decay (biases and normalisation weights, as transformers does).
+    pub no_decay: bool,
+}
+
+/// What a layer group is, for freezing and learning rates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKind {
+    /// Below the first layer: embeddings, shared position biases.
+    Embeddings,
+    /// Backbone layer `i` (0-based from the bottom).
+    Layer(usize),
+    /// A pretrained layer between the backbone and the head (BERT's pooler).
+    Pooler,
+    /// The task head.
+    Head,
+}
+
+impl GroupKind {
+    /// Part of the backbone (what `freeze = "backbone"` and gradual unfreezing act on).
+    pub fn is_backbone(self) -> bool {
+        matches!(self, GroupKind::Embeddings | GroupKind::Layer(_))
+    }
+}
+
+/// A layer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Its name in logs (`embeddings`, `layer.3`, `pooler`, `head`).
+    pub name: String,
+    /// What it is.
+    pub kind: GroupKind,
+}
+
+/// All parameters of a model, and its layer groups (bottom to top).
+#[derive(Clone, Default)]
+pub struct ParamStore {
+    /// The parameters, in model order.
+    pub params: Vec<Param>,
+    /// The layer groups, bottom to top.
+    pub groups: Vec<Group>,
+}
+
+impl ParamStore {
+    /// Adds a group (groups are declared bottom to top) and returns its index. A kind
+    /// declared twice returns the first group of that kind.
+    pub fn add_group(&mut self, kind: GroupKind) -> usize {
+        if let Some(i) = self.groups.iter().position(|g| g.kind == kind) {
+            return i;
+        }
+        let name = match kind {
+            GroupKind::Embeddings => "embeddings".to_string(),
+            GroupKind::Layer(i) => format!("layer.{i}"),
+            GroupKind::Pooler => "pooler".to_string(),
+            GroupKind::Head => "head".to_string(),
+        };
+        self.groups.push(Group { name, kind });
+        self.groups.len() - 1
+    }
+
+    /// Number of groups.
+    pub fn num_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Number of backbone layers (groups of kind [`GroupKind::Layer`]).
+    pub fn num_layers(&self) -> usize {
+        self.groups
+            .iter()
+            .filter(|g| matches!(g.kind, GroupKind::Layer(_)))
+            .count()
+    }
+
+    /// Total number of scalar parameters.
+    pub fn count(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    /// Scalar parameters in group `g`.
+    pub fn group_count(&self, g: usize) -> usize {
+        self.params
+            .iter()
+            .filter(|p| p.group == g)
+            .map(|p| p.var.elem_count())
+            .sum()
+    }
+
+    /// A copy of every parameter's current value (for keeping the best epoch).
+    pub fn snapshot(&self) -> Result<Vec<Tensor>> {
+        Ok(self
+            .params
+            .iter()
+            .map(|p| p.var.as_tensor().copy())
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    /// Sets every parameter from a [`ParamStore::snapshot`].
+    pub fn restore(&self, snap: &[Tensor]) -> Result<()> {
+        for (p, t) in self.params.iter().zip(snap) {
+            p.var.set(t)?;
+        }
+        Ok(())
+    }
+
+    /// The tensors under their export names.
+    pub fn named_tensors(&self) -> HashMap<String, Tensor> {
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+            .collect()
+    }
+}

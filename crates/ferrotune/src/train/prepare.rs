@@ -1,0 +1,327 @@
+//! Everything before the first training step: read the data (skipping bad rows when asked),
+//! split it, map labels, resolve the loss, load the model with its head and encode the
+//! examples.
+
+use std::path::Path;
+
+use candle_core::Device;
+use serde_json::json;
+
+use crate::config::{ClassWeights, OnBadRow, ProblemType, TrainConfig};
+use crate::data::batch::Features;
+use crate::data::labels::LabelMap;
+use crate::data::reader::{read_examples, read_examples_skipping, Example, ReaderOptions};
+use crate::data::split::stratified_split;
+use crate::data::{InputEncoder, TextEncoder};
+use crate::error::{Error, Result};
+use crate::families::{self, Family, HeadSpec, HfConfig, Model};
+use crate::loss::LossConfig;
+use crate::nn::ParamStore;
+use crate::tasks::TargetData;
+
+/// Everything loaded and prepared before the first step.
+pub struct Prepared {
+    /// The resolved recipe.
+    pub cfg: TrainConfig,
+    /// The pretrained model's configuration.
+    pub hf: HfConfig,
+    /// Its family.
+    pub family: &'static dyn Family,
+    /// The model.
+    pub model: Box<dyn Model>,
+    /// Its parameters.
+    pub params: ParamStore,
+    /// The input encoder (tokenizer).
+    pub encoder: Box<dyn InputEncoder>,
+    /// Class names (classification) or target names (regression).
+    pub labels: LabelMap,
+    /// Encoded training examples and their targets.
+    pub train: (Vec<Features>, TargetData),
+    /// The training examples' ids (`line N`, or a path), for messages.
+    pub train_ids: Vec<String>,
+    /// Encoded evaluation examples and their targets.
+    pub eval: (Vec<Features>, TargetData),
+    /// The loss.
+    pub loss: LossConfig,
+    /// Notes for the user (new head, ...).
+    pub notes: Vec<String>,
+}
+
+fn reader_options(cfg: &TrainConfig) -> ReaderOptions {
+    ReaderOptions {
+        text_column: cfg.text_column.clone(),
+        text_pair_column: cfg.text_pair_column.clone(),
+        label_column: Some(cfg.label_column.clone()),
+        encoding_errors: cfg.encoding_errors,
+    }
+}
+
+/// Writes `split.json`: the example ids of each side of a `validation_split`, so that the
+/// split can be reused elsewhere (the PyTorch comparison script reads it).
+fn write_split(path: &Path, cfg: &TrainConfig, train: &[Example], eval: &[Example]) -> Result<()> {
+    let v = json!({
+        "seed": cfg.seed,
+        "validation_split": cfg.validation_split,
+        "train_file": cfg.train_file,
+        "train": train.iter().map(|e| &e.id).collect::<Vec<_>>(),
+        "eval": eval.iter().map(|e| &e.id).collect::<Vec<_>>(),
+    });
+    std::fs::write(path, v.to_string()).map_err(|e| Error::io(path, e))
+}
+
+/// Rows left out under `on_bad_row = "skip"`, and notes about data clean-up.
+#[derive(Default)]
+struct SkipLog {
+    rows: Vec<serde_json::Value>,
+    notes: Vec<String>,
+}
+
+impl SkipLog {
+    /// Reads a data file, skipping bad rows when the recipe says so.
+    fn read(
+        &mut self,
+        cfg: &TrainConfig,
+        path: &Path,
+        opts: &ReaderOptions,
+    ) -> Result<Vec<Example>> {
+        match cfg.on_bad_row {
+            OnBadRow::Error => read_examples(path, opts),
+            OnBadRow::Skip => {
+                let (ex, skipped) = read_examples_skipping(path, opts)?;
+                if !skipped.is_empty() {
+                    self.notes.push(format!(
+                        "{} row(s) of {} skipped (see skipped_rows.jsonl)",
+                        skipped.len(),
+                        path.display()
+                    ));
+                }
+                self.rows.extend(
+                    skipped
+                        .into_iter()
+                        .map(|s| json!({"file": path, "line": s.line, "reason": s.reason})),
+                );
+                Ok(ex)
+            }
+        }
+    }
+
+    /// Keeps the examples whose targets encode; the others are skipped rows.
+    fn keep_encodable(
+        &mut self,
+        examples: Vec<Example>,
+        path: &Path,
+        encode: impl Fn(&Example) -> Result<TargetData>,
+    ) -> Vec<Example> {
+        let before = examples.len();
+        let kept: Vec<Example> = examples
+            .into_iter()
+            .filter(|e| match encode(e) {
+                Ok(_) => true,
+                Err(err) => {
+                    self.rows
+                        .push(json!({"file": path, "line": e.line, "reason": err.to_string()}));
+                    false
+                }
+            })
+            .collect();
+        if kept.len() < before {
+            self.notes.push(format!(
+                "{} row(s) of {} skipped: target not a number (see skipped_rows.jsonl)",
+                before - kept.len(),
+                path.display()
+            ));
+        }
+        kept
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        let p = dir.join("skipped_rows.jsonl");
+        if self.rows.is_empty() {
+            let _ = std::fs::remove_file(&p);
+            return Ok(());
+        }
+        let text: String = self.rows.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+    }
+}
+
+/// Drops examples whose (text, text pair) repeats an earlier one; the first is kept.
+pub fn deduplicate(examples: Vec<Example>, notes: &mut Vec<String>) -> Vec<Example> {
+    let before = examples.len();
+    let mut seen = std::collections::HashSet::new();
+    let kept: Vec<Example> = examples
+        .into_iter()
+        .filter(|e| seen.insert((e.text.clone(), e.text_pair.clone())))
+        .collect();
+    if kept.len() < before {
+        notes.push(format!(
+            "{} duplicate example(s) dropped",
+            before - kept.len()
+        ));
+    }
+    kept
+}
+
+/// Checks that `dir` can be created and written, before anything slow happens.
+pub fn ensure_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let probe = dir.join(".ferrotune-write-test");
+    std::fs::write(&probe, b"ok").map_err(|e| Error::io(dir, e))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// The loss of a run, with class weights resolved against the training targets.
+pub fn loss_config(cfg: &TrainConfig, labels: &LabelMap, train: &TargetData) -> Result<LossConfig> {
+    let class_weights = match (&cfg.class_weights, train) {
+        (None, _) => None,
+        (Some(ClassWeights::List(w)), _) => {
+            if w.len() != labels.len() {
+                return Err(Error::Config(format!(
+                    "`class_weights` has {} values but the training data has {} classes ({})",
+                    w.len(),
+                    labels.len(),
+                    labels.labels().join(", ")
+                )));
+            }
+            Some(w.clone())
+        }
+        (Some(ClassWeights::Named(_)), TargetData::Classes(y)) => {
+            // scikit-learn's "balanced": n / (k · count(c)).
+            let k = labels.len();
+            let mut count = vec![0usize; k];
+            y.iter().for_each(|&c| count[c as usize] += 1);
+            Some(
+                count
+                    .iter()
+                    .map(|&c| y.len() as f64 / (k as f64 * c.max(1) as f64))
+                    .collect(),
+            )
+        }
+        (Some(ClassWeights::Named(_)), _) => None,
+    };
+    let pos_weight = match &cfg.pos_weight {
+        Some(w) if w.len() == 1 => Some(vec![w[0]; labels.len()]),
+        Some(w) if w.len() != labels.len() => {
+            return Err(Error::Config(format!(
+                "`pos_weight` has {} values but there are {} labels",
+                w.len(),
+                labels.len()
+            )))
+        }
+        other => other.clone(),
+    };
+    Ok(LossConfig {
+        kind: cfg.loss_kind(),
+        label_smoothing: cfg.label_smoothing,
+        class_weights,
+        pos_weight,
+        focal_gamma: cfg.focal_gamma,
+        focal_alpha: cfg.focal_alpha,
+        smooth_l1_beta: cfg.smooth_l1_beta,
+        huber_delta: cfg.huber_delta,
+    })
+}
+
+/// Reads the data and the model, encodes: everything up to the first training step.
+/// Data errors come before the model is loaded.
+pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
+    ensure_writable(&cfg.output_dir)?;
+    let opts = reader_options(cfg);
+    let task = cfg.problem_type.task();
+    let sep = cfg.label_separator.as_deref();
+    let field = cfg.label_column.as_str();
+    let mut skipped = SkipLog::default();
+    // Reads a file; under `on_bad_row = "skip"` a target the task cannot encode (a
+    // regression target that is not a number) is a bad row too.
+    let mut read = |path: &Path| -> Result<Vec<Example>> {
+        let ex = skipped.read(cfg, path, &opts)?;
+        if cfg.on_bad_row == OnBadRow::Skip && cfg.problem_type == ProblemType::Regression {
+            let probe = LabelMap::from_labels(vec![field.to_string()]);
+            return Ok(skipped.keep_encodable(ex, path, |e| {
+                task.encode_targets(&probe, std::slice::from_ref(e), path, field, sep)
+            }));
+        }
+        Ok(ex)
+    };
+    let mut all_train = read(&cfg.train_file)?;
+    let eval_file = match &cfg.validation_file {
+        Some(vf) => Some(read(vf)?),
+        None => None,
+    };
+    if cfg.deduplicate {
+        all_train = deduplicate(all_train, &mut skipped.notes);
+    }
+    let (mut train, mut eval, eval_path) = match (&cfg.validation_file, eval_file) {
+        (Some(vf), Some(ev)) => (all_train, ev, vf.clone()),
+        _ => {
+            let frac = cfg.validation_split.unwrap_or(0.2);
+            let (t, e) = stratified_split(all_train, |e| task.stratum(e), frac, cfg.seed);
+            write_split(&cfg.output_dir.join("split.json"), cfg, &t, &e)?;
+            (t, e, cfg.train_file.clone())
+        }
+    };
+    if let Some(n) = cfg.max_train_samples {
+        train.truncate(n);
+    }
+    if let Some(n) = cfg.max_eval_samples {
+        eval.truncate(n);
+    }
+    skipped.write(&cfg.output_dir)?;
+    if train.is_empty() {
+        return Err(Error::file(&cfg.train_file, "no training examples"));
+    }
+    if eval.is_empty() {
+        return Err(Error::file(&eval_path, "no evaluation examples"));
+    }
+    let labels = task.label_map(&train, &cfg.train_file, &cfg.label_column, sep)?;
+    let train_y = task.encode_targets(&labels, &train, &cfg.train_file, field, sep)?;
+    let eval_y = task.encode_targets(&labels, &eval, &eval_path, field, sep)?;
+    let loss = loss_config(cfg, &labels, &train_y)?;
+    loss.validate()?;
+
+    let dir = &cfg.model_name_or_path;
+    let hf = HfConfig::from_dir(dir)?;
+    let family = families::family(&hf)?;
+    let max_tokens = family.max_tokens(&hf)?;
+    if cfg.max_seq_length > max_tokens {
+        return Err(Error::Config(format!(
+            "`max_seq_length` {} exceeds the model's {max_tokens} positions",
+            cfg.max_seq_length
+        )));
+    }
+    let head = HeadSpec {
+        num_labels: labels.len(),
+        pooling: cfg.pooling,
+        hidden_dropout: cfg.hidden_dropout_prob,
+        attention_dropout: cfg.attention_probs_dropout_prob,
+        classifier_dropout: cfg.classifier_dropout,
+    };
+    families::pooling(family, &head)?;
+    let encoder = TextEncoder::load(dir, cfg.max_seq_length)?;
+    let (_, _, loaded) = families::load(dir, &head, cfg.seed, device)?;
+    let mut notes = skipped.notes.clone();
+    notes.extend(loaded.notes);
+    if loaded.new_head {
+        notes.push(format!(
+            "a new head with {} outputs is initialised",
+            labels.len()
+        ));
+    }
+    let train_f = encoder.encode(&train)?;
+    let eval_f = encoder.encode(&eval)?;
+    Ok(Prepared {
+        cfg: cfg.clone(),
+        hf,
+        family,
+        model: loaded.model,
+        params: loaded.params,
+        encoder: Box::new(encoder),
+        labels,
+        train: (train_f, train_y),
+        train_ids: train.iter().map(|e| e.id.clone()).collect(),
+        eval: (eval_f, eval_y),
+        loss,
+        notes,
+    })
+}
