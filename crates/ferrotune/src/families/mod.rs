@@ -10,9 +10,11 @@
 //! | `model_type` | folder | transformers class it loads and exports |
 //! |---|---|---|
 //! | `bert` | [`bert`] | `BertForSequenceClassification` |
+//! | `roberta` | [`roberta`] | `RobertaForSequenceClassification` |
 
 pub mod bert;
 pub mod config;
+pub mod roberta;
 
 use std::path::Path;
 
@@ -24,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::nn::{Batch, Ctx, ParamStore, Pooling, Weights};
 
 /// Every family ferrotune can load, by `model_type`.
-pub static FAMILIES: &[&dyn Family] = &[&bert::Bert];
+pub static FAMILIES: &[&dyn Family] = &[&bert::Bert, &roberta::Roberta];
 
 /// What the task asks of the model: the head, and the recipe's dropout overrides.
 #[derive(Debug, Clone, Copy, PartialEq)]

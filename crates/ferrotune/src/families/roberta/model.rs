@@ -1,0 +1,186 @@
+//! RoBERTa with a sequence-classification head, as transformers'
+//! `RobertaForSequenceClassification`: BERT's encoder under other embeddings — positions
+//! numbered from the padding index (`pad + 1` for the first token), no token types (the
+//! one token-type row is added to every token) — and its classification head on the
+//! first token (`<s>`): dropout → dense → tanh → dropout → out_proj.
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::families::{pooling, HeadSpec, HfConfig, Model};
+use crate::nn::encoder::{Encoder, EncoderConfig, EncoderDropout, LayerNames};
+use crate::nn::head::{ClassificationHead, Dense};
+use crate::nn::layers::{positions_after_padding, Activation, Embedding, LayerNorm};
+use crate::nn::{Batch, Builder, Ctx, GroupKind, ParamStore, Pooling, Weights};
+
+use super::Roberta;
+
+/// transformers' names for a RoBERTa layer's tensors (BERT's).
+pub const LAYER_NAMES: LayerNames = LayerNames {
+    layer: "encoder.layer",
+    q: "attention.self.query",
+    k: "attention.self.key",
+    v: "attention.self.value",
+    o: "attention.output.dense",
+    ln1: "attention.output.LayerNorm",
+    inter: "intermediate.dense",
+    out: "output.dense",
+    ln2: "output.LayerNorm",
+};
+
+/// RoBERTa's embeddings.
+struct Embeddings {
+    word: Embedding,
+    pos: Embedding,
+    token_type: Embedding,
+    ln: LayerNorm,
+    dropout: f64,
+    pad: u32,
+}
+
+impl Embeddings {
+    fn forward(&self, ctx: &mut Ctx, input_ids: &Tensor) -> Result<Tensor> {
+        let seq = input_ids.dim(1)?;
+        let longest = self.pos.rows().saturating_sub(self.pad as usize + 1);
+        if seq > longest {
+            return Err(Error::Msg(format!(
+                "sequence of {seq} tokens is longer than the model's {longest} positions"
+            )));
+        }
+        let word = self.word.forward(ctx, input_ids)?;
+        let pos = self
+            .pos
+            .forward(ctx, &positions_after_padding(input_ids, self.pad)?)?;
+        // transformers passes no token types to RoBERTa: every token gets row 0.
+        let tt = self.token_type.first_rows(ctx, 1)?;
+        let x = (word + pos)?.broadcast_add(&tt)?;
+        let x = self.ln.forward(ctx, &x)?;
+        ctx.dropout(&x, self.dropout)
+    }
+}
+
+/// RoBERTa with a classification (or regression) head.
+pub struct RobertaClassifier {
+    embeddings: Embeddings,
+    encoder: Encoder,
+    pooling: Pooling,
+    head: ClassificationHead,
+    first_token_last_layer: bool,
+}
+
+/// A built RoBERTa, its parameters, and whether its head is new.
+pub struct Built {
+    /// The model.
+    pub model: RobertaClassifier,
+    /// Its parameters.
+    pub params: ParamStore,
+    /// The head was newly initialised.
+    pub new_head: bool,
+}
+
+impl RobertaClassifier {
+    /// Builds RoBERTa (see [`crate::families::Family::build`]).
+    pub fn build(
+        cfg: &HfConfig,
+        weights: &Weights,
+        head: &HeadSpec,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Built> {
+        let ec: EncoderConfig = cfg.parse()?;
+        ec.validate(&cfg.path)?;
+        let pooling = pooling(&Roberta, head)?;
+        let h = ec.hidden_size;
+        let hidden_dropout = head.hidden_dropout.unwrap_or(ec.hidden_dropout_prob);
+        let mut b = Builder::new(
+            weights,
+            "roberta.",
+            "embeddings.word_embeddings.weight",
+            ec.initializer_range,
+            seed,
+            device,
+        );
+        let emb = b.group(GroupKind::Embeddings);
+        let embeddings = Embeddings {
+            word: b.embedding("embeddings.word_embeddings", ec.vocab_size, h, emb)?,
+            pos: b.embedding(
+                "embeddings.position_embeddings",
+                ec.max_position_embeddings,
+                h,
+                emb,
+            )?,
+            token_type: b.embedding(
+                "embeddings.token_type_embeddings",
+                ec.type_vocab_size,
+                h,
+                emb,
+            )?,
+            ln: b.layer_norm("embeddings.LayerNorm", h, ec.layer_norm_eps, emb)?,
+            dropout: hidden_dropout,
+            pad: ec.pad_token_id.unwrap_or(1),
+        };
+        let dropout = EncoderDropout {
+            hidden: hidden_dropout,
+            attention: head
+                .attention_dropout
+                .unwrap_or(ec.attention_probs_dropout_prob),
+            attention_output: hidden_dropout,
+        };
+        let encoder = Encoder::build(&mut b, &ec, &LAYER_NAMES, dropout)?;
+        let hg = b.group(GroupKind::Head);
+        let (dense, n1) = b.optional_linear("classifier.dense", "classifier.dense", h, h, hg)?;
+        let n = head.num_labels;
+        let (out, n2) =
+            b.optional_linear("classifier.out_proj", "classifier.out_proj", n, h, hg)?;
+        let head = ClassificationHead {
+            dropout_first: true,
+            dense: Some(Dense {
+                linear: dense,
+                act: Activation::Tanh,
+            }),
+            classifier: out,
+            dropout: head.classifier_dropout.unwrap_or(ec.head_dropout()),
+        };
+        Ok(Built {
+            model: RobertaClassifier {
+                embeddings,
+                encoder,
+                pooling,
+                head,
+                first_token_last_layer: true,
+            },
+            params: b.finish(),
+            new_head: n1 || n2,
+        })
+    }
+
+    fn encode(&self, ctx: &mut Ctx, batch: &Batch, first_only: bool) -> Result<Tensor> {
+        let t = batch.tokens()?;
+        let x = self.embeddings.forward(ctx, &t.input_ids)?;
+        self.encoder
+            .forward(ctx, x, &t.attention_mask, None, first_only)
+    }
+}
+
+impl Model for RobertaClassifier {
+    fn forward(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
+        let first_only = self.first_token_last_layer && self.pooling.reads_first_token_only();
+        let hidden = self.encode(ctx, batch, first_only)?;
+        let pooled = self
+            .pooling
+            .pool(&hidden, &batch.tokens()?.attention_mask)?;
+        self.head.forward(ctx, &pooled)
+    }
+
+    fn hidden_states(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
+        self.encode(ctx, batch, false)
+    }
+
+    fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    fn set_first_token_only(&mut self, on: bool) {
+        self.first_token_last_layer = on;
+    }
+}
