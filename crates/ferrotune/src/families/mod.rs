@@ -11,9 +11,11 @@
 //! |---|---|---|
 //! | `bert` | [`bert`] | `BertForSequenceClassification` |
 //! | `roberta` | [`roberta`] | `RobertaForSequenceClassification` |
+//! | `distilbert` | [`distilbert`] | `DistilBertForSequenceClassification` |
 
 pub mod bert;
 pub mod config;
+pub mod distilbert;
 pub mod roberta;
 
 use std::path::Path;
@@ -26,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::nn::{Batch, Ctx, ParamStore, Pooling, Weights};
 
 /// Every family ferrotune can load, by `model_type`.
-pub static FAMILIES: &[&dyn Family] = &[&bert::Bert, &roberta::Roberta];
+pub static FAMILIES: &[&dyn Family] = &[&bert::Bert, &roberta::Roberta, &distilbert::DistilBert];
 
 /// What the task asks of the model: the head, and the recipe's dropout overrides.
 #[derive(Debug, Clone, Copy, PartialEq)]
