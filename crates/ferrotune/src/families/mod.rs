@@ -12,10 +12,12 @@
 //! | `bert` | [`bert`] | `BertForSequenceClassification` |
 //! | `roberta` | [`roberta`] | `RobertaForSequenceClassification` |
 //! | `distilbert` | [`distilbert`] | `DistilBertForSequenceClassification` |
+//! | `mpnet` | [`mpnet`] | `MPNetForSequenceClassification` |
 
 pub mod bert;
 pub mod config;
 pub mod distilbert;
+pub mod mpnet;
 pub mod roberta;
 
 use std::path::Path;
@@ -28,7 +30,12 @@ use crate::error::{Error, Result};
 use crate::nn::{Batch, Ctx, ParamStore, Pooling, Weights};
 
 /// Every family ferrotune can load, by `model_type`.
-pub static FAMILIES: &[&dyn Family] = &[&bert::Bert, &roberta::Roberta, &distilbert::DistilBert];
+pub static FAMILIES: &[&dyn Family] = &[
+    &bert::Bert,
+    &roberta::Roberta,
+    &distilbert::DistilBert,
+    &mpnet::MpNet,
+];
 
 /// What the task asks of the model: the head, and the recipe's dropout overrides.
 #[derive(Debug, Clone, Copy, PartialEq)]
