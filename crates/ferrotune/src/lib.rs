@@ -9,7 +9,7 @@
 //! 2. [`data`] — readers (CSV, TSV, JSONL, directory per class), labels, the seeded
 //!    stratified split, and the input encoder (tokenizer, dynamically padded batches).
 //! 3. [`tasks`] — what each `problem_type` means: targets, default loss, metrics, output.
-//! 4. [`families`] — model families (BERT, ...), one folder each,
+//! 4. [`families`] — model families (BERT, RoBERTa, DistilBERT, MPNet), one folder each,
 //!    registered by `config.json`'s `model_type`.
 //! 5. [`nn`] — layers families share (linear, layer norm, the transformer encoder,
 //!    classification heads), the parameter store with its layer groups, the weight loader.
