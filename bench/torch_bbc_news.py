@@ -154,12 +154,13 @@ def main():
         model_dir, num_labels=len(classes), id2label=id2label, label2id=label2id)
     model.to(torch.float32)
 
-    # Weight decay on all but biases and LayerNorm weights (as HF Trainer does).
+    # Weight decay on all but LayerNorm weights and tensors whose name contains "bias"
+    # (HF Trainer's get_decay_parameter_names: biases, and MPNet's relative_attention_bias).
     no_decay = set()
     for mod_name, mod in model.named_modules():
         for p_name, _ in mod.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(mod, torch.nn.LayerNorm) or p_name == "bias":
+            if isinstance(mod, torch.nn.LayerNorm) or "bias" in full:
                 no_decay.add(full)
     groups = [
         {"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": weight_decay},

@@ -153,3 +153,60 @@ fn short_real_fine_tune_learns_the_topics() {
     eprintln!("short fine-tune: {:?}", s.epochs[0]);
     assert!(acc >= 0.85, "accuracy {acc} after a short fine-tune");
 }
+
+/// all-mpnet-base-v2 (MPNet: relative position bias, positions from the padding index):
+/// its token ids, last hidden state and mean-pooled, L2-normalised sentence embeddings
+/// equal transformers' (values computed with transformers 5.24, PyTorch 2.15, f32;
+/// `scripts/check-embedding-parity` compares 66 texts up to 384 tokens: 1.5e-6 raw,
+/// 6.6e-7 normalised).
+#[test]
+fn mpnet_matches_transformers_embeddings() {
+    let Some(assets) = assets() else { return };
+    let dir = assets.join("all-mpnet-base-v2");
+    if !dir.join("model.safetensors").exists() {
+        eprintln!(
+            "skipped: {} not found (run scripts/fetch-assets)",
+            dir.display()
+        );
+        return;
+    }
+    let device = Device::Cpu;
+    let (model, enc) = ferrotune::infer::load_embedder(&dir, None, &device).unwrap();
+    use ferrotune::data::InputEncoder;
+    let texts = ["A man is eating food.", "A man is eating a piece of bread."];
+    let ex: Vec<Example> = texts.iter().map(|t| example(t)).collect();
+    let items = enc.encode(&ex).unwrap();
+    assert_eq!(items[0].ids, vec![0, 1041, 2162, 2007, 5987, 2837, 1016, 2]);
+    let batch = enc.collate(&[&items[0], &items[1]], &device).unwrap();
+    let hidden = model.hidden_states(&mut Ctx::eval(), &batch).unwrap();
+    let first: Vec<f32> = hidden.get(0).unwrap().get(0).unwrap().to_vec1().unwrap();
+    let want = [
+        0.10134734f32,
+        -0.09379318,
+        -0.01386451,
+        0.11295321,
+        -0.03940766,
+    ];
+    for (a, b) in first.iter().zip(want) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "last_hidden_state[0,0,:5] = {:?}",
+            &first[..5]
+        );
+    }
+    let model = model.as_ref();
+    let emb =
+        ferrotune::infer::embed(model, &enc, &items, Pooling::Mean, true, 8, &device).unwrap();
+    let want = [
+        0.03550082f32,
+        -0.00843165,
+        0.02202412,
+        0.01626268,
+        -0.00540161,
+    ];
+    for (a, b) in emb[0].iter().zip(want) {
+        assert!((a - b).abs() < 1e-5, "embedding[:5] = {:?}", &emb[0][..5]);
+    }
+    let cos: f32 = emb[0].iter().zip(&emb[1]).map(|(a, b)| a * b).sum();
+    assert!((cos - 0.6601131).abs() < 1e-5, "cosine {cos}");
+}
