@@ -92,6 +92,6 @@ pub fn load_embedder(
         pooling: Some(Pooling::Mean),
         ..HeadSpec::new(1)
     };
-    let (_, _, loaded) = families::load(dir, &head, 0, device)?;
+    let loaded = families::load_weights(&cfg, family, dir, &head, 0, device)?;
     Ok((loaded.model, TextEncoder::load(dir, max_len)?))
 }

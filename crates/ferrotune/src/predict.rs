@@ -96,7 +96,7 @@ impl Predictor {
             pooling: Some(info.pooling),
             ..HeadSpec::new(labels.len())
         };
-        let (_, _, loaded) = families::load(dir, &head, 0, &device)?;
+        let loaded = families::load_weights(&cfg, family, dir, &head, 0, &device)?;
         if loaded.new_head {
             let head_tensor = loaded
                 .params

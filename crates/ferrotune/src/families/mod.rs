@@ -17,6 +17,7 @@
 pub mod bert;
 pub mod config;
 pub mod distilbert;
+pub mod encoder;
 pub mod mpnet;
 pub mod roberta;
 
@@ -265,6 +266,20 @@ pub fn load(
 ) -> Result<(HfConfig, &'static dyn Family, Loaded)> {
     let cfg = HfConfig::from_dir(dir)?;
     let fam = family(&cfg)?;
+    let loaded = load_weights(&cfg, fam, dir, head, seed, device)?;
+    Ok((cfg, fam, loaded))
+}
+
+/// The model of `cfg` (already read from `dir`, of family `fam`) built from
+/// `dir/model.safetensors`, after checking that the weights are that family's.
+pub fn load_weights(
+    cfg: &HfConfig,
+    fam: &dyn Family,
+    dir: &Path,
+    head: &HeadSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<Loaded> {
     let st = dir.join("model.safetensors");
     if !st.exists() {
         return Err(Error::file(
@@ -274,6 +289,5 @@ pub fn load(
     }
     let weights = Weights::safetensors(&st, device)?;
     check_weights(fam, &weights)?;
-    let loaded = fam.build(&cfg, &weights, head, seed, device)?;
-    Ok((cfg, fam, loaded))
+    fam.build(cfg, &weights, head, seed, device)
 }

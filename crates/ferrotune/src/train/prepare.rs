@@ -299,7 +299,7 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
     };
     families::pooling(family, &head)?;
     let encoder = TextEncoder::load(dir, cfg.max_seq_length)?;
-    let (_, _, loaded) = families::load(dir, &head, cfg.seed, device)?;
+    let loaded = families::load_weights(&hf, family, dir, &head, cfg.seed, device)?;
     let mut notes = skipped.notes.clone();
     notes.extend(loaded.notes);
     if loaded.new_head {

@@ -170,6 +170,8 @@ pub struct Run {
     labels: LabelMap,
     task: &'static dyn Task,
     train: (Vec<Features>, TargetData),
+    /// Each training item's cost (tokens), for `group_by_length`.
+    train_costs: Vec<usize>,
     train_ids: Vec<String>,
     eval: (Vec<Features>, TargetData),
     loss: LossConfig,
@@ -265,6 +267,7 @@ impl Run {
             frozen: Vec::new(),
             grads: vec![None; n],
             st: RunState::default(),
+            train_costs: train.0.iter().map(|f| encoder.cost(f)).collect(),
             best: None,
             cfg,
             hf,
@@ -403,8 +406,7 @@ impl Run {
                 .wrapping_add(epoch as u64),
         ));
         if self.cfg.group_by_length {
-            let costs: Vec<usize> = self.train.0.iter().map(|f| self.encoder.cost(f)).collect();
-            order = group_by_length(&order, &costs, bs);
+            order = group_by_length(&order, &self.train_costs, bs);
         }
         let epochs = self.cfg.num_train_epochs;
         progress.start(&format!("train epoch {epoch}/{epochs}"), n as u64);

@@ -8,11 +8,10 @@ use candle_core::Device;
 use serde_json::json;
 
 use crate::error::Result;
+use crate::families::encoder::describe;
 use crate::families::{Family, HeadSpec, HfConfig, Loaded, ModelShape};
 use crate::nn::encoder::EncoderConfig;
 use crate::nn::{Pooling, Weights};
-
-pub use model::BertClassifier;
 
 /// The BERT family.
 pub struct Bert;
@@ -51,11 +50,7 @@ impl Family for Bert {
     }
 
     fn describe(&self, cfg: &HfConfig) -> Result<String> {
-        let c: EncoderConfig = cfg.parse()?;
-        Ok(format!(
-            "{} (hidden {}, heads {}, intermediate {})",
-            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size
-        ))
+        Ok(describe(&cfg.parse()?))
     }
 
     fn config_json(&self, s: &ModelShape) -> serde_json::Value {
@@ -102,16 +97,6 @@ impl Family for Bert {
         seed: u64,
         device: &Device,
     ) -> Result<Loaded> {
-        let b = BertClassifier::build(cfg, weights, head, seed, device)?;
-        let mut notes = Vec::new();
-        if b.new_pooler {
-            notes.push("the pooler is newly initialised (not in the checkpoint)".to_string());
-        }
-        Ok(Loaded {
-            model: Box::new(b.model),
-            params: b.params,
-            new_head: b.new_head,
-            notes,
-        })
+        model::build(cfg, weights, head, seed, device)
     }
 }

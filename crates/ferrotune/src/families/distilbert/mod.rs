@@ -9,10 +9,11 @@ use candle_core::Device;
 use serde_json::json;
 
 use crate::error::Result;
+use crate::families::encoder::describe;
 use crate::families::{Family, HeadSpec, HfConfig, Loaded, ModelShape};
 use crate::nn::{Pooling, Weights};
 
-pub use model::{DistilBertClassifier, DistilBertConfig};
+pub use model::DistilBertConfig;
 
 /// The DistilBERT family.
 pub struct DistilBert;
@@ -49,11 +50,7 @@ impl Family for DistilBert {
     }
 
     fn describe(&self, cfg: &HfConfig) -> Result<String> {
-        let c: DistilBertConfig = cfg.parse()?;
-        Ok(format!(
-            "{} (hidden {}, heads {}, intermediate {})",
-            c.n_layers, c.dim, c.n_heads, c.hidden_dim
-        ))
+        Ok(describe(&cfg.parse::<DistilBertConfig>()?.encoder()))
     }
 
     fn config_json(&self, s: &ModelShape) -> serde_json::Value {
@@ -97,12 +94,6 @@ impl Family for DistilBert {
         seed: u64,
         device: &Device,
     ) -> Result<Loaded> {
-        let b = DistilBertClassifier::build(cfg, weights, head, seed, device)?;
-        Ok(Loaded {
-            model: Box::new(b.model),
-            params: b.params,
-            new_head: b.new_head,
-            notes: Vec::new(),
-        })
+        model::build(cfg, weights, head, seed, device)
     }
 }

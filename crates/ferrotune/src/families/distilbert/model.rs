@@ -8,11 +8,12 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::families::{pooling, HeadSpec, HfConfig, Model};
-use crate::nn::encoder::{Encoder, EncoderConfig, EncoderDropout, LayerNames};
+use crate::families::encoder::{dropout, Embed, EncoderClassifier};
+use crate::families::{pooling, HeadSpec, HfConfig, Loaded};
+use crate::nn::encoder::{Encoder, EncoderConfig, LayerNames};
 use crate::nn::head::{ClassificationHead, Dense};
 use crate::nn::layers::{Activation, Embedding, LayerNorm};
-use crate::nn::{Batch, Builder, Ctx, GroupKind, ParamStore, Pooling, Weights};
+use crate::nn::{Builder, Ctx, GroupKind, TokenBatch, Weights};
 
 use super::DistilBert;
 
@@ -142,16 +143,16 @@ struct Embeddings {
     dropout: f64,
 }
 
-impl Embeddings {
-    fn forward(&self, ctx: &mut Ctx, input_ids: &Tensor) -> Result<Tensor> {
-        let (bsz, seq) = input_ids.dims2()?;
+impl Embed for Embeddings {
+    fn forward(&self, ctx: &mut Ctx, t: &TokenBatch) -> Result<Tensor> {
+        let (bsz, seq) = t.input_ids.dims2()?;
         if seq > self.pos.rows() {
             return Err(Error::Msg(format!(
                 "sequence of {seq} tokens is longer than the model's {} positions",
                 self.pos.rows()
             )));
         }
-        let word = self.word.forward(ctx, input_ids)?;
+        let word = self.word.forward(ctx, &t.input_ids)?;
         let h = word.dim(1)?;
         let pos = self.pos.first_rows(ctx, seq)?;
         let x = word.reshape((bsz, seq, h))?.broadcast_add(&pos)?;
@@ -160,121 +161,55 @@ impl Embeddings {
     }
 }
 
-/// DistilBERT with a classification (or regression) head.
-pub struct DistilBertClassifier {
-    embeddings: Embeddings,
-    encoder: Encoder,
-    pooling: Pooling,
-    head: ClassificationHead,
-    first_token_last_layer: bool,
-}
-
-/// A built DistilBERT, its parameters, and whether its head is new.
-pub struct Built {
-    /// The model.
-    pub model: DistilBertClassifier,
-    /// Its parameters.
-    pub params: ParamStore,
-    /// The head was newly initialised.
-    pub new_head: bool,
-}
-
-impl DistilBertClassifier {
-    /// Builds DistilBERT (see [`crate::families::Family::build`]).
-    pub fn build(
-        cfg: &HfConfig,
-        weights: &Weights,
-        head: &HeadSpec,
-        seed: u64,
-        device: &Device,
-    ) -> Result<Built> {
-        let dc = DistilBertConfig::read(cfg)?;
-        let ec = dc.encoder();
-        let pooling = pooling(&DistilBert, head)?;
-        let h = ec.hidden_size;
-        let hidden_dropout = head.hidden_dropout.unwrap_or(ec.hidden_dropout_prob);
-        let mut b = Builder::new(
-            weights,
-            "distilbert.",
-            "embeddings.word_embeddings.weight",
-            ec.initializer_range,
-            seed,
-            device,
-        );
-        let emb = b.group(GroupKind::Embeddings);
-        let embeddings = Embeddings {
-            word: b.embedding("embeddings.word_embeddings", ec.vocab_size, h, emb)?,
-            pos: b.embedding(
-                "embeddings.position_embeddings",
-                ec.max_position_embeddings,
-                h,
-                emb,
-            )?,
-            ln: b.layer_norm("embeddings.LayerNorm", h, ec.layer_norm_eps, emb)?,
-            dropout: hidden_dropout,
-        };
-        let dropout = EncoderDropout {
-            hidden: hidden_dropout,
-            attention: head
-                .attention_dropout
-                .unwrap_or(ec.attention_probs_dropout_prob),
-            // DistilBERT adds the attention output to its input without dropout.
-            attention_output: 0.0,
-        };
-        let encoder = Encoder::build(&mut b, &ec, &LAYER_NAMES, dropout)?;
-        let hg = b.group(GroupKind::Head);
-        let (pre, n1) = b.optional_linear("pre_classifier", "pre_classifier", h, h, hg)?;
-        let n = head.num_labels;
-        let (classifier, n2) = b.optional_linear("classifier", "classifier", n, h, hg)?;
-        let head = ClassificationHead {
-            dropout_first: false,
-            dense: Some(Dense {
-                linear: pre,
-                act: Activation::Relu,
-            }),
-            classifier,
-            dropout: head.classifier_dropout.unwrap_or(dc.seq_classif_dropout),
-        };
-        Ok(Built {
-            model: DistilBertClassifier {
-                embeddings,
-                encoder,
-                pooling,
-                head,
-                first_token_last_layer: true,
-            },
-            params: b.finish(),
-            new_head: n1 || n2,
-        })
-    }
-
-    fn encode(&self, ctx: &mut Ctx, batch: &Batch, first_only: bool) -> Result<Tensor> {
-        let t = batch.tokens()?;
-        let x = self.embeddings.forward(ctx, &t.input_ids)?;
-        self.encoder
-            .forward(ctx, x, &t.attention_mask, None, first_only)
-    }
-}
-
-impl Model for DistilBertClassifier {
-    fn forward(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
-        let first_only = self.first_token_last_layer && self.pooling.reads_first_token_only();
-        let hidden = self.encode(ctx, batch, first_only)?;
-        let pooled = self
-            .pooling
-            .pool(&hidden, &batch.tokens()?.attention_mask)?;
-        self.head.forward(ctx, &pooled)
-    }
-
-    fn hidden_states(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
-        self.encode(ctx, batch, false)
-    }
-
-    fn pooling(&self) -> Pooling {
-        self.pooling
-    }
-
-    fn set_first_token_only(&mut self, on: bool) {
-        self.first_token_last_layer = on;
-    }
+/// Builds DistilBERT (see [`crate::families::Family::build`]).
+pub fn build(
+    cfg: &HfConfig,
+    weights: &Weights,
+    head: &HeadSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<Loaded> {
+    let dc = DistilBertConfig::read(cfg)?;
+    let ec = dc.encoder();
+    let pooling = pooling(&DistilBert, head)?;
+    let h = ec.hidden_size;
+    // DistilBERT adds the attention output to its input without dropout.
+    let drop = dropout(&ec, head, false);
+    let init = ec.initializer_range;
+    let probe = "embeddings.word_embeddings.weight";
+    let mut b = Builder::new(weights, "distilbert.", probe, init, seed, device);
+    let emb = b.group(GroupKind::Embeddings);
+    let embeddings = Embeddings {
+        word: b.embedding("embeddings.word_embeddings", ec.vocab_size, h, emb)?,
+        pos: b.embedding(
+            "embeddings.position_embeddings",
+            ec.max_position_embeddings,
+            h,
+            emb,
+        )?,
+        ln: b.layer_norm("embeddings.LayerNorm", h, ec.layer_norm_eps, emb)?,
+        dropout: drop.hidden,
+    };
+    let encoder = Encoder::build(&mut b, &ec, &LAYER_NAMES, drop)?;
+    let hg = b.group(GroupKind::Head);
+    let (pre, n1) = b.optional_linear("pre_classifier", "pre_classifier", h, h, hg)?;
+    let n = head.num_labels;
+    let (classifier, n2) = b.optional_linear("classifier", "classifier", n, h, hg)?;
+    let head = ClassificationHead {
+        dropout_first: false,
+        dense: Some(Dense {
+            linear: pre,
+            act: Activation::Relu,
+        }),
+        classifier,
+        dropout: head.classifier_dropout.unwrap_or(dc.seq_classif_dropout),
+    };
+    let model = EncoderClassifier {
+        embeddings: Box::new(embeddings),
+        encoder,
+        pooling,
+        head,
+        first_token_last_layer: true,
+    };
+    Ok(model.loaded(b.finish(), n1 || n2, Vec::new()))
 }

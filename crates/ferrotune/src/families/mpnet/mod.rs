@@ -9,11 +9,12 @@ use candle_core::Device;
 use serde_json::json;
 
 use crate::error::Result;
+use crate::families::encoder::describe;
 use crate::families::{Family, HeadSpec, HfConfig, Loaded, ModelShape};
 use crate::nn::encoder::EncoderConfig;
 use crate::nn::{Pooling, Weights};
 
-pub use model::{relative_position_bucket, MpNetClassifier};
+pub use model::relative_position_bucket;
 
 /// The MPNet family.
 pub struct MpNet;
@@ -53,11 +54,7 @@ impl Family for MpNet {
     }
 
     fn describe(&self, cfg: &HfConfig) -> Result<String> {
-        let c: EncoderConfig = cfg.parse()?;
-        Ok(format!(
-            "{} (hidden {}, heads {}, intermediate {}, relative position bias)",
-            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size
-        ))
+        Ok(describe(&cfg.parse()?) + ", relative position bias")
     }
 
     fn config_json(&self, s: &ModelShape) -> serde_json::Value {
@@ -95,12 +92,6 @@ impl Family for MpNet {
         seed: u64,
         device: &Device,
     ) -> Result<Loaded> {
-        let b = MpNetClassifier::build(cfg, weights, head, seed, device)?;
-        Ok(Loaded {
-            model: Box::new(b.model),
-            params: b.params,
-            new_head: b.new_head,
-            notes: Vec::new(),
-        })
+        model::build(cfg, weights, head, seed, device)
     }
 }

@@ -9,12 +9,12 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::families::{pooling, HeadSpec, HfConfig, Model};
-use crate::nn::builder::Init;
-use crate::nn::encoder::{Encoder, EncoderConfig, EncoderDropout, LayerNames};
+use crate::families::encoder::{dropout, Embed, EncoderClassifier};
+use crate::families::{pooling, HeadSpec, HfConfig, Loaded};
+use crate::nn::encoder::{Encoder, EncoderConfig, LayerNames};
 use crate::nn::head::{ClassificationHead, Dense};
 use crate::nn::layers::{positions_after_padding, Activation, Embedding, LayerNorm};
-use crate::nn::{Batch, Builder, Ctx, GroupKind, ParamStore, Pooling, Weights};
+use crate::nn::{Builder, Ctx, GroupKind, Init, TokenBatch, Weights};
 
 use super::MpNet;
 
@@ -69,157 +69,41 @@ pub fn relative_position_bucket(rel: i64, num_buckets: usize) -> usize {
     ret as usize
 }
 
-/// MPNet's embeddings.
+/// MPNet's embeddings, and the relative position bias every layer's attention adds.
 struct Embeddings {
     word: Embedding,
     pos: Embedding,
     ln: LayerNorm,
     dropout: f64,
     pad: u32,
+    /// `(buckets, heads)`.
+    relative_bias: Embedding,
+    buckets: usize,
+    heads: usize,
 }
 
-impl Embeddings {
-    fn forward(&self, ctx: &mut Ctx, input_ids: &Tensor) -> Result<Tensor> {
-        let seq = input_ids.dim(1)?;
+impl Embed for Embeddings {
+    fn forward(&self, ctx: &mut Ctx, t: &TokenBatch) -> Result<Tensor> {
+        let ids = &t.input_ids;
+        let seq = ids.dim(1)?;
         let longest = self.pos.rows().saturating_sub(self.pad as usize + 1);
         if seq > longest {
             return Err(Error::Msg(format!(
                 "sequence of {seq} tokens is longer than the model's {longest} positions"
             )));
         }
-        let word = self.word.forward(ctx, input_ids)?;
+        let word = self.word.forward(ctx, ids)?;
         let pos = self
             .pos
-            .forward(ctx, &positions_after_padding(input_ids, self.pad)?)?;
+            .forward(ctx, &positions_after_padding(ids, self.pad)?)?;
         let x = self.ln.forward(ctx, &(word + pos)?)?;
         ctx.dropout(&x, self.dropout)
     }
-}
 
-/// MPNet with a classification (or regression) head.
-pub struct MpNetClassifier {
-    embeddings: Embeddings,
-    /// `(buckets, heads)`.
-    relative_bias: Embedding,
-    buckets: usize,
-    heads: usize,
-    encoder: Encoder,
-    pooling: Pooling,
-    head: ClassificationHead,
-    first_token_last_layer: bool,
-}
-
-/// A built MPNet, its parameters, and whether its head is new.
-pub struct Built {
-    /// The model.
-    pub model: MpNetClassifier,
-    /// Its parameters.
-    pub params: ParamStore,
-    /// The head was newly initialised.
-    pub new_head: bool,
-}
-
-impl MpNetClassifier {
-    /// Builds MPNet (see [`crate::families::Family::build`]).
-    pub fn build(
-        cfg: &HfConfig,
-        weights: &Weights,
-        head: &HeadSpec,
-        seed: u64,
-        device: &Device,
-    ) -> Result<Built> {
-        let ec: EncoderConfig = cfg.parse()?;
-        ec.validate(&cfg.path)?;
-        let extra: MpNetExtra = cfg.parse()?;
-        if extra.relative_attention_num_buckets < 4 {
-            return Err(Error::at(
-                &cfg.path,
-                None,
-                Some("relative_attention_num_buckets"),
-                "must be at least 4",
-            ));
-        }
-        let pooling = pooling(&MpNet, head)?;
-        let h = ec.hidden_size;
-        let hidden_dropout = head.hidden_dropout.unwrap_or(ec.hidden_dropout_prob);
-        let mut b = Builder::new(
-            weights,
-            "mpnet.",
-            "embeddings.word_embeddings.weight",
-            ec.initializer_range,
-            seed,
-            device,
-        );
-        let emb = b.group(GroupKind::Embeddings);
-        let embeddings = Embeddings {
-            word: b.embedding("embeddings.word_embeddings", ec.vocab_size, h, emb)?,
-            pos: b.embedding(
-                "embeddings.position_embeddings",
-                ec.max_position_embeddings,
-                h,
-                emb,
-            )?,
-            ln: b.layer_norm("embeddings.LayerNorm", h, ec.layer_norm_eps, emb)?,
-            dropout: hidden_dropout,
-            pad: ec.pad_token_id.unwrap_or(1),
-        };
-        // The relative position bias belongs with the embeddings (below every layer, shared
-        // by all of them); no weight decay, as transformers' Trainer skips every tensor
-        // whose name contains "bias".
-        let buckets = extra.relative_attention_num_buckets;
-        let heads = ec.num_attention_heads;
-        let relative_bias = Embedding {
-            table: b.need(
-                "encoder.relative_attention_bias.weight",
-                &[buckets, heads],
-                emb,
-                Init::Normal,
-                true,
-            )?,
-            group: emb,
-        };
-        let dropout = EncoderDropout {
-            hidden: hidden_dropout,
-            attention: head
-                .attention_dropout
-                .unwrap_or(ec.attention_probs_dropout_prob),
-            attention_output: hidden_dropout,
-        };
-        let encoder = Encoder::build(&mut b, &ec, &LAYER_NAMES, dropout)?;
-        let hg = b.group(GroupKind::Head);
-        let (dense, n1) = b.optional_linear("classifier.dense", "classifier.dense", h, h, hg)?;
-        let n = head.num_labels;
-        let (out, n2) =
-            b.optional_linear("classifier.out_proj", "classifier.out_proj", n, h, hg)?;
-        let head = ClassificationHead {
-            dropout_first: true,
-            dense: Some(Dense {
-                linear: dense,
-                act: Activation::Tanh,
-            }),
-            classifier: out,
-            // transformers' MPNet head uses `hidden_dropout_prob`.
-            dropout: head.classifier_dropout.unwrap_or(ec.hidden_dropout_prob),
-        };
-        Ok(Built {
-            model: MpNetClassifier {
-                embeddings,
-                relative_bias,
-                buckets,
-                heads,
-                encoder,
-                pooling,
-                head,
-                first_token_last_layer: true,
-            },
-            params: b.finish(),
-            new_head: n1 || n2,
-        })
-    }
-
-    /// The position bias of a sequence of `seq` tokens, `(heads, seq, seq)`:
-    /// `bias[h, i, j]` is the table's entry for the bucket of `j − i`, head `h`.
-    fn position_bias(&self, ctx: &Ctx, seq: usize, device: &Device) -> Result<Tensor> {
+    /// `(heads, seq, seq)`: `bias[h, i, j]` is the table's entry for the bucket of
+    /// `j − i`, head `h` (looked up through the embedding op, so its gradient reaches the
+    /// table).
+    fn position_bias(&self, ctx: &Ctx, seq: usize, device: &Device) -> Result<Option<Tensor>> {
         let ids: Vec<u32> = (0..seq * seq)
             .map(|k| {
                 let (i, j) = ((k / seq) as i64, (k % seq) as i64);
@@ -228,42 +112,91 @@ impl MpNetClassifier {
             .collect();
         let ids = Tensor::from_vec(ids, seq * seq, device)?;
         let v = self.relative_bias.forward(ctx, &ids)?; // (seq·seq, heads)
-        Ok(v.reshape((seq, seq, self.heads))?
-            .permute((2, 0, 1))?
-            .contiguous()?)
-    }
-
-    fn encode(&self, ctx: &mut Ctx, batch: &Batch, first_only: bool) -> Result<Tensor> {
-        let t = batch.tokens()?;
-        let seq = t.input_ids.dim(1)?;
-        let x = self.embeddings.forward(ctx, &t.input_ids)?;
-        let bias = self.position_bias(ctx, seq, t.input_ids.device())?;
-        self.encoder
-            .forward(ctx, x, &t.attention_mask, Some(&bias), first_only)
+        Ok(Some(
+            v.reshape((seq, seq, self.heads))?
+                .permute((2, 0, 1))?
+                .contiguous()?,
+        ))
     }
 }
 
-impl Model for MpNetClassifier {
-    fn forward(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
-        let first_only = self.first_token_last_layer && self.pooling.reads_first_token_only();
-        let hidden = self.encode(ctx, batch, first_only)?;
-        let pooled = self
-            .pooling
-            .pool(&hidden, &batch.tokens()?.attention_mask)?;
-        self.head.forward(ctx, &pooled)
+/// Builds MPNet (see [`crate::families::Family::build`]).
+pub fn build(
+    cfg: &HfConfig,
+    weights: &Weights,
+    head: &HeadSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<Loaded> {
+    let ec: EncoderConfig = cfg.parse()?;
+    ec.validate(&cfg.path)?;
+    let extra: MpNetExtra = cfg.parse()?;
+    let buckets = extra.relative_attention_num_buckets;
+    if buckets < 4 {
+        return Err(Error::at(
+            &cfg.path,
+            None,
+            Some("relative_attention_num_buckets"),
+            "must be at least 4",
+        ));
     }
-
-    fn hidden_states(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
-        self.encode(ctx, batch, false)
-    }
-
-    fn pooling(&self) -> Pooling {
-        self.pooling
-    }
-
-    fn set_first_token_only(&mut self, on: bool) {
-        self.first_token_last_layer = on;
-    }
+    let pooling = pooling(&MpNet, head)?;
+    let (h, heads) = (ec.hidden_size, ec.num_attention_heads);
+    let drop = dropout(&ec, head, true);
+    let init = ec.initializer_range;
+    let probe = "embeddings.word_embeddings.weight";
+    let mut b = Builder::new(weights, "mpnet.", probe, init, seed, device);
+    let emb = b.group(GroupKind::Embeddings);
+    let embeddings = Embeddings {
+        word: b.embedding("embeddings.word_embeddings", ec.vocab_size, h, emb)?,
+        pos: b.embedding(
+            "embeddings.position_embeddings",
+            ec.max_position_embeddings,
+            h,
+            emb,
+        )?,
+        ln: b.layer_norm("embeddings.LayerNorm", h, ec.layer_norm_eps, emb)?,
+        dropout: drop.hidden,
+        pad: ec.pad_token_id.unwrap_or(1),
+        // The relative position bias belongs with the embeddings (below every layer,
+        // shared by all of them); no weight decay, as transformers' Trainer skips every
+        // tensor whose name contains "bias".
+        relative_bias: Embedding {
+            table: b.need(
+                "encoder.relative_attention_bias.weight",
+                &[buckets, heads],
+                emb,
+                Init::Normal,
+                true,
+            )?,
+            group: emb,
+        },
+        buckets,
+        heads,
+    };
+    let encoder = Encoder::build(&mut b, &ec, &LAYER_NAMES, drop)?;
+    let hg = b.group(GroupKind::Head);
+    let (dense, n1) = b.optional_linear("classifier.dense", "classifier.dense", h, h, hg)?;
+    let n = head.num_labels;
+    let (out, n2) = b.optional_linear("classifier.out_proj", "classifier.out_proj", n, h, hg)?;
+    let head = ClassificationHead {
+        dropout_first: true,
+        dense: Some(Dense {
+            linear: dense,
+            act: Activation::Tanh,
+        }),
+        classifier: out,
+        // transformers' MPNet head uses `hidden_dropout_prob`.
+        dropout: head.classifier_dropout.unwrap_or(ec.hidden_dropout_prob),
+    };
+    let model = EncoderClassifier {
+        embeddings: Box::new(embeddings),
+        encoder,
+        pooling,
+        head,
+        first_token_last_layer: true,
+    };
+    Ok(model.loaded(b.finish(), n1 || n2, Vec::new()))
 }
 
 #[cfg(test)]

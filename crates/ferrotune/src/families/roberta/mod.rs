@@ -8,11 +8,10 @@ use candle_core::Device;
 use serde_json::json;
 
 use crate::error::Result;
+use crate::families::encoder::describe;
 use crate::families::{Family, HeadSpec, HfConfig, Loaded, ModelShape};
 use crate::nn::encoder::EncoderConfig;
 use crate::nn::{Pooling, Weights};
-
-pub use model::RobertaClassifier;
 
 /// The RoBERTa family.
 pub struct Roberta;
@@ -57,11 +56,7 @@ impl Family for Roberta {
     }
 
     fn describe(&self, cfg: &HfConfig) -> Result<String> {
-        let c: EncoderConfig = cfg.parse()?;
-        Ok(format!(
-            "{} (hidden {}, heads {}, intermediate {})",
-            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size
-        ))
+        Ok(describe(&cfg.parse()?))
     }
 
     fn config_json(&self, s: &ModelShape) -> serde_json::Value {
@@ -99,12 +94,6 @@ impl Family for Roberta {
         seed: u64,
         device: &Device,
     ) -> Result<Loaded> {
-        let b = RobertaClassifier::build(cfg, weights, head, seed, device)?;
-        Ok(Loaded {
-            model: Box::new(b.model),
-            params: b.params,
-            new_head: b.new_head,
-            notes: Vec::new(),
-        })
+        model::build(cfg, weights, head, seed, device)
     }
 }

@@ -7,11 +7,12 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::families::{pooling, HeadSpec, HfConfig, Model};
-use crate::nn::encoder::{Encoder, EncoderConfig, EncoderDropout, LayerNames};
+use crate::families::encoder::{dropout, Embed, EncoderClassifier};
+use crate::families::{pooling, HeadSpec, HfConfig, Loaded};
+use crate::nn::encoder::{Encoder, EncoderConfig, LayerNames};
 use crate::nn::head::{ClassificationHead, Dense};
 use crate::nn::layers::{positions_after_padding, Activation, Embedding, LayerNorm};
-use crate::nn::{Batch, Builder, Ctx, GroupKind, ParamStore, Pooling, Weights};
+use crate::nn::{Builder, Ctx, GroupKind, TokenBatch, Weights};
 
 use super::Roberta;
 
@@ -38,19 +39,20 @@ struct Embeddings {
     pad: u32,
 }
 
-impl Embeddings {
-    fn forward(&self, ctx: &mut Ctx, input_ids: &Tensor) -> Result<Tensor> {
-        let seq = input_ids.dim(1)?;
+impl Embed for Embeddings {
+    fn forward(&self, ctx: &mut Ctx, t: &TokenBatch) -> Result<Tensor> {
+        let ids = &t.input_ids;
+        let seq = ids.dim(1)?;
         let longest = self.pos.rows().saturating_sub(self.pad as usize + 1);
         if seq > longest {
             return Err(Error::Msg(format!(
                 "sequence of {seq} tokens is longer than the model's {longest} positions"
             )));
         }
-        let word = self.word.forward(ctx, input_ids)?;
+        let word = self.word.forward(ctx, ids)?;
         let pos = self
             .pos
-            .forward(ctx, &positions_after_padding(input_ids, self.pad)?)?;
+            .forward(ctx, &positions_after_padding(ids, self.pad)?)?;
         // transformers passes no token types to RoBERTa: every token gets row 0.
         let tt = self.token_type.first_rows(ctx, 1)?;
         let x = (word + pos)?.broadcast_add(&tt)?;
@@ -59,128 +61,61 @@ impl Embeddings {
     }
 }
 
-/// RoBERTa with a classification (or regression) head.
-pub struct RobertaClassifier {
-    embeddings: Embeddings,
-    encoder: Encoder,
-    pooling: Pooling,
-    head: ClassificationHead,
-    first_token_last_layer: bool,
-}
-
-/// A built RoBERTa, its parameters, and whether its head is new.
-pub struct Built {
-    /// The model.
-    pub model: RobertaClassifier,
-    /// Its parameters.
-    pub params: ParamStore,
-    /// The head was newly initialised.
-    pub new_head: bool,
-}
-
-impl RobertaClassifier {
-    /// Builds RoBERTa (see [`crate::families::Family::build`]).
-    pub fn build(
-        cfg: &HfConfig,
-        weights: &Weights,
-        head: &HeadSpec,
-        seed: u64,
-        device: &Device,
-    ) -> Result<Built> {
-        let ec: EncoderConfig = cfg.parse()?;
-        ec.validate(&cfg.path)?;
-        let pooling = pooling(&Roberta, head)?;
-        let h = ec.hidden_size;
-        let hidden_dropout = head.hidden_dropout.unwrap_or(ec.hidden_dropout_prob);
-        let mut b = Builder::new(
-            weights,
-            "roberta.",
-            "embeddings.word_embeddings.weight",
-            ec.initializer_range,
-            seed,
-            device,
-        );
-        let emb = b.group(GroupKind::Embeddings);
-        let embeddings = Embeddings {
-            word: b.embedding("embeddings.word_embeddings", ec.vocab_size, h, emb)?,
-            pos: b.embedding(
-                "embeddings.position_embeddings",
-                ec.max_position_embeddings,
-                h,
-                emb,
-            )?,
-            token_type: b.embedding(
-                "embeddings.token_type_embeddings",
-                ec.type_vocab_size,
-                h,
-                emb,
-            )?,
-            ln: b.layer_norm("embeddings.LayerNorm", h, ec.layer_norm_eps, emb)?,
-            dropout: hidden_dropout,
-            pad: ec.pad_token_id.unwrap_or(1),
-        };
-        let dropout = EncoderDropout {
-            hidden: hidden_dropout,
-            attention: head
-                .attention_dropout
-                .unwrap_or(ec.attention_probs_dropout_prob),
-            attention_output: hidden_dropout,
-        };
-        let encoder = Encoder::build(&mut b, &ec, &LAYER_NAMES, dropout)?;
-        let hg = b.group(GroupKind::Head);
-        let (dense, n1) = b.optional_linear("classifier.dense", "classifier.dense", h, h, hg)?;
-        let n = head.num_labels;
-        let (out, n2) =
-            b.optional_linear("classifier.out_proj", "classifier.out_proj", n, h, hg)?;
-        let head = ClassificationHead {
-            dropout_first: true,
-            dense: Some(Dense {
-                linear: dense,
-                act: Activation::Tanh,
-            }),
-            classifier: out,
-            dropout: head.classifier_dropout.unwrap_or(ec.head_dropout()),
-        };
-        Ok(Built {
-            model: RobertaClassifier {
-                embeddings,
-                encoder,
-                pooling,
-                head,
-                first_token_last_layer: true,
-            },
-            params: b.finish(),
-            new_head: n1 || n2,
-        })
-    }
-
-    fn encode(&self, ctx: &mut Ctx, batch: &Batch, first_only: bool) -> Result<Tensor> {
-        let t = batch.tokens()?;
-        let x = self.embeddings.forward(ctx, &t.input_ids)?;
-        self.encoder
-            .forward(ctx, x, &t.attention_mask, None, first_only)
-    }
-}
-
-impl Model for RobertaClassifier {
-    fn forward(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
-        let first_only = self.first_token_last_layer && self.pooling.reads_first_token_only();
-        let hidden = self.encode(ctx, batch, first_only)?;
-        let pooled = self
-            .pooling
-            .pool(&hidden, &batch.tokens()?.attention_mask)?;
-        self.head.forward(ctx, &pooled)
-    }
-
-    fn hidden_states(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
-        self.encode(ctx, batch, false)
-    }
-
-    fn pooling(&self) -> Pooling {
-        self.pooling
-    }
-
-    fn set_first_token_only(&mut self, on: bool) {
-        self.first_token_last_layer = on;
-    }
+/// Builds RoBERTa (see [`crate::families::Family::build`]).
+pub fn build(
+    cfg: &HfConfig,
+    weights: &Weights,
+    head: &HeadSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<Loaded> {
+    let ec: EncoderConfig = cfg.parse()?;
+    ec.validate(&cfg.path)?;
+    let pooling = pooling(&Roberta, head)?;
+    let h = ec.hidden_size;
+    let drop = dropout(&ec, head, true);
+    let init = ec.initializer_range;
+    let probe = "embeddings.word_embeddings.weight";
+    let mut b = Builder::new(weights, "roberta.", probe, init, seed, device);
+    let emb = b.group(GroupKind::Embeddings);
+    let embeddings = Embeddings {
+        word: b.embedding("embeddings.word_embeddings", ec.vocab_size, h, emb)?,
+        pos: b.embedding(
+            "embeddings.position_embeddings",
+            ec.max_position_embeddings,
+            h,
+            emb,
+        )?,
+        token_type: b.embedding(
+            "embeddings.token_type_embeddings",
+            ec.type_vocab_size,
+            h,
+            emb,
+        )?,
+        ln: b.layer_norm("embeddings.LayerNorm", h, ec.layer_norm_eps, emb)?,
+        dropout: drop.hidden,
+        pad: ec.pad_token_id.unwrap_or(1),
+    };
+    let encoder = Encoder::build(&mut b, &ec, &LAYER_NAMES, drop)?;
+    let hg = b.group(GroupKind::Head);
+    let (dense, n1) = b.optional_linear("classifier.dense", "classifier.dense", h, h, hg)?;
+    let n = head.num_labels;
+    let (out, n2) = b.optional_linear("classifier.out_proj", "classifier.out_proj", n, h, hg)?;
+    let head = ClassificationHead {
+        dropout_first: true,
+        dense: Some(Dense {
+            linear: dense,
+            act: Activation::Tanh,
+        }),
+        classifier: out,
+        dropout: head.classifier_dropout.unwrap_or(ec.head_dropout()),
+    };
+    let model = EncoderClassifier {
+        embeddings: Box::new(embeddings),
+        encoder,
+        pooling,
+        head,
+        first_token_last_layer: true,
+    };
+    Ok(model.loaded(b.finish(), n1 || n2, Vec::new()))
 }
