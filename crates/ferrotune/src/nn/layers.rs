@@ -1,5 +1,5 @@
-//! Layers shared by model families: linear, layer norm, embedding lookup, activations.
-//! Each reads its parameters through the [`Ctx`] (frozen groups are detached) and runs the
+//! Layers shared by model families: linear, layer norm, RMS norm, embedding lookup,
+//! activations. Each reads its parameters through the [`Ctx`] (frozen groups are detached) and runs the
 //! fused kernel, or the composition of candle operations it is tested against when the
 //! fused operations are off.
 
@@ -86,6 +86,28 @@ impl LayerNorm {
         }
         let h = ctx.dropout(h, p)?;
         self.forward(ctx, &(h + r)?)
+    }
+}
+
+/// RMS norm over the last dimension, `x / sqrt(mean(x²) + eps) · g` (Llama's
+/// `LlamaRMSNorm`: the mean of squares in f32, no shift), composed of differentiable
+/// candle operations. For the decoder families; a fused kernel comes when a profile asks.
+pub struct RmsNorm {
+    /// Scale.
+    pub g: Var,
+    /// Epsilon.
+    pub eps: f64,
+    /// Its parameter group.
+    pub group: usize,
+}
+
+impl RmsNorm {
+    /// `RmsNorm(x)`.
+    pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let g = ctx.w(&self.g, self.group);
+        let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        let inv = (ms + self.eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&g)?)
     }
 }
 
@@ -179,5 +201,87 @@ impl Activation {
             Activation::Relu => x.relu()?,
             Activation::Tanh => x.tanh()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// RMS norm equals its formula row by row, and its gradients equal central finite
+    /// differences of the summed, weighted output.
+    #[test]
+    fn rms_norm_matches_its_formula_and_finite_differences() {
+        let dev = Device::Cpu;
+        let xs: Vec<f32> = (0..15).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3).collect();
+        let gs = vec![0.5f32, -1.0, 2.0, 1.5, 0.25];
+        let up: Vec<f32> = (0..15).map(|i| ((i * 5 % 7) as f32 - 3.0) * 0.2).collect();
+        let x = Var::from_vec(xs.clone(), (3, 5), &dev).unwrap();
+        let g = Var::from_vec(gs.clone(), 5, &dev).unwrap();
+        let norm = RmsNorm {
+            g: g.clone(),
+            eps: 1e-6,
+            group: 0,
+        };
+        let frozen = [false];
+        let ctx = Ctx {
+            train: true,
+            frozen: &frozen,
+            rng: None,
+        };
+        let y = norm.forward(&ctx, &x).unwrap();
+        // The formula, in f64.
+        let reference = |xs: &[f32], gs: &[f32]| -> Vec<f64> {
+            xs.chunks(5)
+                .flat_map(|r| {
+                    let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 5.0;
+                    let inv = 1.0 / (ms + 1e-6).sqrt();
+                    r.iter()
+                        .zip(gs)
+                        .map(move |(&v, &g)| v as f64 * inv * g as f64)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in got.iter().zip(reference(&xs, &gs)) {
+            assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let upt = Tensor::from_vec(up.clone(), (3, 5), &dev).unwrap();
+        let grads = (y * upt).unwrap().sum_all().unwrap().backward().unwrap();
+        let objective = |xs: &[f32], gs: &[f32]| -> f64 {
+            reference(xs, gs)
+                .iter()
+                .zip(&up)
+                .map(|(y, &u)| y * u as f64)
+                .sum()
+        };
+        let h = 1e-3f32;
+        for (var, which) in [(&x, 0), (&g, 1)] {
+            let analytic = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (i, a) in analytic.iter().enumerate() {
+                let (mut xp, mut gp) = (xs.clone(), gs.clone());
+                let (mut xm, mut gm) = (xs.clone(), gs.clone());
+                if which == 0 {
+                    xp[i] += h;
+                    xm[i] -= h;
+                } else {
+                    gp[i] += h;
+                    gm[i] -= h;
+                }
+                let fd = (objective(&xp, &gp) - objective(&xm, &gm)) / (2.0 * h as f64);
+                assert!(
+                    (*a as f64 - fd).abs() < 2e-3,
+                    "d[{which}][{i}]: {a} vs {fd}"
+                );
+            }
+        }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! - [`ctx`]: the per-forward context (training or inference, frozen groups, dropout).
 //! - [`batch`]: the model input.
-//! - [`layers`]: linear, layer norm, embedding, activations.
+//! - [`layers`]: linear, layer norm, RMS norm, embedding, activations.
 //! - [`encoder`]: the post-layer-norm transformer encoder of BERT-style families.
 //! - [`head`]: pooling and the sequence-classification heads.
 //! - [`builder`]: loading a model's parameters by name from a checkpoint (or at random).
