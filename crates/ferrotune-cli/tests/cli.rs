@@ -260,3 +260,45 @@ fn bench_runs_every_preset_shape() {
     let (code, _, stderr) = ferrotune(&["bench", "infer", "--preset", "gpt-9"]);
     assert_clean_error(code, &stderr, &["gpt-9", "minilm-l6", "bert-base"]);
 }
+
+/// A `model_type` no family claims, and weights of another family than `config.json`
+/// says: one line naming the file and what is wrong, exit 2 (bad input).
+#[test]
+fn unknown_family_and_wrong_family_weights_exit_2() {
+    let t = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(t.path(), "");
+    let config = t.path().join("model/config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, original.replace("\"bert\"", "\"gpt_neox\"")).unwrap();
+    let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_clean_error(
+        code,
+        &stderr,
+        &[
+            "config.json",
+            "model_type",
+            "gpt_neox",
+            "bert, roberta, distilbert, mpnet",
+        ],
+    );
+    std::fs::write(&config, original).unwrap();
+    let other = t.path().join("distilbert");
+    let spec = TinySpec {
+        prefix: true,
+        ..TinySpec::of("distilbert")
+    };
+    write_tiny_model(&other, &spec).unwrap();
+    std::fs::copy(
+        other.join("model.safetensors"),
+        t.path().join("model/model.safetensors"),
+    )
+    .unwrap();
+    let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_clean_error(
+        code,
+        &stderr,
+        &["model.safetensors", "DistilBERT", "`distilbert`", "`bert`"],
+    );
+}
