@@ -1,9 +1,10 @@
 """PyTorch side of `ferrotune bench`: one training step (forward, cross-entropy, backward,
 clipping, AdamW) or one inference pass of a randomly initialised transformers
-BertForSequenceClassification of the same shape, timed the same way (median over N steps
-after 2 warm-up steps). Prints one JSON line like ferrotune's.
-Usage: python torch_step_bench.py train|infer --preset minilm-l6|bert-base --batch B --seq S
+*ForSequenceClassification of the same family and shape, timed the same way (median over
+N steps after 2 warm-up steps). Prints one JSON line like ferrotune's.
+Usage: python torch_step_bench.py train|infer --preset PRESET --batch B --seq S
        --steps N --threads T [--precision f32|bf16]
+PRESET: minilm-l6, bert-base (BERT), roberta-base, distilbert-base, mpnet-base.
 """
 import argparse
 import json
@@ -12,15 +13,22 @@ import statistics
 import time
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
-SHAPES = {"minilm-l6": (384, 6, 12, 1536), "bert-base": (768, 12, 12, 3072)}
+# preset: (model_type, hidden, layers, heads, intermediate, vocab), as `ferrotune bench`.
+SHAPES = {
+    "minilm-l6": ("bert", 384, 6, 12, 1536, 30522),
+    "bert-base": ("bert", 768, 12, 12, 3072, 30522),
+    "roberta-base": ("roberta", 768, 12, 12, 3072, 50265),
+    "distilbert-base": ("distilbert", 768, 6, 12, 3072, 30522),
+    "mpnet-base": ("mpnet", 768, 12, 12, 3072, 30527),
+}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["train", "infer"])
-    ap.add_argument("--preset", default="minilm-l6", choices=SHAPES)
+    ap.add_argument("--preset", default="minilm-l6", choices=list(SHAPES))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
@@ -29,10 +37,19 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    h, l, heads, i = SHAPES[a.preset]
-    cfg = BertConfig(hidden_size=h, num_hidden_layers=l, num_attention_heads=heads,
-                     intermediate_size=i, num_labels=2, attn_implementation="sdpa")
-    model = BertForSequenceClassification(cfg)
+    family, h, l, heads, i, vocab = SHAPES[a.preset]
+    if family == "distilbert":
+        cfg = AutoConfig.for_model(family, dim=h, n_layers=l, n_heads=heads, hidden_dim=i,
+                                   vocab_size=vocab, num_labels=2)
+    else:
+        extra = {"max_position_embeddings": 514} if family in ("roberta", "mpnet") else {}
+        cfg = AutoConfig.for_model(family, hidden_size=h, num_hidden_layers=l,
+                                   num_attention_heads=heads, intermediate_size=i,
+                                   vocab_size=vocab, num_labels=2, **extra)
+    try:  # PyTorch's fused attention where transformers has it for the family
+        model = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="sdpa")
+    except (ValueError, NotImplementedError):
+        model = AutoModelForSequenceClassification.from_config(cfg)
     ids = torch.randint(1000, 30000, (a.batch, a.seq))
     mask = torch.ones_like(ids)
     labels = torch.tensor([k % 2 for k in range(a.batch)])
