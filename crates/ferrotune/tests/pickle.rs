@@ -1,4 +1,4 @@
-//! `models::pickle`: reading PyTorch weight files without running them.
+//! `formats::pickle`: reading PyTorch weight files without running them.
 //!
 //! - Fixtures made by `tests/fixtures/pickle/make_fixtures.py` (torch): a state dict in the
 //!   zip and the legacy format, with non-contiguous, offset, shared, expanded, 0-d and

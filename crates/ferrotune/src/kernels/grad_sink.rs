@@ -10,7 +10,7 @@
 //! straight into the trainer's buffers — overwriting them on the first contribution of the
 //! pass (or adding, when accumulating gradients over several batches), adding after — and
 //! gives candle nothing for them. Gradients of other tensors still come from candle's store;
-//! the trainer merges the two ([`crate::train::trainer::loss_and_grads_into`]).
+//! the trainer merges the two ([`crate::train::step::loss_and_grads_into`]).
 //!
 //! The query, key and value weights run as one GEMM over their concatenation; [`concat`]
 //! makes that concatenation a leaf variable whose gradient belongs, row block by row
