@@ -18,6 +18,8 @@ fn ferrotune(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A recipe for the tiny model and data in `dir`, writing to `dir/out` (never to the
+/// working directory, even when the run fails).
 fn write_recipe(dir: &Path, extra: &str) -> String {
     let model = dir.join("model");
     if !model.exists() {
@@ -28,10 +30,12 @@ fn write_recipe(dir: &Path, extra: &str) -> String {
     std::fs::write(
         &recipe,
         format!(
-            "model_name_or_path = {:?}\ntrain_file = {:?}\nvalidation_split = 0.25\n\
-             num_train_epochs = 2\nlearning_rate = 1e-3\nmax_seq_length = 16\n{extra}",
+            "model_name_or_path = {:?}\ntrain_file = {:?}\noutput_dir = {:?}\n\
+             validation_split = 0.25\nnum_train_epochs = 2\nlearning_rate = 1e-3\n\
+             max_seq_length = 16\n{extra}",
             model,
-            dir.join("train.csv")
+            dir.join("train.csv"),
+            dir.join("out"),
         ),
     )
     .unwrap();
@@ -139,7 +143,7 @@ fn bad_recipe_and_data_give_one_line_errors() {
     assert_clean_error(
         code,
         &stderr,
-        &["recipe.toml:7", "learning_rat", "learning_rate"],
+        &["recipe.toml:8", "learning_rat", "learning_rate"],
     );
 
     let recipe = write_recipe(t.path(), "");
