@@ -194,6 +194,29 @@ impl PredictRequest {
                 )))
             }
         };
+        // An empty text would be classified from its special tokens alone: a made-up
+        // distribution. TEI answers 422 too.
+        for (i, inp) in inputs.iter().enumerate() {
+            let name = if single {
+                "`inputs`".to_string()
+            } else {
+                format!("`inputs[{i}]`")
+            };
+            if inp.text.trim().is_empty() {
+                return Err(ApiError::unprocessable(format!(
+                    "{name} is empty or whitespace only"
+                )));
+            }
+            if inp
+                .text_pair
+                .as_deref()
+                .is_some_and(|t| t.trim().is_empty())
+            {
+                return Err(ApiError::unprocessable(format!(
+                    "{name}: the text pair is empty or whitespace only"
+                )));
+            }
+        }
         match obj.get("truncation_direction") {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) if s.eq_ignore_ascii_case("right") => {}
@@ -255,6 +278,10 @@ mod tests {
             (&br#"{"inputs": 3}"#[..], "not a number"),
             (br#"{"input": "x"}"#, "unknown field `input`"),
             (br#"{"inputs": []}"#, "empty"),
+            (br#"{"inputs": ""}"#, "`inputs` is empty"),
+            (br#"{"inputs": " \n\t"}"#, "whitespace only"),
+            (br#"{"inputs": ["a", "  "]}"#, "`inputs[1]` is empty"),
+            (br#"{"inputs": [["a", ""]]}"#, "text pair is empty"),
             (br#"{"inputs": [["a"]]}"#, "inputs[0]"),
             (br#"{"inputs": ["a", 1]}"#, "inputs[1]"),
             (
