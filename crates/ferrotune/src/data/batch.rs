@@ -2,7 +2,7 @@
 //! to its own longest sequence (dynamic padding), not to `max_seq_length`.
 
 use candle_core::{Device, Tensor};
-use tokenizers::{EncodeInput, Tokenizer};
+use tokenizers::{EncodeInput, Encoding, Tokenizer};
 
 use crate::data::reader::Example;
 use crate::error::{Error, Result};
@@ -19,16 +19,12 @@ pub struct Features {
 
 /// Tokenizes the texts (and text pairs) of `examples`.
 pub fn tokenize(tok: &Tokenizer, examples: &[Example]) -> Result<Vec<Features>> {
-    let inputs: Vec<EncodeInput> = examples
+    let texts: Vec<(&str, Option<&str>)> = examples
         .iter()
-        .map(|e| match &e.text_pair {
-            Some(p) => (e.text.as_str(), p.as_str()).into(),
-            None => e.text.as_str().into(),
-        })
+        .map(|e| (e.text.as_str(), e.text_pair.as_deref()))
         .collect();
-    let enc = tok
-        .encode_batch(inputs, true)
-        .map_err(|e| Error::Msg(format!("tokenization failed: {e}")))?;
+    let enc =
+        encode_clipped(tok, &texts).map_err(|e| Error::Msg(format!("tokenization failed: {e}")))?;
     Ok(enc
         .into_iter()
         .map(|e| Features {
@@ -36,6 +32,62 @@ pub fn tokenize(tok: &Tokenizer, examples: &[Example]) -> Result<Vec<Features>> 
             type_ids: e.get_type_ids().to_vec(),
         })
         .collect())
+}
+
+/// Characters of a text tokenized per token kept, at most: a longer text is cut there
+/// (back to a space) before tokenizing, so that a 50 MB line costs what its first tokens
+/// cost, not gigabytes of offsets for tokens that truncation then drops.
+pub const CHARS_PER_TOKEN: usize = 64;
+
+/// `text` cut to what `max_tokens` tokens can need (see [`CHARS_PER_TOKEN`]), at the last
+/// whitespace before the cut when there is one in its second half.
+pub fn clip_text(text: &str, max_tokens: usize) -> &str {
+    let cap = max_tokens.saturating_mul(CHARS_PER_TOKEN).max(1024);
+    if text.len() <= cap {
+        return text; // bytes bound chars
+    }
+    let end = text.char_indices().nth(cap).map_or(text.len(), |(i, _)| i);
+    let cut = &text[..end];
+    match cut.rfind(char::is_whitespace) {
+        Some(i) if i > end / 2 => &cut[..i],
+        _ => cut,
+    }
+}
+
+/// Encodes `(text, text pair)` inputs with `tok`'s truncation, clipping long texts first
+/// ([`clip_text`]). The result is the same as encoding the whole texts: a text is clipped
+/// only when its clipped part alone still fills the token budget (so truncation, pair
+/// truncation included, keeps the same tokens); a text of long runs of spaces or symbols
+/// is encoded whole.
+pub fn encode_clipped(
+    tok: &Tokenizer,
+    texts: &[(&str, Option<&str>)],
+) -> tokenizers::Result<Vec<Encoding>> {
+    let Some(max) = tok.get_truncation().map(|t| t.max_length) else {
+        let inputs: Vec<EncodeInput> = texts.iter().map(|&t| input(t)).collect();
+        return tok.encode_batch(inputs, true);
+    };
+    let side = |t: &str| -> tokenizers::Result<bool> {
+        let c = clip_text(t, max);
+        Ok(c.len() < t.len() && tok.encode(c, false)?.get_ids().len() >= max)
+    };
+    let mut inputs: Vec<EncodeInput> = Vec::with_capacity(texts.len());
+    for &(a, b) in texts {
+        let a = if side(a)? { clip_text(a, max) } else { a };
+        let b = match b {
+            Some(b) if side(b)? => Some(clip_text(b, max)),
+            b => b,
+        };
+        inputs.push(input((a, b)));
+    }
+    tok.encode_batch(inputs, true)
+}
+
+fn input<'a>((a, b): (&'a str, Option<&'a str>)) -> EncodeInput<'a> {
+    match b {
+        Some(b) => (a, b).into(),
+        None => a.into(),
+    }
 }
 
 /// The id used for padding: the tokenizer's `[PAD]`, else `<pad>`, else 0.
@@ -111,6 +163,41 @@ pub fn length_sorted_batches(feats: &[Features], batch_size: usize) -> Vec<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clipping_long_texts_changes_no_token() {
+        let t = tempfile::tempdir().unwrap();
+        for family in ["bert", "roberta"] {
+            let dir = t.path().join(family);
+            crate::testing::write_tiny_model(&dir, &crate::testing::TinySpec::of(family)).unwrap();
+            let max = 16;
+            let tok = crate::data::tokenizer::load_tokenizer(&dir, max).unwrap();
+            // Long enough to be clipped (over 1024 characters), short enough for the
+            // reference: tokenizers' pair truncation makes every overflow combination.
+            let words = "the film was good and the plot was fine . ".repeat(100);
+            let spaces = format!("good{}fine film", " ".repeat(1500));
+            let long_word = format!("{} good film", "x".repeat(3000));
+            let cases: Vec<(&str, Option<&str>)> = vec![
+                (&words, None),
+                (&spaces, None),
+                (&long_word, None),
+                ("good film", Some(&words)),
+                (&words, Some(&spaces)),
+                ("short", None),
+            ];
+            assert!(clip_text(&words, max).len() < words.len());
+            let got = encode_clipped(&tok, &cases).unwrap();
+            for (i, &(a, b)) in cases.iter().enumerate() {
+                let whole = tok.encode(input((a, b)), true).unwrap();
+                assert_eq!(got[i].get_ids(), whole.get_ids(), "{family} case {i}");
+                assert_eq!(
+                    got[i].get_type_ids(),
+                    whole.get_type_ids(),
+                    "{family} case {i}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn pads_to_longest_in_batch() {

@@ -520,9 +520,15 @@ impl Shared {
         truncate: bool,
     ) -> std::result::Result<Vec<Features>, ApiError> {
         let encode = |tok: &Tokenizer, i: usize, inp: &Input| {
-            let r = match &inp.text_pair {
-                Some(pair) => tok.encode((inp.text.as_str(), pair.as_str()), true),
-                None => tok.encode(inp.text.as_str(), true),
+            let text = [(inp.text.as_str(), inp.text_pair.as_deref())];
+            let r = if tok.get_truncation().is_some() {
+                // Long texts are clipped first, as in `predict` (memory bound by tokens).
+                crate::data::batch::encode_clipped(tok, &text).map(|mut v| v.remove(0))
+            } else {
+                match &inp.text_pair {
+                    Some(pair) => tok.encode((inp.text.as_str(), pair.as_str()), true),
+                    None => tok.encode(inp.text.as_str(), true),
+                }
             };
             r.map_err(|e| {
                 ApiError::new(
