@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferrotune::data::reader::{read_examples, EncodingErrors, ReaderOptions};
 use ferrotune::predict::Predictor;
@@ -44,6 +43,10 @@ enum Cmd {
         /// a checkpoint directory. The recipe and --set values must be the same.
         #[arg(long, value_name = "latest|DIR")]
         resume: Option<String>,
+        /// Replace a previous run in the output directory (its checkpoints and model are
+        /// removed first); without it such a directory is refused.
+        #[arg(long)]
+        overwrite_output_dir: bool,
     },
     /// Evaluate an exported model on a labelled file.
     Eval {
@@ -216,10 +219,49 @@ impl Progress for Bars {
         }
     }
     fn message(&mut self, msg: &str) {
-        match &self.bar {
-            Some(b) => b.suspend(|| println!("{msg}")),
-            None => println!("{msg}"),
+        if STDOUT_CLOSED.load(Ordering::SeqCst) {
+            return;
         }
+        let line = format!("{msg}\n");
+        let written = match &self.bar {
+            Some(b) => b.suspend(|| write_stdout(line.as_bytes())),
+            None => write_stdout(line.as_bytes()),
+        };
+        if written.is_err() {
+            // The reader has gone (`ferrotune train ... | head -2`): stop as on Ctrl-C, so
+            // the run checkpoints after this step and can be resumed.
+            STDOUT_CLOSED.store(true, Ordering::SeqCst);
+            if let Some(flag) = STOP.get() {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Set once a write to standard output failed (its reader closed the pipe).
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Writes to standard output; `Err` when it is closed (Rust ignores SIGPIPE, so a closed
+/// pipe is an error here, never a kill or a panic).
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()
+}
+
+/// Prints a command's result; a closed standard output ends the command quietly (its
+/// reader wanted no more), as `head` users expect.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    let mut bytes = text.as_bytes().to_vec();
+    if !text.ends_with('\n') {
+        bytes.push(b'\n');
+    }
+    match write_stdout(&bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing to standard output"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -271,6 +313,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             mut set,
             output_dir,
             resume,
+            overwrite_output_dir,
         } => {
             if let Some(d) = &output_dir {
                 set.push(format!("output_dir={}", toml_string(&d.to_string_lossy())));
@@ -280,8 +323,13 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             let control = Control {
                 resume,
                 stop: stop_on_signals(),
+                overwrite_output_dir,
             };
             match ferrotune::train::train_with(&cfg, &mut bars(), &control) {
+                Err(e @ Error::Interrupted { .. }) if STDOUT_CLOSED.load(Ordering::SeqCst) => {
+                    eprintln!("standard output was closed; {e}");
+                    return Err(StdoutClosed.into());
+                }
                 Err(e @ Error::Interrupted { .. }) => {
                     let mut again = format!("ferrotune train --recipe {}", recipe.display());
                     for s in &set {
@@ -318,14 +366,14 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             let ex = read_examples(&input, &opts)?;
             let r = p.evaluate(&ex, &input, &label_column)?;
             if let Some(report) = &r.report {
-                println!("{}", report.per_class_table(&p.labels));
+                print_out(&report.per_class_table(&p.labels))?;
             }
             let mut line = serde_json::Map::new();
             line.insert("eval_examples".into(), ex.len().into());
             for (k, v) in &r.metrics {
                 line.insert(format!("eval_{k}"), serde_json::json!(v));
             }
-            println!("{}", serde_json::Value::Object(line));
+            print_out(&serde_json::Value::Object(line).to_string())?;
         }
         Cmd::Predict {
             model,
@@ -351,10 +399,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => {
                     let bytes = p.format(&probs, false)?;
-                    use std::io::Write;
-                    std::io::stdout()
-                        .write_all(&bytes)
-                        .context("writing to standard output")?;
+                    print_out(&String::from_utf8_lossy(&bytes))?;
                 }
             }
         }
@@ -409,7 +454,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 let kind = if i < 2 { "warm-up" } else { "step" };
                 eprintln!("{kind} {i}: {ms:.1} ms");
             })?;
-            println!("{}", serde_json::to_string(&r)?);
+            print_out(&serde_json::to_string(&r)?)?;
         }
         Cmd::Embed {
             model,
@@ -443,21 +488,16 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
                     eprintln!("{} embeddings written to {}", emb.len(), path.display());
                 }
-                None => {
-                    use std::io::Write;
-                    std::io::stdout()
-                        .write_all(text.as_bytes())
-                        .context("writing to standard output")?;
-                }
+                None => print_out(&text)?,
             }
         }
         Cmd::Inspect { model } => {
             let info = ferrotune::artifact::inspect(&model)?;
-            println!("{info}");
+            print_out(&info.to_string())?;
         }
         Cmd::Convert { input, output } => {
             let n = ferrotune::formats::pickle::convert_to_safetensors(&input, &output)?;
-            println!("{n} tensors written to {}", output.display());
+            print_out(&format!("{n} tensors written to {}", output.display()))?;
         }
     }
     Ok(())
@@ -472,6 +512,17 @@ impl std::fmt::Display for Interrupted {
     }
 }
 impl std::error::Error for Interrupted {}
+
+/// Training stopped because standard output was closed, after writing a checkpoint
+/// (exit 141, as a shell reports a process ended by SIGPIPE).
+#[derive(Debug)]
+struct StdoutClosed;
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "standard output closed")
+    }
+}
+impl std::error::Error for StdoutClosed {}
 
 static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 
@@ -520,13 +571,13 @@ fn main() -> ExitCode {
     match try_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<Interrupted>().is_some() => ExitCode::from(130),
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::from(141),
         Err(e) => {
             eprintln!("error: {e}");
-            // 2: the user's input (recipe, data, model files) is at fault; 1: anything else.
+            // 2: the user's input (recipe, data, model files) is at fault; 1: anything
+            // else (a full disk, a denied permission, a bug).
             match e.downcast_ref::<Error>() {
-                Some(Error::Input { .. } | Error::Config(_) | Error::Io { .. }) => {
-                    ExitCode::from(2)
-                }
+                Some(e) if e.is_bad_input() => ExitCode::from(2),
                 _ => ExitCode::from(1),
             }
         }

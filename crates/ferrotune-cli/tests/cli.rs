@@ -306,3 +306,52 @@ fn unknown_family_and_wrong_family_weights_exit_2() {
         &["model.safetensors", "DistilBERT", "`distilbert`", "`bert`"],
     );
 }
+
+#[test]
+fn an_output_dir_in_use_is_refused_unless_overwritten() {
+    let t = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(t.path(), "");
+    let out = t.path().join("run");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train", "--recipe", &recipe, "--set", "num_train_epochs=1"];
+        args.push("--output-dir");
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        ferrotune(&args)
+    };
+    let (code, _, stderr) = run(&[]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = run(&[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_clean_error(
+        code,
+        &stderr,
+        &[
+            "run",
+            "previous run",
+            "--resume latest",
+            "--overwrite-output-dir",
+        ],
+    );
+    // A stale checkpoint of the previous run must not survive the overwrite.
+    let stale = out.join("checkpoints/checkpoint-999");
+    std::fs::create_dir_all(&stale).unwrap();
+    let (code, _, stderr) = run(&["--overwrite-output-dir"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stale.exists());
+    assert!(out.join("model/model.safetensors").exists());
+
+    // A folder with the user's own files is never written into.
+    let mine = t.path().join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "keep me").unwrap();
+    for extra in [&[][..], &["--overwrite-output-dir"][..]] {
+        let mut args = vec!["train", "--recipe", &recipe, "--output-dir"];
+        args.push(mine.to_str().unwrap());
+        args.extend_from_slice(extra);
+        let (code, _, stderr) = ferrotune(&args);
+        assert_eq!(code, 2, "{stderr}");
+        assert_clean_error(code, &stderr, &["mine", "notes.txt", "no ferrotune run"]);
+    }
+    assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 1);
+}

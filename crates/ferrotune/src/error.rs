@@ -90,6 +90,27 @@ pub fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Whether the user's input is at fault (a recipe, data or model file that is wrong,
+    /// missing or not where a path says) rather than the machine (a full disk, a denied
+    /// permission, a failing device). The CLI exits 2 for the first, 1 for the second.
+    pub fn is_bad_input(&self) -> bool {
+        use std::io::ErrorKind as K;
+        match self {
+            Error::Input { .. } | Error::Config(_) => true,
+            Error::Io { source, .. } => matches!(
+                source.kind(),
+                K::NotFound
+                    | K::NotADirectory
+                    | K::IsADirectory
+                    | K::InvalidData
+                    | K::InvalidInput
+                    | K::InvalidFilename
+                    | K::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
+
     /// An error in file `path` with no line or field.
     pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         Error::Input {

@@ -250,3 +250,77 @@ fn missing_column_empty_file_bad_utf8_unknown_model_type() {
     });
     assert!(e.contains("model.safetensors"), "{e}");
 }
+
+/// The run line of metrics.jsonl (its first line).
+fn run_line(out: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+}
+
+#[test]
+fn max_train_samples_keeps_every_class_and_labels_come_from_the_whole_file() {
+    let t = tempfile::tempdir().unwrap();
+    let (model, _) = setup(t.path());
+    // 60 rows of `pos`, then 4 of `neg`: the first 20 rows hold no `neg`.
+    let csv = t.path().join("sorted.csv");
+    let mut text = String::from("text,label\n");
+    for i in 0..60 {
+        text.push_str(&format!("a good film {i},pos\n"));
+    }
+    for i in 0..4 {
+        text.push_str(&format!("a bad film {i},neg\n"));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let out = t.path().join("run");
+    let cfg = recipe(
+        &model,
+        &csv,
+        &out,
+        "max_train_samples = 20\nnum_train_epochs = 1",
+    );
+    train(&cfg, &mut Silent).unwrap();
+    let run = run_line(&out);
+    assert_eq!(run["train_examples"], 20, "{run}");
+    assert_eq!(run["labels"], serde_json::json!(["neg", "pos"]), "{run}");
+    assert_eq!(run["warnings"], 0, "{run}");
+
+    // With a validation file, the label set still comes from every training row.
+    let val = t.path().join("val.csv");
+    std::fs::write(&val, "text,label\na fine film,pos\na poor film,neg\n").unwrap();
+    let out = t.path().join("run2");
+    let cfg = recipe(
+        &model,
+        &csv,
+        &out,
+        &format!("max_train_samples = 20\nnum_train_epochs = 1\nvalidation_file = {val:?}"),
+    );
+    train(&cfg, &mut Silent).unwrap();
+    let run = run_line(&out);
+    assert_eq!(run["labels"], serde_json::json!(["neg", "pos"]), "{run}");
+    // validation_split (in the base recipe) is ignored, and the run says so.
+    let notes = run["notes"].to_string();
+    assert!(notes.contains("`validation_split` is ignored"), "{run}");
+}
+
+#[test]
+fn labels_that_look_like_file_mistakes_are_warned_about() {
+    let t = tempfile::tempdir().unwrap();
+    let (model, _) = setup(t.path());
+    // Two CSV files concatenated: the second one's byte-order mark lands mid-file, and
+    // its header is a row.
+    let csv = t.path().join("joined.csv");
+    let mut text = String::from("label,text\n");
+    for i in 0..30 {
+        text.push_str(&format!("1,a good film {i}\n0,a bad film {i}\n"));
+    }
+    text.push_str("\u{feff}\"1\",a fine film\n");
+    std::fs::write(&csv, text).unwrap();
+    let out = t.path().join("run");
+    let cfg = recipe(&model, &csv, &out, "num_train_epochs = 1");
+    train(&cfg, &mut Silent).unwrap();
+    let run = run_line(&out);
+    let notes = run["notes"].to_string();
+    assert_eq!(run["warnings"], 1, "{run}");
+    assert!(notes.contains("byte-order mark"), "{notes}");
+    assert!(notes.contains("joined.csv"), "{notes}");
+}

@@ -144,6 +144,76 @@ pub fn stratified_split(
     (strip(train), strip(eval))
 }
 
+/// `n` of `examples` (all of them when there are no more), every stratum in proportion
+/// to its size (largest remainders) and, when `n` allows, at least once; within a stratum
+/// the first ones are kept, and the examples keep their order.
+pub fn stratified_sample(
+    examples: Vec<Example>,
+    stratum: impl Fn(&Example) -> String,
+    n: usize,
+) -> Vec<Example> {
+    let total = examples.len();
+    if n >= total {
+        return examples;
+    }
+    let keys: Vec<String> = examples.iter().map(&stratum).collect();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for k in &keys {
+        *counts.entry(k.as_str()).or_default() += 1;
+    }
+    // (stratum, size, quota, remainder of its exact share)
+    let mut quota: Vec<(&str, usize, usize, f64)> = counts
+        .iter()
+        .map(|(&k, &c)| {
+            let exact = n as f64 * c as f64 / total as f64;
+            (k, c, exact.floor() as usize, exact - exact.floor())
+        })
+        .collect();
+    if n >= quota.len() {
+        for q in quota.iter_mut().filter(|q| q.2 == 0) {
+            q.2 = 1;
+            q.3 = 0.0;
+        }
+    }
+    let mut sum: usize = quota.iter().map(|q| q.2).sum();
+    while sum > n {
+        // Take back from the largest quota (never below one).
+        let q = quota
+            .iter_mut()
+            .filter(|q| q.2 > 1)
+            .max_by_key(|q| q.2)
+            .expect("some quota exceeds one while the sum exceeds n >= strata");
+        q.2 -= 1;
+        sum -= 1;
+    }
+    let mut order: Vec<usize> = (0..quota.len()).collect();
+    order.sort_by(|&a, &b| quota[b].3.total_cmp(&quota[a].3).then(a.cmp(&b)));
+    for i in order.into_iter().cycle() {
+        if sum == n {
+            break;
+        }
+        if quota[i].2 < quota[i].1 {
+            quota[i].2 += 1;
+            sum += 1;
+        }
+    }
+    let mut left: BTreeMap<&str, usize> = quota.iter().map(|q| (q.0, q.2)).collect();
+    let keep: Vec<bool> = keys
+        .iter()
+        .map(|k| {
+            let l = left.get_mut(k.as_str()).expect("every key counted");
+            let take = *l > 0;
+            *l = l.saturating_sub(1);
+            take
+        })
+        .collect();
+    examples
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(e, k)| k.then_some(e))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,5 +356,27 @@ mod tests {
             .map(|e| split_key(5, &e.id))
             .min();
         assert!(max_eval < min_train);
+    }
+
+    #[test]
+    fn a_stratified_sample_keeps_every_class_and_the_order() {
+        let ex = data(&[("a", 90), ("b", 9), ("c", 1)]);
+        let s = stratified_sample(ex.clone(), label, 20);
+        assert_eq!(s.len(), 20);
+        assert_eq!((count(&s, "a"), count(&s, "b"), count(&s, "c")), (18, 1, 1));
+        // The first of each class, in the original order.
+        let pos: Vec<usize> = s
+            .iter()
+            .map(|e| ex.iter().position(|x| x.id == e.id).unwrap())
+            .collect();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(ids(&s)[..3], ["line 2", "line 3", "line 4"]);
+        for n in [0, 1, 2, 3, 7, 50, 99, 100, 150] {
+            let s = stratified_sample(ex.clone(), label, n);
+            assert_eq!(s.len(), n.min(100), "{n}");
+            if n >= 3 {
+                assert!(count(&s, "c") == 1 && count(&s, "b") >= 1, "{n}");
+            }
+        }
     }
 }

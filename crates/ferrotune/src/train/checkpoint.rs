@@ -187,12 +187,28 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    // A write that fails (a full disk) removes its partial directory at once, so that it
+    // does not hold the disk until the next run.
+    write_partial(&tmp, snap, fail_after_files).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&tmp);
+    })?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    sync_file(&root)?;
+    prune(&root, keep)?;
+    Ok(dir)
+}
+
+/// Writes a checkpoint's files and manifest into `tmp`.
+fn write_partial(tmp: &Path, snap: &Snapshot, fail_after_files: Option<usize>) -> Result<()> {
     let mut files: Vec<&str> = Vec::new();
     let mut written = 0usize;
     let check_fail = |written: usize| -> Result<()> {
         if fail_after_files == Some(written) {
             return Err(Error::io(
-                &tmp,
+                tmp,
                 std::io::Error::other("simulated write failure"),
             ));
         }
@@ -200,7 +216,10 @@ pub fn save(
     };
     let save_st = |name: &str, map: &HashMap<String, Tensor>| -> Result<()> {
         let p = tmp.join(name);
-        candle_core::safetensors::save(map, &p).map_err(|e| Error::file(&p, format!("{e}")))?;
+        candle_core::safetensors::save(map, &p).map_err(|e| match e {
+            candle_core::Error::Io(io) => Error::io(&p, io),
+            e => Error::file(&p, format!("{e}")),
+        })?;
         sync_file(&p)
     };
     save_st("model.safetensors", &indexed(&snap.weights))?;
@@ -230,14 +249,7 @@ pub fn save(
         sums.insert(f.to_string(), sha256_file(&tmp.join(f))?.into());
     }
     let manifest = serde_json::json!({"step": snap.state.step, "sha256": sums});
-    write_synced(&tmp.join("manifest.json"), manifest.to_string().as_bytes())?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
-    sync_file(&root)?;
-    prune(&root, keep)?;
-    Ok(dir)
+    write_synced(&tmp.join("manifest.json"), manifest.to_string().as_bytes())
 }
 
 /// Complete checkpoints in `root`, oldest first, as (step, directory).

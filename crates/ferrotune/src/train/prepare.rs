@@ -11,7 +11,7 @@ use crate::config::{ClassWeights, OnBadRow, ProblemType, TrainConfig};
 use crate::data::batch::Features;
 use crate::data::labels::LabelMap;
 use crate::data::reader::{read_examples, read_examples_skipping, Example, ReaderOptions};
-use crate::data::split::stratified_split;
+use crate::data::split::{stratified_sample, stratified_split};
 use crate::data::{InputEncoder, TextEncoder};
 use crate::error::{Error, Result};
 use crate::families::{self, Family, HeadSpec, HfConfig, Model};
@@ -56,17 +56,17 @@ fn reader_options(cfg: &TrainConfig) -> ReaderOptions {
     }
 }
 
-/// Writes `split.json`: the example ids of each side of a `validation_split`, so that the
-/// split can be reused elsewhere (the PyTorch comparison script reads it).
-fn write_split(path: &Path, cfg: &TrainConfig, train: &[Example], eval: &[Example]) -> Result<()> {
-    let v = json!({
+/// `split.json`: the example ids of each side of a `validation_split`, so that the split
+/// can be reused elsewhere (the PyTorch comparison script reads it).
+fn split_json(cfg: &TrainConfig, train: &[Example], eval: &[Example]) -> String {
+    json!({
         "seed": cfg.seed,
         "validation_split": cfg.validation_split,
         "train_file": cfg.train_file,
         "train": train.iter().map(|e| &e.id).collect::<Vec<_>>(),
         "eval": eval.iter().map(|e| &e.id).collect::<Vec<_>>(),
-    });
-    std::fs::write(path, v.to_string()).map_err(|e| Error::io(path, e))
+    })
+    .to_string()
 }
 
 /// Rows left out under `on_bad_row = "skip"`, and notes about data clean-up.
@@ -142,6 +142,29 @@ impl SkipLog {
         }
         let text: String = self.rows.iter().map(|r| format!("{r}\n")).collect();
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+    }
+}
+
+/// Notes for labels that look like a mistake in the file rather than a class: a
+/// byte-order mark (files concatenated), quotes kept as part of the value, spaces around it.
+fn label_warnings(labels: &[String], file: &Path, notes: &mut Vec<String>) {
+    for l in labels {
+        let why = if l.starts_with('\u{feff}') {
+            "starts with a byte-order mark (were files concatenated?)"
+        } else if l.len() >= 2
+            && ((l.starts_with('"') && l.ends_with('"'))
+                || (l.starts_with('\'') && l.ends_with('\'')))
+        {
+            "keeps its quotes as part of the value"
+        } else if l.trim() != l {
+            "has spaces around it"
+        } else {
+            continue;
+        };
+        notes.push(format!(
+            "warning: label {l:?} in {} {why}; it is a class of its own",
+            file.display()
+        ));
     }
 }
 
@@ -252,29 +275,51 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
     if cfg.deduplicate {
         all_train = deduplicate(all_train, &mut skipped.notes);
     }
+    // The rows left out are worth seeing even when the run then stops on bad input.
+    skipped.write(&cfg.output_dir)?;
+    // split.json is written once the data and the model have been checked.
+    let mut split = None;
     let (mut train, mut eval, eval_path) = match (&cfg.validation_file, eval_file) {
         (Some(vf), Some(ev)) => (all_train, ev, vf.clone()),
         _ => {
             let frac = cfg.validation_split.unwrap_or(0.2);
             let (t, e) = stratified_split(all_train, |e| task.stratum(e), frac, cfg.seed);
-            write_split(&cfg.output_dir.join("split.json"), cfg, &t, &e)?;
+            split = Some(split_json(cfg, &t, &e));
             (t, e, cfg.train_file.clone())
         }
     };
+    // The label set comes from all the training data, before any sampling: a class
+    // missing from the first `max_train_samples` rows is still a class.
+    if train.is_empty() {
+        return Err(Error::file(&cfg.train_file, "no training examples"));
+    }
+    let labels = task.label_map(&train, &cfg.train_file, &cfg.label_column, sep)?;
     if let Some(n) = cfg.max_train_samples {
-        train.truncate(n);
+        if split.is_some() {
+            train = stratified_sample(train, |e| task.stratum(e), n);
+        } else {
+            train.truncate(n);
+        }
     }
     if let Some(n) = cfg.max_eval_samples {
         eval.truncate(n);
     }
-    skipped.write(&cfg.output_dir)?;
     if train.is_empty() {
         return Err(Error::file(&cfg.train_file, "no training examples"));
     }
     if eval.is_empty() {
         return Err(Error::file(&eval_path, "no evaluation examples"));
     }
-    let labels = task.label_map(&train, &cfg.train_file, &cfg.label_column, sep)?;
+    if cfg.problem_type != ProblemType::Regression {
+        label_warnings(labels.labels(), &cfg.train_file, &mut skipped.notes);
+    }
+    if cfg.validation_file.is_some() && cfg.validation_split.is_some() {
+        skipped.notes.push(
+            "`validation_split` is ignored: `validation_file` is given and is the evaluation \
+             data"
+                .into(),
+        );
+    }
     let train_y = task.encode_targets(&labels, &train, &cfg.train_file, field, sep)?;
     let eval_y = task.encode_targets(&labels, &eval, &eval_path, field, sep)?;
     let loss = loss_config(cfg, &labels, &train_y)?;
@@ -310,6 +355,10 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
     }
     let train_f = encoder.encode(&train)?;
     let eval_f = encoder.encode(&eval)?;
+    if let Some(text) = split {
+        let p = cfg.output_dir.join("split.json");
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    }
     Ok(Prepared {
         cfg: cfg.clone(),
         hf,

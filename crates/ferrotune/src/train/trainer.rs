@@ -88,6 +88,9 @@ pub struct Control {
     pub resume: Option<String>,
     /// Set to stop after the current step.
     pub stop: Arc<AtomicBool>,
+    /// Replace a previous run in the output directory (transformers'
+    /// `overwrite_output_dir`): without it, such a directory is refused.
+    pub overwrite_output_dir: bool,
 }
 
 impl Control {
@@ -103,15 +106,97 @@ pub fn train_with(
     control: &Control,
 ) -> Result<TrainSummary> {
     let device = crate::nn::device();
-    if let Some(which) = &control.resume {
+    match &control.resume {
         // Fail before loading anything when there is nothing to resume from.
-        checkpoint::resolve(&cfg.output_dir, which)?;
+        Some(which) => {
+            checkpoint::resolve(&cfg.output_dir, which)?;
+        }
+        None => claim_output_dir(&cfg.output_dir, control.overwrite_output_dir)?,
     }
     let prep = prepare(cfg, &device)?;
     for n in &prep.notes {
-        progress.message(&format!("note: {n}"));
+        if n.starts_with("warning:") {
+            progress.message(n);
+        } else {
+            progress.message(&format!("note: {n}"));
+        }
     }
     run(prep, &device, progress, control)
+}
+
+/// What a run writes at the top of its output directory.
+pub const RUN_FILES: &[&str] = &[
+    "checkpoints",
+    "model",
+    "metrics.jsonl",
+    "recipe.resolved.toml",
+    "split.json",
+    "skipped_rows.jsonl",
+    "confusion_matrix.csv",
+    "train_summary.json",
+];
+
+/// Checks that a new run may write into `dir`: it does not exist, is empty, holds only
+/// what a run refused for bad input left, or holds a previous run and `overwrite` is set
+/// (then that run's files are removed, so that neither `--resume latest` nor a reader of
+/// `model/` can mistake them for the new run's). A previous run without `overwrite`, or a non-empty directory
+/// that holds no run, is refused: nothing of the user's is written over silently.
+pub fn claim_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
+    let entries: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => return Ok(()), // absent (or not a directory: creating it will say so)
+    };
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if !entries.iter().any(|e| RUN_FILES.contains(&e.as_str())) {
+        let mut shown = entries.clone();
+        shown.sort();
+        shown.truncate(3);
+        return Err(Error::file(
+            dir,
+            format!(
+                "output_dir is not empty and holds no ferrotune run ({}{}); choose a new or \
+                 empty directory",
+                shown.join(", "),
+                if entries.len() > 3 { ", ..." } else { "" }
+            ),
+        ));
+    }
+    // A run that stopped on bad input before training leaves at most these behind;
+    // the next attempt writes over them.
+    let started = [
+        "checkpoints",
+        "model",
+        "metrics.jsonl",
+        "recipe.resolved.toml",
+    ];
+    if !entries.iter().any(|e| started.contains(&e.as_str())) {
+        return Ok(());
+    }
+    if !overwrite {
+        return Err(Error::file(
+            dir,
+            "output_dir holds a previous run; continue it with --resume latest, or replace \
+             it with --overwrite-output-dir",
+        ));
+    }
+    for name in RUN_FILES {
+        let p = dir.join(name);
+        let removed = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&p, e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A test hook: `FERROTUNE_FAILPOINT=name=N` makes the trainer fail at step N in the named
@@ -215,6 +300,7 @@ impl Run {
             train_ids,
             eval,
             loss,
+            notes,
             ..
         } = prep;
         let out = cfg.output_dir.clone();
@@ -289,7 +375,7 @@ impl Run {
             steps_per_epoch,
             optimizer,
         };
-        run.log_start(progress)?;
+        run.log_start(&notes, progress)?;
         if let Some(ck) = resume {
             run.restore(ck, progress)?;
         }
@@ -308,7 +394,7 @@ impl Run {
     }
 
     /// The run's first log line and message: data, model and schedule sizes.
-    fn log_start(&mut self, progress: &mut dyn Progress) -> Result<()> {
+    fn log_start(&mut self, notes: &[String], progress: &mut dyn Progress) -> Result<()> {
         let (train_n, eval_n) = (self.train.0.len(), self.eval.0.len());
         let (total, warmup) = (self.schedule.total_steps, self.schedule.warmup_steps);
         self.log.line(json!({
@@ -324,6 +410,8 @@ impl Run {
             "parameters": self.params.count(),
             "total_steps": total,
             "warmup_steps": warmup,
+            "notes": notes,
+            "warnings": notes.iter().filter(|n| n.starts_with("warning:")).count(),
         }))?;
         progress.message(&format!(
             "{} training / {} evaluation examples, {} labels, {} parameters ({}), {} steps ({} warm-up), {} threads",
@@ -766,9 +854,33 @@ fn load_resume(out: &Path, which: &str, recipe: &str, n_params: usize) -> Result
     if theirs != recipe {
         return Err(Error::file(
             rp,
-            "the checkpoint was written by a different recipe; resume with the same \
-             recipe and --set values",
+            format!(
+                "the checkpoint was written by a different recipe ({}); resume with the \
+                 same recipe and --set values",
+                recipe_diff(&theirs, recipe)
+            ),
         ));
     }
     Ok(ck)
+}
+
+/// The keys whose values differ between two resolved recipes, as
+/// "`key` was OLD, now NEW; ...".
+fn recipe_diff(old: &str, new: &str) -> String {
+    let parse = |s: &str| s.parse::<toml::Table>().unwrap_or_default();
+    let (old, new) = (parse(old), parse(new));
+    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&toml::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| format!("`{k}` was {}, now {}", show(old.get(k)), show(new.get(k))))
+        .collect();
+    if diffs.is_empty() {
+        "the files differ in layout only".to_string()
+    } else {
+        diffs.join("; ")
+    }
 }
