@@ -300,6 +300,7 @@ fn reader_for(text_column: String, label_column: Option<String>) -> ReaderOption
         text_pair_column: None,
         label_column,
         encoding_errors: EncodingErrors::Error,
+        file_extensions: vec!["txt".into()],
     }
 }
 

@@ -151,6 +151,9 @@ pub struct TrainConfig {
     pub on_bad_row: OnBadRow,
     /// Drop examples whose text (and text pair) repeats an earlier one, before splitting.
     pub deduplicate: bool,
+    /// In a directory-per-class `train_file` / `validation_file`, the file extensions
+    /// read as examples (default `["txt"]`); other files are skipped and counted.
+    pub file_extensions: Vec<String>,
     /// The task (default `single_label_classification`).
     pub problem_type: ProblemType,
     /// The loss (default: `cross_entropy` for single-label, `binary_cross_entropy` for
@@ -252,6 +255,7 @@ impl Default for TrainConfig {
             max_bad_steps: 3,
             on_bad_row: OnBadRow::Error,
             deduplicate: false,
+            file_extensions: vec!["txt".into()],
             problem_type: ProblemType::SingleLabelClassification,
             loss: None,
             label_smoothing: 0.0,

@@ -121,6 +121,7 @@ fn bbc_news_reads_as_five_topics() {
             text_pair_column: None,
             label_column: Some("label".into()),
             encoding_errors: ferrotune::data::reader::EncodingErrors::Replace,
+            file_extensions: vec!["txt".into()],
         },
     )
     .unwrap();

@@ -86,6 +86,7 @@ fn trains_exports_and_predicts_the_same() {
             text_pair_column: None,
             label_column: Some("label".into()),
             encoding_errors: Default::default(),
+            file_extensions: vec!["txt".into()],
         },
     )
     .unwrap();
@@ -323,4 +324,68 @@ fn labels_that_look_like_file_mistakes_are_warned_about() {
     assert_eq!(run["warnings"], 1, "{run}");
     assert!(notes.contains("byte-order mark"), "{notes}");
     assert!(notes.contains("joined.csv"), "{notes}");
+}
+
+#[test]
+fn a_class_folder_reads_its_extensions_and_warns_about_repeats() {
+    let t = tempfile::tempdir().unwrap();
+    let (model, _) = setup(t.path());
+    // Each message twice, as .txt and as .json (which names its own label), and some
+    // texts repeated under other names.
+    let data = t.path().join("groups");
+    for (class, word) in [("pos", "good"), ("neg", "bad")] {
+        let dir = data.join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..30 {
+            let text = format!("a {word} film number {}", i % 20);
+            std::fs::write(dir.join(format!("{i:03}.txt")), &text).unwrap();
+            let json = format!("{{\"text\": \"{text}\", \"group\": \"{class}\"}}");
+            std::fs::write(dir.join(format!("{i:03}.json")), json).unwrap();
+        }
+    }
+    let out = t.path().join("run");
+    let cfg = recipe(&model, &data, &out, "num_train_epochs = 1");
+    train(&cfg, &mut Silent).unwrap();
+    let run = run_line(&out);
+    assert_eq!(
+        run["train_examples"].as_u64().unwrap() + run["eval_examples"].as_u64().unwrap(),
+        60,
+        "{run}"
+    );
+    let notes = run["notes"].to_string();
+    assert!(
+        notes.contains("60 file(s)") && notes.contains(".json x60"),
+        "{notes}"
+    );
+    assert!(notes.contains("repeat a training text"), "{notes}");
+    // `deduplicate` drops the repeats (and the warning); other extensions can be chosen.
+    let out = t.path().join("run2");
+    let cfg = recipe(
+        &model,
+        &data,
+        &out,
+        "num_train_epochs = 1\ndeduplicate = true\nfile_extensions = [\".TXT\"]",
+    );
+    train(&cfg, &mut Silent).unwrap();
+    let run = run_line(&out);
+    let notes = run["notes"].to_string();
+    assert!(!notes.contains("repeat a training text"), "{notes}");
+    assert_eq!(
+        run["train_examples"].as_u64().unwrap() + run["eval_examples"].as_u64().unwrap(),
+        40,
+        "{run}"
+    );
+    // An extension no file has: an error naming what the folder holds.
+    let e = train(
+        &recipe(
+            &model,
+            &data,
+            &t.path().join("run3"),
+            "file_extensions = [\"md\"]",
+        ),
+        &mut Silent,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no md files") && e.contains("000.json"), "{e}");
 }

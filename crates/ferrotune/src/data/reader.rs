@@ -86,6 +86,9 @@ pub struct ReaderOptions {
     pub label_column: Option<String>,
     /// What to do with invalid UTF-8.
     pub encoding_errors: EncodingErrors,
+    /// The extensions of the files a directory-per-class data set reads (`txt` or `.txt`,
+    /// any case); other files are skipped ([`skipped_files`] counts them).
+    pub file_extensions: Vec<String>,
 }
 
 impl Default for ReaderOptions {
@@ -96,8 +99,45 @@ impl Default for ReaderOptions {
             text_pair_column: None,
             label_column: Some("label".to_string()),
             encoding_errors: EncodingErrors::Error,
+            file_extensions: vec!["txt".to_string()],
         }
     }
+}
+
+/// Whether file `name` has one of `extensions` (`txt` or `.txt`, any case).
+fn has_extension(name: &str, extensions: &[String]) -> bool {
+    let ext = Path::new(name)
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    extensions
+        .iter()
+        .any(|x| x.trim_start_matches('.').eq_ignore_ascii_case(&ext))
+}
+
+/// The files of a directory-per-class data set at `root` that `opts.file_extensions`
+/// leaves out, counted by extension (`(none)` for no extension), most frequent first.
+/// Empty when `root` is not a directory.
+pub fn skipped_files(root: &Path, opts: &ReaderOptions) -> Vec<(String, usize)> {
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    let Ok(classes) = sorted_entries(root, fs::Metadata::is_dir) else {
+        return Vec::new();
+    };
+    for (_, dir) in classes {
+        for (name, _) in sorted_entries(&dir, fs::Metadata::is_file).unwrap_or_default() {
+            if !has_extension(&name, &opts.file_extensions) {
+                let ext = Path::new(&name)
+                    .extension()
+                    .map_or("(none)".to_string(), |e| {
+                        format!(".{}", e.to_string_lossy().to_ascii_lowercase())
+                    });
+                *counts.entry(ext).or_default() += 1;
+            }
+        }
+    }
+    let mut v: Vec<(String, usize)> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v
 }
 
 /// Reads every example in `path`, a directory or a file whose extension names its
@@ -275,9 +315,23 @@ fn read_class_dirs(root: &Path, opts: &ReaderOptions) -> Result<Vec<Example>> {
     }
     let mut out = Vec::new();
     for (class, dir) in classes {
-        let files = sorted_entries(&dir, fs::Metadata::is_file)?;
+        let all = sorted_entries(&dir, fs::Metadata::is_file)?;
+        let files: Vec<(String, PathBuf)> = all
+            .iter()
+            .filter(|(name, _)| has_extension(name, &opts.file_extensions))
+            .cloned()
+            .collect();
         if files.is_empty() {
-            return Err(Error::file(&dir, "class directory holds no files"));
+            let msg = if all.is_empty() {
+                "class directory holds no files".to_string()
+            } else {
+                format!(
+                    "class directory holds no {} files (it has {}); set `file_extensions`",
+                    opts.file_extensions.join("/"),
+                    name_list(&all.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>())
+                )
+            };
+            return Err(Error::file(&dir, msg));
         }
         for (name, file) in files {
             let bytes = read_file(&file)?;
@@ -703,6 +757,7 @@ mod tests {
             text_pair_column: pair.map(str::to_string),
             label_column: label.map(str::to_string),
             encoding_errors: EncodingErrors::Error,
+            file_extensions: vec!["txt".into()],
         }
     }
 

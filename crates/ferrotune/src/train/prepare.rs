@@ -10,7 +10,9 @@ use serde_json::json;
 use crate::config::{ClassWeights, OnBadRow, ProblemType, TrainConfig};
 use crate::data::batch::Features;
 use crate::data::labels::LabelMap;
-use crate::data::reader::{read_examples, read_examples_skipping, Example, ReaderOptions};
+use crate::data::reader::{
+    read_examples, read_examples_skipping, skipped_files, Example, ReaderOptions,
+};
 use crate::data::split::{stratified_sample, stratified_split};
 use crate::data::{InputEncoder, TextEncoder};
 use crate::error::{Error, Result};
@@ -53,6 +55,7 @@ fn reader_options(cfg: &TrainConfig) -> ReaderOptions {
         text_pair_column: cfg.text_pair_column.clone(),
         label_column: Some(cfg.label_column.clone()),
         encoding_errors: cfg.encoding_errors,
+        file_extensions: cfg.file_extensions.clone(),
     }
 }
 
@@ -272,6 +275,20 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
         Some(vf) => Some(read(vf)?),
         None => None,
     };
+    for path in std::iter::once(&cfg.train_file).chain(cfg.validation_file.as_ref()) {
+        let left_out = skipped_files(path, &opts);
+        if !left_out.is_empty() {
+            let n: usize = left_out.iter().map(|(_, c)| c).sum();
+            let kinds: Vec<String> = left_out.iter().map(|(e, c)| format!("{e} x{c}")).collect();
+            skipped.notes.push(format!(
+                "warning: {n} file(s) in {} skipped, their extension not in `file_extensions` \
+                 ({}): {}",
+                path.display(),
+                cfg.file_extensions.join(", "),
+                kinds.join(", ")
+            ));
+        }
+    }
     if cfg.deduplicate {
         all_train = deduplicate(all_train, &mut skipped.notes);
     }
@@ -288,6 +305,23 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
             (t, e, cfg.train_file.clone())
         }
     };
+    if !cfg.deduplicate {
+        let seen: std::collections::HashSet<(&str, Option<&str>)> = train
+            .iter()
+            .map(|e| (e.text.as_str(), e.text_pair.as_deref()))
+            .collect();
+        let repeats = eval
+            .iter()
+            .filter(|e| seen.contains(&(e.text.as_str(), e.text_pair.as_deref())))
+            .count();
+        if repeats > 0 {
+            skipped.notes.push(format!(
+                "warning: {repeats} evaluation example(s) repeat a training text exactly, so \
+                 evaluation overstates accuracy; `deduplicate = true` drops repeats before the \
+                 split"
+            ));
+        }
+    }
     // The label set comes from all the training data, before any sampling: a class
     // missing from the first `max_train_samples` rows is still a class.
     if train.is_empty() {
