@@ -376,8 +376,16 @@ impl TrainConfig {
                 ));
             }
         }
+        // Keys whose value came from `--set`: their errors name `--set KEY`, not the file.
+        let mut from_set: Vec<String> = Vec::new();
         for o in overrides {
             let (k, v) = parse_override(o)?;
+            from_set.push(if k == "batch_size" {
+                "per_device_train_batch_size".into()
+            } else {
+                k.clone()
+            });
+            from_set.push(k.clone());
             if !known.contains(&k) {
                 return Err(Error::Config(format!(
                     "--set {k}: unknown recipe key{}",
@@ -399,11 +407,22 @@ impl TrainConfig {
             one.insert(k.clone(), v);
             let partial: TrainConfig = toml::Value::Table(one).try_into().map_err(|e| {
                 let msg = toml::de::Error::message(&e).to_string();
-                Error::at(path, line_of_key(text, &k), Some(&k), msg)
+                if from_set.contains(&k) {
+                    Error::Config(format!("--set `{k}`: {msg}"))
+                } else {
+                    Error::at(path, line_of_key(text, &k), Some(&k), msg)
+                }
             })?;
             cfg.merge_key(&k, partial);
         }
-        cfg.validate(path)?;
+        cfg.validate(path).map_err(|e| match e {
+            Error::Input { loc, msg }
+                if loc.field.as_ref().is_some_and(|f| from_set.contains(f)) =>
+            {
+                Error::Config(format!("--set `{}`: {msg}", loc.field.unwrap_or_default()))
+            }
+            e => e,
+        })?;
         Ok(cfg)
     }
 
@@ -704,6 +723,36 @@ impl TrainConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_bad_set_value_names_set_not_the_file() {
+        let p = Path::new("r.toml");
+        let set = |kv: &str| {
+            TrainConfig::from_toml_str(&base(), p, &[kv.to_string()])
+                .unwrap_err()
+                .to_string()
+        };
+        let e = set("learning_rate=-1");
+        assert!(
+            e.contains("--set `learning_rate`") && !e.contains("r.toml"),
+            "{e}"
+        );
+        let e = set("learning_rate=\"abc\"");
+        assert!(
+            e.contains("--set `learning_rate`") && !e.contains("r.toml"),
+            "{e}"
+        );
+        let e = set("validation_split=3");
+        assert!(
+            e.contains("--set `validation_split`") && e.contains("(0, 1)"),
+            "{e}"
+        );
+        // A bad value in the file still names the file and line.
+        let e = TrainConfig::from_toml_str(&format!("{}learning_rate = -1\n", base()), p, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("r.toml") && e.contains("learning_rate"), "{e}");
+    }
+
     fn base() -> String {
         "model_name_or_path = \"m\"\ntrain_file = \"t.csv\"\nvalidation_split = 0.2\n".into()
     }
@@ -749,11 +798,11 @@ mod tests {
             TrainConfig::from_toml_str(&base(), Path::new("r.toml"), &["warmup_ratio=1.5".into()])
                 .unwrap_err()
                 .to_string();
-        assert!(e.contains("field `warmup_ratio`: must be in [0, 1)"), "{e}");
+        assert!(e.contains("--set `warmup_ratio`: must be in [0, 1)"), "{e}");
         let e = TrainConfig::from_toml_str(&base(), Path::new("r.toml"), &["pooling=max".into()])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("field `pooling`"), "{e}");
+        assert!(e.contains("--set `pooling`"), "{e}");
     }
 
     #[test]
