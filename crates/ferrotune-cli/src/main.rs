@@ -222,10 +222,10 @@ impl Progress for Bars {
         if STDOUT_CLOSED.load(Ordering::SeqCst) {
             return;
         }
-        let line = format!("{msg}\n");
+        let line: [&[u8]; 2] = [msg.as_bytes(), b"\n"];
         let written = match &self.bar {
-            Some(b) => b.suspend(|| write_stdout(line.as_bytes())),
-            None => write_stdout(line.as_bytes()),
+            Some(b) => b.suspend(|| write_stdout(&line)),
+            None => write_stdout(&line),
         };
         if written.is_err() {
             // The reader has gone (`ferrotune train ... | head -2`): stop as on Ctrl-C, so
@@ -241,23 +241,27 @@ impl Progress for Bars {
 /// Set once a write to standard output failed (its reader closed the pipe).
 static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
 
-/// Writes to standard output; `Err` when it is closed (Rust ignores SIGPIPE, so a closed
-/// pipe is an error here, never a kill or a panic).
-fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `parts` to standard output; `Err` when it is closed (Rust ignores SIGPIPE, so
+/// a closed pipe is an error here, never a kill or a panic).
+fn write_stdout(parts: &[&[u8]]) -> std::io::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    out.write_all(bytes)?;
+    for p in parts {
+        out.write_all(p)?;
+    }
     out.flush()
 }
 
-/// Prints a command's result; a closed standard output ends the command quietly (its
-/// reader wanted no more), as `head` users expect.
-fn print_out(text: &str) -> anyhow::Result<()> {
-    let mut bytes = text.as_bytes().to_vec();
-    if !text.ends_with('\n') {
-        bytes.push(b'\n');
-    }
-    match write_stdout(&bytes) {
+/// Prints a command's result (with a final newline when it has none); a closed standard
+/// output ends the command quietly (its reader wanted no more), as `head` users expect.
+fn print_out(out: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    let bytes = out.as_ref();
+    let newline: &[u8] = if bytes.is_empty() || bytes.ends_with(b"\n") {
+        b""
+    } else {
+        b"\n"
+    };
+    match write_stdout(&[bytes, newline]) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
             Err(anyhow::Error::new(e).context("writing to standard output"))
         }
@@ -367,14 +371,14 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             let ex = read_examples(&input, &opts)?;
             let r = p.evaluate(&ex, &input, &label_column)?;
             if let Some(report) = &r.report {
-                print_out(&report.per_class_table(&p.labels))?;
+                print_out(report.per_class_table(&p.labels))?;
             }
             let mut line = serde_json::Map::new();
             line.insert("eval_examples".into(), ex.len().into());
             for (k, v) in &r.metrics {
                 line.insert(format!("eval_{k}"), serde_json::json!(v));
             }
-            print_out(&serde_json::Value::Object(line).to_string())?;
+            print_out(serde_json::Value::Object(line).to_string())?;
         }
         Cmd::Predict {
             model,
@@ -400,7 +404,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => {
                     let bytes = p.format(&probs, false)?;
-                    print_out(&String::from_utf8_lossy(&bytes))?;
+                    print_out(&bytes)?;
                 }
             }
         }
@@ -455,7 +459,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 let kind = if i < 2 { "warm-up" } else { "step" };
                 eprintln!("{kind} {i}: {ms:.1} ms");
             })?;
-            print_out(&serde_json::to_string(&r)?)?;
+            print_out(serde_json::to_string(&r)?)?;
         }
         Cmd::Embed {
             model,
@@ -494,11 +498,11 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Inspect { model } => {
             let info = ferrotune::artifact::inspect(&model)?;
-            print_out(&info.to_string())?;
+            print_out(&info)?;
         }
         Cmd::Convert { input, output } => {
             let n = ferrotune::formats::pickle::convert_to_safetensors(&input, &output)?;
-            print_out(&format!("{n} tensors written to {}", output.display()))?;
+            print_out(format!("{n} tensors written to {}", output.display()))?;
         }
     }
     Ok(())
