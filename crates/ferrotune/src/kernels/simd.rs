@@ -74,7 +74,13 @@ pub fn sum(v: &[f32]) -> f32 {
             acc[i] += c[i];
         }
     }
-    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+    // The tail goes to the lanes its indices would have had in a longer row, so a row
+    // with trailing zeros sums to exactly the same value: a prediction does not depend on
+    // how far its batch is padded.
+    for (a, x) in acc.iter_mut().zip(rest) {
+        *a += x;
+    }
+    acc.iter().sum::<f32>()
 }
 
 /// Σ a·b, in 8 lanes.
@@ -90,7 +96,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+    // The tail in its lanes, as in [`sum`]: trailing zeros change nothing.
+    for ((a, x), y) in acc.iter_mut().zip(ra).zip(rb) {
+        *a += x * y;
+    }
+    acc.iter().sum::<f32>()
 }
 
 /// The largest element (NEG_INFINITY for none; NaNs ignored), in 8 lanes.
