@@ -20,16 +20,21 @@ fuzz_target!(|data: &[u8]| {
         _ => "txt",
     };
     let path = common::file(&format!("input.{ext}"), body);
+    // Bit 5: a file without a header, columns by index.
+    let headerless = sel & 32 != 0;
+    let name = |named: &str, index: &str| if headerless { index.into() } else { named.into() };
     let opts = ReaderOptions {
-        text_column: "text".into(),
-        text_pair_column: (sel & 8 != 0 && ext != "txt").then(|| "pair".into()),
-        label_column: (ext != "txt").then(|| "label".into()),
+        text_column: name("text", "0"),
+        text_pair_column: (sel & 8 != 0 && ext != "txt").then(|| name("pair", "2")),
+        label_column: (ext != "txt").then(|| name("label", "1")),
+        header: !headerless,
         encoding_errors: if sel & 4 != 0 {
             EncodingErrors::Replace
         } else {
             EncodingErrors::Error
         },
         file_extensions: vec!["txt".into()],
+        column_names: None,
     };
     if sel & 16 != 0 {
         match read_examples_skipping(&path, &opts) {

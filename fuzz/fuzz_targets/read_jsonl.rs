@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
         } else {
             EncodingErrors::Error
         },
-        file_extensions: vec!["txt".into()],
+        ..Default::default()
     };
     if sel & 4 != 0 {
         match read_examples_skipping(&path, &opts) {

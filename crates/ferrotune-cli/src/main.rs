@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ferrotune::data::reader::{read_examples, EncodingErrors, ReaderOptions};
-use ferrotune::predict::Predictor;
+use ferrotune::data::reader::{open_examples, read_examples, EncodingErrors, ReaderOptions};
+use ferrotune::predict::{is_csv, Predictor};
 use ferrotune::serve::ServeConfig;
 use ferrotune::train::{Control, Progress};
 use ferrotune::{Error, TrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -62,6 +63,10 @@ enum Cmd {
         /// Label column (default: the one the model was trained with).
         #[arg(long)]
         label_column: Option<String>,
+        /// The CSV/TSV input has no header row: name columns by 0-based index
+        /// (`--text-column 1`).
+        #[arg(long)]
+        no_header: bool,
     },
     /// Predict labels for a file of texts.
     Predict {
@@ -77,6 +82,13 @@ enum Cmd {
         /// Text column (default: the one the model was trained with).
         #[arg(long)]
         text_column: Option<String>,
+        /// The CSV/TSV input has no header row: name columns by 0-based index
+        /// (`--text-column 1`).
+        #[arg(long)]
+        no_header: bool,
+        /// Inputs read, batched by length and written at a time (memory holds one chunk).
+        #[arg(long, default_value_t = ferrotune::predict::STREAM_CHUNK)]
+        chunk_size: usize,
     },
     /// Serve a model over HTTP: POST /predict (TEI's request shape), GET /health, /info,
     /// /metrics, /openapi.json. SIGTERM or Ctrl-C drains requests in flight, then exits.
@@ -304,7 +316,7 @@ fn reader_for(text_column: String, label_column: Option<String>) -> ReaderOption
         text_pair_column: None,
         label_column,
         encoding_errors: EncodingErrors::Error,
-        file_extensions: vec!["txt".into()],
+        ..Default::default()
     }
 }
 
@@ -359,22 +371,42 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             input,
             text_column,
             label_column,
+            no_header,
         } => {
             let p = Predictor::load(&model)?;
-            let label_column = label_column.unwrap_or_else(|| p.info.label_column.clone());
-            let opts = reader_for(
-                text_column.unwrap_or_else(|| p.info.text_column.clone()),
-                Some(label_column.clone()),
-            );
-            let mut opts = opts;
-            opts.text_pair_column = p.info.text_pair_column.clone();
-            let ex = read_examples(&input, &opts)?;
-            let r = p.evaluate(&ex, &input, &label_column)?;
+            let mut opts = p.reader_options(true);
+            if let Some(c) = text_column {
+                opts.text_column = c;
+            }
+            if let Some(c) = label_column {
+                opts.label_column = Some(c);
+            }
+            if no_header {
+                opts.header = false;
+            }
+            let label_column = opts.label_column.clone().unwrap_or_default();
+            let mut rows = open_examples(&input, &opts)?;
+            let stop = stop_on_signals();
+            let mut meter = Meter::new("eval");
+            let (r, end) = p.evaluate_stream(
+                &mut rows,
+                &label_column,
+                |n| meter.advance(n),
+                || stop.load(Ordering::SeqCst),
+            )?;
+            meter.finish();
+            if end.stopped {
+                eprintln!("interrupted after {} examples", end.rows);
+                return Err(Interrupted.into());
+            }
+            for note in rows.notes() {
+                eprintln!("{note}");
+            }
             if let Some(report) = &r.report {
                 print_out(report.per_class_table(&p.labels))?;
             }
             let mut line = serde_json::Map::new();
-            line.insert("eval_examples".into(), ex.len().into());
+            line.insert("eval_examples".into(), end.rows.into());
             for (k, v) in &r.metrics {
                 line.insert(format!("eval_{k}"), serde_json::json!(v));
             }
@@ -385,27 +417,107 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             input,
             output,
             text_column,
+            no_header,
+            chunk_size,
         } => {
-            let p = Predictor::load(&model)?;
-            let mut opts = reader_for(
-                text_column.unwrap_or_else(|| p.info.text_column.clone()),
-                None,
-            );
-            opts.text_pair_column = p.info.text_pair_column.clone();
-            let ex = read_examples(&input, &opts)?;
-            let mut pb = bars();
-            pb.start("predict", ex.len() as u64);
-            let probs = p.predict_probs(&ex, |n| pb.advance(n as u64))?;
-            pb.finish();
+            let mut p = Predictor::load(&model)?;
+            p.stream_chunk = chunk_size.max(1);
+            let mut opts = p.reader_options(false);
+            if let Some(c) = text_column {
+                opts.text_column = c;
+            }
+            if no_header {
+                opts.header = false;
+            }
+            let mut rows = open_examples(&input, &opts)?;
+            let stop = stop_on_signals();
+            let stopped = || stop.load(Ordering::SeqCst) || STDOUT_CLOSED.load(Ordering::SeqCst);
+            let mut meter = Meter::new("predict");
             match output {
                 Some(path) => {
-                    p.write(&path, &probs)?;
-                    eprintln!("{} predictions written to {}", probs.len(), path.display());
+                    // Lines go to OUTPUT.partial as each chunk is done, so an interrupted
+                    // run leaves every prediction made so far, each line whole; the file
+                    // takes its name only once complete.
+                    let partial = partial_path(&path);
+                    let mut file =
+                        std::fs::File::create(&partial).map_err(|e| Error::io(&partial, e))?;
+                    let mut whole = 0u64;
+                    let r = p.predict_stream(
+                        &mut rows,
+                        is_csv(&path),
+                        |b| {
+                            if let Err(e) = file.write_all(b) {
+                                // A full disk may have taken part of the chunk: cut the
+                                // file back to its last whole line.
+                                let _ = file.set_len(whole);
+                                return Err(Error::io(&partial, e));
+                            }
+                            whole += b.len() as u64;
+                            Ok(())
+                        },
+                        |n| meter.advance(n),
+                        stopped,
+                    );
+                    meter.finish();
+                    let done = meter.count;
+                    let kept = || {
+                        if done > 0 {
+                            eprintln!(
+                                "the {done} predictions made before it are in {} (each line whole)",
+                                partial.display()
+                            );
+                        } else {
+                            let _ = std::fs::remove_file(&partial);
+                        }
+                    };
+                    match r {
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            kept();
+                            return Err(Reported(e.is_bad_input()).into());
+                        }
+                        Ok(end) if end.stopped => {
+                            eprintln!("interrupted");
+                            kept();
+                            return Err(Interrupted.into());
+                        }
+                        Ok(end) => {
+                            file.sync_all().map_err(|e| Error::io(&partial, e))?;
+                            drop(file);
+                            std::fs::rename(&partial, &path).map_err(|e| Error::io(&path, e))?;
+                            eprintln!(
+                                "{} predictions written to {} ({})",
+                                end.rows,
+                                path.display(),
+                                meter.rate()
+                            );
+                        }
+                    }
                 }
                 None => {
-                    let bytes = p.format(&probs, false)?;
-                    print_out(&bytes)?;
+                    let end = p.predict_stream(
+                        &mut rows,
+                        false,
+                        |b| {
+                            if !STDOUT_CLOSED.load(Ordering::SeqCst) && write_stdout(&[b]).is_err()
+                            {
+                                // The reader has gone (`ferrotune predict ... | head`).
+                                STDOUT_CLOSED.store(true, Ordering::SeqCst);
+                            }
+                            Ok(())
+                        },
+                        |n| meter.advance(n),
+                        stopped,
+                    )?;
+                    meter.finish();
+                    if end.stopped && !STDOUT_CLOSED.load(Ordering::SeqCst) {
+                        eprintln!("interrupted after {} predictions", end.rows);
+                        return Err(Interrupted.into());
+                    }
                 }
+            }
+            for note in rows.notes() {
+                eprintln!("{note}");
             }
         }
         Cmd::Serve {
@@ -508,6 +620,80 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An error already printed (with what it left behind); exit 2 when the input is at fault,
+/// else 1.
+#[derive(Debug)]
+struct Reported(bool);
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "error reported")
+    }
+}
+impl std::error::Error for Reported {}
+
+/// `OUTPUT.partial`: where a streamed output is written until it is complete.
+fn partial_path(path: &std::path::Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// Progress of a stream whose length is not known: a spinner with the count and rate on
+/// a terminal; otherwise a line on standard error every 10 seconds.
+struct Meter {
+    name: &'static str,
+    count: usize,
+    started: std::time::Instant,
+    last_line: std::time::Instant,
+    bar: Option<ProgressBar>,
+}
+
+impl Meter {
+    fn new(name: &'static str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {msg} {pos} rows, {per_sec}, {elapsed}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            b.set_message(name);
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        });
+        let now = std::time::Instant::now();
+        Meter {
+            name,
+            count: 0,
+            started: now,
+            last_line: now,
+            bar,
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.count += n;
+        match &self.bar {
+            Some(b) => b.inc(n as u64),
+            None if self.last_line.elapsed() >= Duration::from_secs(10) => {
+                self.last_line = std::time::Instant::now();
+                eprintln!("{}: {} rows, {}", self.name, self.count, self.rate());
+            }
+            None => {}
+        }
+    }
+
+    fn rate(&self) -> String {
+        let s = self.started.elapsed().as_secs_f64().max(1e-9);
+        format!("{:.0} rows/s", self.count as f64 / s)
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// The run stopped on a signal after writing a checkpoint (exit 130, as shells do).
 #[derive(Debug)]
 struct Interrupted;
@@ -572,11 +758,21 @@ fn toml_string(s: &str) -> String {
 
 fn main() -> ExitCode {
     tune_allocator();
+    // A file-size limit (`ulimit -f`) then fails the write with EFBIG, reported with its
+    // path like a full disk, instead of killing the process mid-write.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     match try_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<Interrupted>().is_some() => ExitCode::from(130),
         Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::from(141),
+        Err(e) if e.downcast_ref::<Reported>().is_some() => match e.downcast_ref::<Reported>() {
+            Some(Reported(true)) => ExitCode::from(2),
+            _ => ExitCode::from(1),
+        },
         Err(e) => {
             eprintln!("error: {e}");
             // 2: the user's input (recipe, data, model files) is at fault; 1: anything

@@ -355,3 +355,311 @@ fn an_output_dir_in_use_is_refused_unless_overwritten() {
     }
     assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 1);
 }
+
+/// Trains the tiny model of `dir` (see [`write_recipe`]) with `extra` recipe lines; its
+/// exported model directory.
+fn trained(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let recipe = write_recipe(dir, extra);
+    let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe]);
+    assert_eq!(code, 0, "{stderr}");
+    dir.join("out/model")
+}
+
+fn jsonl(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
+
+/// Labels, and scores to 1e-6 (a line's batch neighbours change the GEMM's blocking,
+/// which moves the last bit of a score).
+fn same_predictions(a: &[serde_json::Value], b: &[serde_json::Value]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x["label"], y["label"]);
+        for (k, v) in x["scores"].as_object().unwrap() {
+            let w = y["scores"][k].as_f64().unwrap();
+            assert!((v.as_f64().unwrap() - w).abs() < 1e-6, "{x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn predict_streams_in_chunks_in_input_order() {
+    let t = tempfile::tempdir().unwrap();
+    let model = trained(t.path(), "");
+    let m = model.to_str().unwrap();
+    // Lines of many lengths, so each chunk is reordered by length inside.
+    let words = ["good", "bad", "film", "plot", "was", "very", "the", "awful"];
+    let mut text = String::new();
+    for i in 0..1000 {
+        let n = 1 + (i * 7919) % 13;
+        let line: Vec<&str> = (0..n).map(|j| words[(i + j * 3) % words.len()]).collect();
+        text.push_str(&line.join(" "));
+        text.push('\n');
+    }
+    let input = t.path().join("in.txt");
+    std::fs::write(&input, &text).unwrap();
+    let run = |chunk: &str, out: &str| {
+        let out = t.path().join(out);
+        let (code, _, stderr) = ferrotune(&[
+            "predict",
+            "--model",
+            m,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--chunk-size",
+            chunk,
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stderr.contains("1000 predictions written"), "{stderr}");
+        assert!(!Path::new(&format!("{}.partial", out.display())).exists());
+        std::fs::read_to_string(out).unwrap()
+    };
+    let whole = jsonl(&run("100000", "whole.jsonl"));
+    let chunked = jsonl(&run("37", "chunked.jsonl"));
+    same_predictions(&chunked, &whole);
+    // Each line's prediction is that of the line alone (order kept through the chunks).
+    for i in [0usize, 36, 37, 500, 999] {
+        let one = t.path().join("one.txt");
+        std::fs::write(&one, text.lines().nth(i).unwrap()).unwrap();
+        let (code, stdout, stderr) =
+            ferrotune(&["predict", "--model", m, "--input", one.to_str().unwrap()]);
+        assert_eq!(code, 0, "{stderr}");
+        same_predictions(&jsonl(&stdout), &chunked[i..=i]);
+    }
+    // CSV output: the header once, one row per line.
+    let csv = run("37", "chunked.csv");
+    assert_eq!(csv.matches("label,neg,pos").count(), 1);
+    assert_eq!(csv.lines().count(), 1001);
+    // Standard output holds the same lines as the file.
+    let (code, stdout, stderr) = ferrotune(&[
+        "predict",
+        "--model",
+        m,
+        "--input",
+        input.to_str().unwrap(),
+        "--chunk-size",
+        "37",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    same_predictions(&jsonl(&stdout), &chunked);
+}
+
+#[test]
+fn an_interrupted_predict_leaves_whole_lines_in_partial() {
+    use std::process::Stdio;
+    let t = tempfile::tempdir().unwrap();
+    let model = trained(t.path(), "");
+    let input = t.path().join("in.txt");
+    std::fs::write(&input, "the film was good .\nawful plot\n".repeat(200_000)).unwrap();
+    let out = t.path().join("pred.jsonl");
+    let partial = t.path().join("pred.jsonl.partial");
+    let child = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["predict", "--model", model.to_str().unwrap()])
+        .args(["--input", input.to_str().unwrap()])
+        .args(["--output", out.to_str().unwrap(), "--chunk-size", "500"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) == 0 {
+        assert!(t0.elapsed().as_secs() < 120, "no output after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        !out.exists(),
+        "an interrupted output must not take the final name"
+    );
+    let lines = jsonl(&std::fs::read_to_string(&partial).unwrap());
+    assert!(
+        !lines.is_empty() && lines.len() < 400_000,
+        "{}",
+        lines.len()
+    );
+    assert_eq!(lines.len() % 500, 0, "whole chunks only");
+    assert!(
+        err.contains(&format!("the {} predictions made before it", lines.len())),
+        "{err}"
+    );
+}
+
+#[test]
+fn headerless_csv_trains_predicts_and_evaluates() {
+    let t = tempfile::tempdir().unwrap();
+    write_recipe(t.path(), "");
+    // The tiny data without its header, label first: `pos,the film was good .`
+    let rows: Vec<String> = std::fs::read_to_string(t.path().join("train.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (text, label) = l.rsplit_once(',').unwrap();
+            format!("{label},{text}")
+        })
+        .collect();
+    let data = t.path().join("plain.csv");
+    std::fs::write(&data, rows.join("\r\n") + "\r\n").unwrap();
+    let d = data.to_str().unwrap();
+
+    let recipe = write_recipe(t.path(), "");
+    let set_data = format!("train_file={d:?}");
+    // Without `header = false`: the error says what to do.
+    let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe, "--set", &set_data]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("field `text`: column not found"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("looks like data"), "{stderr}");
+    assert!(stderr.contains("header = false"), "{stderr}");
+    // With it, columns by index (a TOML integer or a string).
+    let (code, stdout, stderr) = ferrotune(&[
+        "train",
+        "--recipe",
+        &recipe,
+        "--set",
+        &set_data,
+        "--set",
+        "header=false",
+        "--set",
+        "text_column=1",
+        "--set",
+        "label_column=\"0\"",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("epoch 1: eval_loss"), "{stdout}");
+    let model = t.path().join("out/model");
+    let m = model.to_str().unwrap();
+    // eval and predict read headerless input as the model was trained.
+    let (code, stdout, stderr) = ferrotune(&["eval", "--model", m, "--input", d]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!("\"eval_examples\":{}", rows.len())),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = ferrotune(&["predict", "--model", m, "--input", d]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(jsonl(&stdout).len(), rows.len());
+}
+
+#[test]
+fn labels_of_mixed_json_types_are_warned_about() {
+    let t = tempfile::tempdir().unwrap();
+    write_recipe(t.path(), "");
+    let mut s = String::new();
+    for i in 0..40 {
+        let label = match i % 3 {
+            0 => "1".to_string(),
+            1 => "\"1\"".to_string(),
+            _ => "0".to_string(),
+        };
+        s.push_str(&format!(
+            "{{\"text\": \"text number {i}\", \"label\": {label}}}\n"
+        ));
+    }
+    let data = t.path().join("mixed.jsonl");
+    std::fs::write(&data, s).unwrap();
+    let recipe = write_recipe(t.path(), "");
+    let (code, stdout, stderr) = ferrotune(&[
+        "train",
+        "--recipe",
+        &recipe,
+        "--set",
+        &format!("train_file={data:?}"),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let all = format!("{stdout}{stderr}");
+    assert!(all.contains("mixed JSON types"), "{all}");
+    assert!(all.contains("1 and \"1\" are one class"), "{all}");
+    let metrics = std::fs::read_to_string(t.path().join("out/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("mixed JSON types"), "{metrics}");
+}
+
+/// A full disk, made real with a file-size limit (`ulimit -f`): the write fails with
+/// EFBIG as on ENOSPC. Exit 1 (not bad input), the path named, nothing half-written left.
+#[test]
+fn a_full_disk_is_exit_1_and_leaves_nothing_half_written() {
+    let t = tempfile::tempdir().unwrap();
+    let model = trained(t.path(), "");
+    let bin = env!("CARGO_BIN_EXE_ferrotune");
+    let limited = |kb: usize, args: &str| {
+        let o = Command::new("bash")
+            .args(["-c", &format!("ulimit -f {kb}; exec {bin} {args}")])
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    // Training: the first checkpoint does not fit.
+    let recipe = t.path().join("recipe.toml");
+    let run = t.path().join("full");
+    let (code, err) = limited(
+        8,
+        &format!(
+            "train --recipe {} --output-dir {}",
+            recipe.display(),
+            run.display()
+        ),
+    );
+    let sizes: Vec<(std::path::PathBuf, u64)> = walk(&run)
+        .into_iter()
+        .map(|p| (p.clone(), p.metadata().map_or(0, |m| m.len())))
+        .collect();
+    assert_eq!(code, 1, "{err} {sizes:?}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("File too large") || err.contains("No space"),
+        "{err}"
+    );
+    assert!(err.contains(&run.display().to_string()), "{err}");
+    let leftovers: Vec<_> = walk(&run)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Predicting: the output stops at its last whole line.
+    let input = t.path().join("in.txt");
+    std::fs::write(&input, "the film was good .\nawful plot\n".repeat(5000)).unwrap();
+    let out = t.path().join("pred.jsonl");
+    let (code, err) = limited(
+        200,
+        &format!(
+            "predict --model {} --input {} --output {} --chunk-size 100",
+            model.display(),
+            input.display(),
+            out.display()
+        ),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("pred.jsonl.partial"), "{err}");
+    assert!(!out.exists());
+    let partial = std::fs::read_to_string(t.path().join("pred.jsonl.partial")).unwrap();
+    let lines = jsonl(&partial);
+    assert!(!lines.is_empty() && lines.len() < 10_000);
+    assert!(partial.ends_with('\n'));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+    }
+    out
+}

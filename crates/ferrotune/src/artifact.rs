@@ -28,10 +28,25 @@ pub struct ExportInfo {
     /// Multi-label separator in CSV/TSV label cells.
     #[serde(default)]
     pub label_separator: Option<String>,
+    /// Whether the training CSV/TSV had a header row (the default for predict and eval
+    /// input; written only when it had none).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub header: bool,
+    /// Column names given for the training CSV/TSV, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column_names: Option<Vec<String>>,
 }
 
 fn half() -> f64 {
     0.5
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// A human-readable description of a model directory (`ferrotune inspect`).

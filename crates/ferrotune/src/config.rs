@@ -62,6 +62,44 @@ pub enum OnBadRow {
     Skip,
 }
 
+/// A column given by name, or by 0-based index as a TOML integer (kept as its digits).
+struct NameOrIndex;
+
+impl serde::de::Visitor<'_> for NameOrIndex {
+    type Value = String;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a column name, or a 0-based column index")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<String, E> {
+        u64::try_from(v)
+            .map(|v| v.to_string())
+            .map_err(|_| E::custom(format!("column index {v} is negative")))
+    }
+}
+
+fn name_or_index<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    d.deserialize_any(NameOrIndex)
+}
+
+/// An optional [`name_or_index`] (the key is absent, or given).
+fn opt_name_or_index<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<String>, D::Error> {
+    struct Column(String);
+    impl<'de> Deserialize<'de> for Column {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            name_or_index(d).map(Column)
+        }
+    }
+    Option::<Column>::deserialize(d).map(|c| c.map(|c| c.0))
+}
+
 /// Every setting of a fine-tuning run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -75,12 +113,23 @@ pub struct TrainConfig {
     /// Fraction of the training data held out (seeded and stratified) for evaluation when no
     /// `validation_file` is given.
     pub validation_split: Option<f64>,
-    /// Column (CSV/TSV header or JSON key) holding the text.
+    /// Column (CSV/TSV header or JSON key) holding the text; in a CSV/TSV file also a
+    /// 0-based index (`1` or `"1"`) when no column has that name.
+    #[serde(deserialize_with = "name_or_index")]
     pub text_column: String,
     /// Column holding the second text of a pair (sentence-pair tasks), if any.
+    #[serde(deserialize_with = "opt_name_or_index")]
     pub text_pair_column: Option<String>,
     /// Column holding the label.
+    #[serde(deserialize_with = "name_or_index")]
     pub label_column: String,
+    /// Whether the first row of a CSV/TSV file names its columns (default `true`). With
+    /// `false` the columns are named by 0-based index (`text_column = 1`), or by
+    /// `column_names`.
+    pub header: bool,
+    /// Names for the columns of a CSV/TSV file, one per column (with a header they replace
+    /// the header's names).
+    pub column_names: Option<Vec<String>>,
     /// What to do with bytes that are not UTF-8: `error` (default) or `replace`.
     pub encoding_errors: EncodingErrors,
     /// Longer inputs are truncated to this many tokens (special tokens included).
@@ -224,6 +273,8 @@ impl Default for TrainConfig {
             text_column: "text".into(),
             text_pair_column: None,
             label_column: "label".into(),
+            header: true,
+            column_names: None,
             encoding_errors: EncodingErrors::Error,
             max_seq_length: 128,
             per_device_train_batch_size: 8,

@@ -86,13 +86,15 @@ pub fn export_model(dir: &Path, spec: &ExportSpec) -> Result<()> {
     write(&tmp.join("config.json"), cfg.as_bytes())?;
 
     let st = tmp.join("model.safetensors");
-    candle_core::safetensors::save(&spec.params.named_tensors(), &st)
-        .map_err(|e| Error::file(&st, format!("cannot write: {e}")))?;
+    crate::formats::safetensors::write_safetensors(&spec.params.named_tensors(), &st)?;
 
     let tok = tmp.join("tokenizer.json");
     spec.tokenizer
         .save(&tok, false)
-        .map_err(|e| Error::file(&tok, format!("cannot write: {e}")))?;
+        .map_err(|e| match e.downcast::<std::io::Error>() {
+            Ok(io) => Error::io(&tok, *io),
+            Err(e) => Error::Msg(format!("{}: cannot write: {e}", tok.display())),
+        })?;
     for side in [
         "vocab.txt",
         "vocab.json",

@@ -10,14 +10,28 @@ use tokenizers::Tokenizer;
 use crate::artifact::ExportInfo;
 use crate::data::batch::Features;
 use crate::data::labels::LabelMap;
-use crate::data::reader::Example;
+use crate::data::reader::{Example, Examples, ReaderOptions};
 use crate::data::{InputEncoder, TextEncoder};
 use crate::error::{Error, Result};
 use crate::families::{self, Family, HeadSpec, HfConfig, Model};
 use crate::infer::infer_logits;
 use crate::loss::LossConfig;
 use crate::nn::GroupKind;
-use crate::tasks::{Evaluation, ProblemType, Task};
+use crate::tasks::{Evaluation, ProblemType, TargetData, Task};
+
+/// Examples read, encoded and inferred at a time by [`Predictor::predict_stream`] and
+/// [`Predictor::evaluate_stream`]: enough to batch by length with little padding, few
+/// enough that memory stays flat however long the input is.
+pub const STREAM_CHUNK: usize = 4096;
+
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEnd {
+    /// Examples done (predicted and written, or evaluated).
+    pub rows: usize,
+    /// True when `stop` ended it before the input did.
+    pub stopped: bool,
+}
 
 /// A fine-tuned model loaded for inference from an exported directory.
 pub struct Predictor {
@@ -37,6 +51,8 @@ pub struct Predictor {
     pub dir: PathBuf,
     /// Examples per forward pass.
     pub batch_size: usize,
+    /// Examples per chunk of the streaming methods (default [`STREAM_CHUNK`]).
+    pub stream_chunk: usize,
     device: Device,
 }
 
@@ -67,6 +83,8 @@ impl Predictor {
                 label_column: "label".into(),
                 threshold: 0.5,
                 label_separator: None,
+                header: true,
+                column_names: None,
             },
         };
         if info.max_seq_length > max_tokens {
@@ -125,8 +143,115 @@ impl Predictor {
             info,
             dir: dir.to_path_buf(),
             batch_size: 32,
+            stream_chunk: STREAM_CHUNK,
             device,
         })
+    }
+
+    /// How to read input for this model: the columns, header and pair of its training
+    /// data; labels from its label column when `labelled`.
+    pub fn reader_options(&self, labelled: bool) -> ReaderOptions {
+        ReaderOptions {
+            text_column: self.info.text_column.clone(),
+            text_pair_column: self.info.text_pair_column.clone(),
+            label_column: labelled.then(|| self.info.label_column.clone()),
+            header: self.info.header,
+            column_names: self.info.column_names.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Predicts for every example of `rows`, [`Predictor::stream_chunk`] at a time: each chunk is
+    /// read, encoded, inferred in batches of similar length, formatted (JSONL, or CSV when
+    /// `csv`) and handed to `write` as whole lines in input order (a CSV's header before
+    /// the first), then `progress(n)` is called. Memory holds one chunk whatever the
+    /// input's size. `stop()` is asked before each chunk; when it is true the stream ends
+    /// there, everything before it written. An error in a row ends the stream with that
+    /// error, the chunks before it written.
+    pub fn predict_stream(
+        &self,
+        rows: &mut Examples,
+        csv: bool,
+        mut write: impl FnMut(&[u8]) -> Result<()>,
+        mut progress: impl FnMut(usize),
+        stop: impl Fn() -> bool,
+    ) -> Result<StreamEnd> {
+        let header = self.format(&[], csv)?;
+        write(&header)?;
+        let mut done = 0;
+        loop {
+            if stop() {
+                return Ok(StreamEnd {
+                    rows: done,
+                    stopped: true,
+                });
+            }
+            let chunk = rows.next_chunk(self.stream_chunk.max(1))?;
+            if chunk.is_empty() {
+                return Ok(StreamEnd {
+                    rows: done,
+                    stopped: false,
+                });
+            }
+            let probs = self.predict_probs(&chunk, |_| {})?;
+            let bytes = self.format(&probs, csv)?;
+            // Each chunk's bytes start with the header (CSV): write it once.
+            let body = bytes.strip_prefix(header.as_slice()).ok_or_else(|| {
+                Error::Msg("internal: a chunk's CSV does not start with the header".into())
+            })?;
+            write(body)?;
+            done += chunk.len();
+            progress(chunk.len());
+        }
+    }
+
+    /// Evaluates on the labelled examples of `rows` (see [`Predictor::evaluate`]),
+    /// [`Predictor::stream_chunk`] at a time: memory holds one chunk of texts, and the outputs and
+    /// targets of all (a few numbers per example). `progress(n)` after each chunk.
+    pub fn evaluate_stream(
+        &self,
+        rows: &mut Examples,
+        label_column: &str,
+        mut progress: impl FnMut(usize),
+        stop: impl Fn() -> bool,
+    ) -> Result<(Evaluation, StreamEnd)> {
+        let task = self.task();
+        let map = LabelMap::from_labels(self.labels.clone());
+        let sep = self.info.label_separator.as_deref();
+        let path = rows.path().to_path_buf();
+        let mut logits = Vec::new();
+        let mut targets: Option<TargetData> = None;
+        let mut stopped = false;
+        loop {
+            if stop() {
+                stopped = true;
+                break;
+            }
+            let chunk = rows.next_chunk(self.stream_chunk.max(1))?;
+            if chunk.is_empty() {
+                break;
+            }
+            let t = task.encode_targets(&map, &chunk, &path, label_column, sep)?;
+            match &mut targets {
+                Some(all) => all.extend(t)?,
+                None => targets = Some(t),
+            }
+            logits.extend(self.predict_logits(&chunk, |_| {})?);
+            progress(chunk.len());
+        }
+        let targets = targets.ok_or_else(|| Error::file(&path, "no examples evaluated"))?;
+        let loss = LossConfig {
+            kind: task.default_loss(),
+            ..Default::default()
+        };
+        let eval = task.evaluate(&logits, &targets, &loss, self.info.threshold)?;
+        Ok((
+            eval,
+            StreamEnd {
+                rows: logits.len(),
+                stopped,
+            },
+        ))
     }
 
     /// The task of [`Predictor::problem_type`].

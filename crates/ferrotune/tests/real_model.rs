@@ -122,6 +122,7 @@ fn bbc_news_reads_as_five_topics() {
             label_column: Some("label".into()),
             encoding_errors: ferrotune::data::reader::EncodingErrors::Replace,
             file_extensions: vec!["txt".into()],
+            ..Default::default()
         },
     )
     .unwrap();

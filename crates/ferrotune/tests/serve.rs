@@ -67,6 +67,8 @@ fn tiny_model_of(dir: &Path, family: &'static str, problem_type: &str) -> PathBu
                 label_column: "label".into(),
                 threshold: 0.5,
                 label_separator: None,
+                header: true,
+                column_names: None,
             },
         },
     )

@@ -87,6 +87,7 @@ fn trains_exports_and_predicts_the_same() {
             label_column: Some("label".into()),
             encoding_errors: Default::default(),
             file_extensions: vec!["txt".into()],
+            ..Default::default()
         },
     )
     .unwrap();

@@ -5,8 +5,8 @@
 //! | path | format |
 //! |---|---|
 //! | a directory | one subdirectory per class; each regular file in it is one example (the whole file, trimmed), labelled with the subdirectory's name |
-//! | `*.csv` | comma-separated, with a header row |
-//! | `*.tsv` | tab-separated, with a header row (quoting as in CSV) |
+//! | `*.csv` | comma-separated, with a header row unless [`ReaderOptions::header`] is false |
+//! | `*.tsv` | tab-separated, likewise (quoting as in CSV) |
 //! | `*.jsonl`, `*.ndjson`, `*.json` | one JSON object per line (JSON Lines); blank lines are skipped |
 //! | `*.txt` | one text per line, no labels (prediction input only); blank lines are skipped |
 //!
@@ -15,8 +15,12 @@
 //! [`EncodingErrors::Replace`] is chosen, which replaces them with U+FFFD as
 //! [`String::from_utf8_lossy`] does. Only the columns that are asked for are decoded,
 //! so invalid bytes in other columns do not matter.
+//!
+//! Files are read record by record ([`open_examples`] gives an iterator), so reading
+//! takes memory for one record at a time; [`read_examples`] collects them.
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -89,6 +93,14 @@ pub struct ReaderOptions {
     /// The extensions of the files a directory-per-class data set reads (`txt` or `.txt`,
     /// any case); other files are skipped ([`skipped_files`] counts them).
     pub file_extensions: Vec<String>,
+    /// Whether the first row of a CSV/TSV file names the columns (the default). Without
+    /// a header the columns are named by 0-based index (`"0"`, `"1"`, ...) unless
+    /// [`ReaderOptions::column_names`] names them, and the first row is data.
+    pub header: bool,
+    /// Names for the columns of a CSV/TSV file, one per column; with a header they
+    /// replace the header's names. A column can always also be given by its 0-based
+    /// index when no column has that name.
+    pub column_names: Option<Vec<String>>,
 }
 
 impl Default for ReaderOptions {
@@ -100,6 +112,8 @@ impl Default for ReaderOptions {
             label_column: Some("label".to_string()),
             encoding_errors: EncodingErrors::Error,
             file_extensions: vec!["txt".to_string()],
+            header: true,
+            column_names: None,
         }
     }
 }
@@ -141,7 +155,8 @@ pub fn skipped_files(root: &Path, opts: &ReaderOptions) -> Vec<(String, usize)> 
 }
 
 /// Reads every example in `path`, a directory or a file whose extension names its
-/// format (see the [module documentation](self)).
+/// format (see the [module documentation](self)). The same as collecting
+/// [`open_examples`].
 ///
 /// # Errors
 ///
@@ -151,7 +166,7 @@ pub fn skipped_files(root: &Path, opts: &ReaderOptions) -> Vec<(String, usize)> 
 /// number of fields, a JSON line is not an object, or the text is not valid UTF-8 and
 /// [`EncodingErrors::Error`] is set.
 pub fn read_examples(path: &Path, opts: &ReaderOptions) -> Result<Vec<Example>> {
-    read_any(path, opts, None)
+    open_examples(path, opts)?.collect()
 }
 
 /// A row left out by [`read_examples_skipping`], with the reason.
@@ -181,49 +196,231 @@ pub fn read_examples_skipping(
     path: &Path,
     opts: &ReaderOptions,
 ) -> Result<(Vec<Example>, Vec<SkippedRow>)> {
-    let mut skipped = Vec::new();
-    let ex = read_any(path, opts, Some(&mut skipped))?;
-    Ok((ex, skipped))
+    let mut rows = open_examples(path, opts)?.skip_bad_rows();
+    let ex = rows.by_ref().collect::<Result<Vec<_>>>()?;
+    Ok((ex, rows.skipped))
 }
 
-fn read_any(
-    path: &Path,
-    opts: &ReaderOptions,
-    skipped: Option<&mut Vec<SkippedRow>>,
-) -> Result<Vec<Example>> {
+/// Why a row was not read. A fatal error (I/O, a CSV record that cannot be parsed, a
+/// JSON line that is not UTF-8) ends the read even when bad rows are skipped.
+struct RowError {
+    line: usize,
+    error: Error,
+    fatal: bool,
+}
+
+impl RowError {
+    fn row(line: usize, error: Error) -> Self {
+        RowError {
+            line,
+            error,
+            fatal: false,
+        }
+    }
+    fn fatal(line: usize, error: Error) -> Self {
+        RowError {
+            line,
+            error,
+            fatal: true,
+        }
+    }
+}
+
+/// The JSON types a label was written as (bits), to notice `1` and `"1"` in one file.
+const KIND_STRING: u8 = 1;
+const KIND_NUMBER: u8 = 2;
+const KIND_BOOL: u8 = 4;
+const KIND_NAMES: [(u8, &str); 3] = [
+    (KIND_STRING, "string"),
+    (KIND_NUMBER, "number"),
+    (KIND_BOOL, "boolean"),
+];
+
+/// A row read: the example and the JSON types of its label (`KIND_*` bits; 0 when the
+/// format has no types).
+type Row = std::result::Result<(Example, u8), RowError>;
+
+/// The examples of a data set, read one at a time: memory stays flat whatever the file's
+/// size, which is how `predict` and `eval` read their input. [`read_examples`] collects
+/// it. An iterator of `Result<Example>`: the first error ends it; a data set with no
+/// examples yields one error saying so.
+pub struct Examples {
+    rows: Box<dyn Iterator<Item = Row> + Send>,
+    path: PathBuf,
+    empty: &'static str,
+    read: usize,
+    done: bool,
+    skip: bool,
+    skipped: Vec<SkippedRow>,
+    /// Per `KIND_NAMES` entry: labels of that JSON type, and the first one's line.
+    label_kinds: [(usize, usize); 3],
+}
+
+impl Examples {
+    /// Leaves out rows that cannot be read instead of ending with their error (as
+    /// [`read_examples_skipping`]); see [`Examples::skipped`].
+    pub fn skip_bad_rows(mut self) -> Self {
+        self.skip = true;
+        self
+    }
+
+    /// The rows left out so far under [`Examples::skip_bad_rows`].
+    pub fn skipped(&self) -> &[SkippedRow] {
+        &self.skipped
+    }
+
+    /// The file or directory being read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Up to `n` more examples; empty once all are read.
+    pub fn next_chunk(&mut self, n: usize) -> Result<Vec<Example>> {
+        self.by_ref().take(n).collect()
+    }
+
+    /// Warnings about what was read so far: labels written as more than one JSON type
+    /// (`1` and `"1"`), which are read as text and so become one class.
+    pub fn notes(&self) -> Vec<String> {
+        let seen: Vec<String> = KIND_NAMES
+            .iter()
+            .zip(&self.label_kinds)
+            .filter(|(_, (n, _))| *n > 0)
+            .map(|((_, name), (n, line))| format!("{n} {name}(s), the first on line {line}"))
+            .collect();
+        if seen.len() < 2 {
+            return Vec::new();
+        }
+        vec![format!(
+            "warning: the labels in {} are of mixed JSON types ({}); each is read as text, so \
+             1 and \"1\" are one class",
+            self.path.display(),
+            seen.join("; ")
+        )]
+    }
+}
+
+impl Iterator for Examples {
+    type Item = Result<Example>;
+
+    fn next(&mut self) -> Option<Result<Example>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            match self.rows.next() {
+                Some(Ok((ex, kinds))) => {
+                    self.read += 1;
+                    for (i, (bit, _)) in KIND_NAMES.iter().enumerate() {
+                        if kinds & bit != 0 {
+                            let k = &mut self.label_kinds[i];
+                            if k.0 == 0 {
+                                k.1 = ex.line;
+                            }
+                            k.0 += 1;
+                        }
+                    }
+                    return Some(Ok(ex));
+                }
+                Some(Err(e)) if self.skip && !e.fatal => {
+                    self.skipped.push(SkippedRow::new(e.line, e.error));
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(e.error));
+                }
+                None => {
+                    self.done = true;
+                    return (self.read == 0).then(|| Err(Error::file(&self.path, self.empty)));
+                }
+            }
+        }
+    }
+}
+
+/// Opens the data set at `path` for reading example by example (see [`Examples`]).
+/// Problems with the whole data set (not found, unsupported format, a missing column,
+/// no class directories) are reported here; problems with a row when it is reached.
+pub fn open_examples(path: &Path, opts: &ReaderOptions) -> Result<Examples> {
     let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.is_dir() {
-        return read_class_dirs(path, opts);
-    }
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    match ext.as_str() {
-        "csv" => read_delimited(path, b',', opts, skipped),
-        "tsv" => read_delimited(path, b'\t', opts, skipped),
-        "jsonl" | "ndjson" | "json" => read_json_lines(path, opts, skipped),
-        "txt" => read_text_lines(path, opts),
-        "" => Err(Error::file(
-            path,
-            format!("cannot tell the data format without a file extension; supported: {SUPPORTED}"),
-        )),
-        other => Err(Error::file(
-            path,
-            format!("unsupported data format `.{other}`; supported: {SUPPORTED}"),
-        )),
-    }
+    let (rows, empty): (Box<dyn Iterator<Item = Row> + Send>, &'static str) = if meta.is_dir() {
+        (
+            Box::new(class_dir_rows(path, opts)?),
+            "no examples: the class directories hold no files",
+        )
+    } else {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        match ext.as_str() {
+            "csv" | "tsv" => {
+                let delimiter = if ext == "csv" { b',' } else { b'\t' };
+                let rows = DelimitedRows::open(path, delimiter, opts)?;
+                let empty = if rows.has_header {
+                    "no examples: the file has a header but no rows"
+                } else {
+                    "no examples: no row could be read"
+                };
+                (Box::new(rows), empty)
+            }
+            "jsonl" | "ndjson" | "json" => (
+                Box::new(json_rows(path, opts)?),
+                "no examples: the file has no JSON lines",
+            ),
+            "txt" => (
+                Box::new(text_rows(path, opts)?),
+                "no examples: the file has no non-blank lines",
+            ),
+            "" => {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "cannot tell the data format without a file extension; supported: \
+                         {SUPPORTED}"
+                    ),
+                ))
+            }
+            other => {
+                return Err(Error::file(
+                    path,
+                    format!("unsupported data format `.{other}`; supported: {SUPPORTED}"),
+                ))
+            }
+        }
+    };
+    Ok(Examples {
+        rows,
+        path: path.to_path_buf(),
+        empty,
+        read: 0,
+        done: false,
+        skip: false,
+        skipped: Vec::new(),
+        label_kinds: [(0, 0); 3],
+    })
 }
 
 // ---------------------------------------------------------------------------------------
 // Shared helpers
 
+/// Opens a file for buffered reading, past a leading UTF-8 byte order mark.
+fn open_file(path: &Path) -> Result<BufReader<File>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut r = BufReader::with_capacity(1 << 16, file);
+    let head = r.fill_buf().map_err(|e| Error::io(path, e))?;
+    if head.starts_with(b"\xEF\xBB\xBF") {
+        r.consume(3);
+    }
+    Ok(r)
+}
+
 /// Reads a whole file and removes a leading UTF-8 byte order mark.
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    let mut data = fs::read(path).map_err(|e| Error::io(path, e))?;
-    if data.starts_with(b"\xEF\xBB\xBF") {
-        data.drain(..3);
-    }
+    let mut data = Vec::new();
+    open_file(path)?
+        .read_to_end(&mut data)
+        .map_err(|e| Error::io(path, e))?;
     Ok(data)
 }
 
@@ -296,7 +493,9 @@ fn name_list<S: AsRef<str>>(names: &[S]) -> String {
 // ---------------------------------------------------------------------------------------
 // Directory per class
 
-fn read_class_dirs(root: &Path, opts: &ReaderOptions) -> Result<Vec<Example>> {
+/// The examples of a directory per class: the files are listed (and the layout checked)
+/// at once, each file is read when its example is reached.
+fn class_dir_rows(root: &Path, opts: &ReaderOptions) -> Result<impl Iterator<Item = Row> + Send> {
     if let Some(col) = &opts.text_pair_column {
         return Err(Error::at(
             root,
@@ -313,15 +512,16 @@ fn read_class_dirs(root: &Path, opts: &ReaderOptions) -> Result<Vec<Example>> {
              each holding one file per example)",
         ));
     }
-    let mut out = Vec::new();
+    let mut files = Vec::new();
     for (class, dir) in classes {
         let all = sorted_entries(&dir, fs::Metadata::is_file)?;
-        let files: Vec<(String, PathBuf)> = all
-            .iter()
-            .filter(|(name, _)| has_extension(name, &opts.file_extensions))
-            .cloned()
-            .collect();
-        if files.is_empty() {
+        let before = files.len();
+        for (name, file) in &all {
+            if has_extension(name, &opts.file_extensions) {
+                files.push((class.clone(), name.clone(), file.clone()));
+            }
+        }
+        if files.len() == before {
             let msg = if all.is_empty() {
                 "class directory holds no files".to_string()
             } else {
@@ -333,43 +533,63 @@ fn read_class_dirs(root: &Path, opts: &ReaderOptions) -> Result<Vec<Example>> {
             };
             return Err(Error::file(&dir, msg));
         }
-        for (name, file) in files {
-            let bytes = read_file(&file)?;
-            let text = decode(&bytes, opts.encoding_errors).map_err(|bad| {
-                let line = 1 + bytes[..bad.offset].iter().filter(|&&b| b == b'\n').count();
-                let col = bad.offset
-                    - bytes[..bad.offset]
-                        .iter()
-                        .rposition(|&b| b == b'\n')
-                        .map_or(0, |p| p + 1);
+    }
+    let mode = opts.encoding_errors;
+    let labelled = opts.label_column.is_some();
+    Ok(files.into_iter().map(move |(class, name, file)| {
+        let bytes = read_file(&file).map_err(|e| RowError::fatal(0, e))?;
+        let text = decode(&bytes, mode).map_err(|bad| {
+            let line = 1 + bytes[..bad.offset].iter().filter(|&&b| b == b'\n').count();
+            let col = bad.offset
+                - bytes[..bad.offset]
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |p| p + 1);
+            RowError::fatal(
+                0,
                 Error::at(
                     &file,
                     Some(line),
                     None,
                     bad_utf8_msg(&bad, &format!("at column {}", col + 1)),
-                )
-            })?;
-            out.push(Example {
+                ),
+            )
+        })?;
+        Ok((
+            Example {
                 id: format!("{class}/{name}"),
                 line: 0,
                 text: text.trim().to_string(),
                 text_pair: None,
-                label: opts
-                    .label_column
-                    .as_ref()
-                    .map(|_| RawLabel::Text(class.clone())),
-            });
-        }
-    }
-    Ok(out)
+                label: labelled.then_some(RawLabel::Text(class)),
+            },
+            0,
+        ))
+    }))
 }
 
 // ---------------------------------------------------------------------------------------
 // CSV and TSV
 
+/// Whether a header row looks like data rather than column names: a number, or a cell
+/// of several words.
+fn looks_like_data(headers: &[String]) -> bool {
+    headers.iter().any(|h| {
+        let h = h.trim();
+        h.parse::<f64>().is_ok() || h.split_whitespace().count() >= 4 || h.chars().count() > 40
+    })
+}
+
 /// The index of column `name` in `headers`: an exact match, else a match ignoring
-/// surrounding whitespace. Errors name the header line.
-fn find_column(path: &Path, line: usize, headers: &[String], name: &str) -> Result<usize> {
+/// surrounding whitespace, else `name` read as a 0-based column index. Errors name the
+/// header line.
+fn find_column(
+    path: &Path,
+    line: usize,
+    headers: &[String],
+    name: &str,
+    hint_headerless: bool,
+) -> Result<usize> {
     let exact: Vec<usize> = (0..headers.len()).filter(|&i| headers[i] == name).collect();
     let found = if exact.is_empty() {
         (0..headers.len())
@@ -380,12 +600,26 @@ fn find_column(path: &Path, line: usize, headers: &[String], name: &str) -> Resu
     };
     match found.as_slice() {
         [i] => Ok(*i),
-        [] => Err(Error::at(
-            path,
-            Some(line),
-            Some(name),
-            format!("column not found (columns: {})", name_list(headers)),
-        )),
+        [] => {
+            if let Ok(i) = name.trim().parse::<usize>() {
+                if i < headers.len() {
+                    return Ok(i);
+                }
+            }
+            let hint = if hint_headerless && looks_like_data(headers) {
+                "; the first row looks like data, not column names: for a file without a \
+                 header set `header = false` (--no-header) and name columns by 0-based index \
+                 (text_column = \"1\") or with `column_names`"
+            } else {
+                ""
+            };
+            Err(Error::at(
+                path,
+                Some(line),
+                Some(name),
+                format!("column not found (columns: {}){hint}", name_list(headers)),
+            ))
+        }
         _ => Err(Error::at(
             path,
             Some(line),
@@ -402,161 +636,330 @@ struct Columns {
     label: Option<usize>,
 }
 
-fn read_delimited(
-    path: &Path,
-    delimiter: u8,
-    opts: &ReaderOptions,
-    mut skipped: Option<&mut Vec<SkippedRow>>,
-) -> Result<Vec<Example>> {
-    let data = read_file(path)?;
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(data.as_slice());
-    // The csv crate's own line numbers miscount after CRLF terminators and blank lines,
-    // so lines are counted here from the byte offset where each record starts. That
-    // offset may point at the previous record's terminator or at skipped blank lines.
-    // Lines are counted at LF only, as sed, grep and editors number them, so a lone CR
-    // (which the csv crate also takes as a record's end, and which real data holds inside
-    // quoted text) does not start a new line number.
-    let newlines: Vec<usize> = (0..data.len()).filter(|&i| data[i] == b'\n').collect();
-    let line_at = |byte: u64| {
-        let mut start = usize::try_from(byte).unwrap_or(data.len()).min(data.len());
-        while matches!(data.get(start), Some(b'\r' | b'\n')) {
-            start += 1;
+/// Where the line terminators (CR and LF) read so far are, for line numbers: the csv
+/// crate's own miscount after CRLF terminators and blank lines, so lines are counted
+/// here from the byte offset where each record starts. Entries before the current
+/// record are dropped as records are read, so memory stays flat.
+#[derive(Default)]
+struct Terminators {
+    /// (byte offset, is LF) of each CR or LF not yet dropped.
+    marks: std::collections::VecDeque<(u64, bool)>,
+    /// LFs dropped from `marks`.
+    lf_dropped: usize,
+}
+
+/// A reader that notes where each CR and LF passes (see [`Terminators`]).
+struct Tracked<R> {
+    inner: R,
+    pos: u64,
+    seen: Terminators,
+}
+
+impl<R: Read> Read for Tracked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for (i, &b) in buf[..n].iter().enumerate() {
+            if b == b'\n' || b == b'\r' {
+                self.seen.marks.push_back((self.pos + i as u64, b == b'\n'));
+            }
         }
-        1 + newlines.partition_point(|&p| p < start)
-    };
-    let csv_err = |e: csv::Error| {
-        let line = e.position().map(|p| line_at(p.byte()));
-        Error::at(path, line, None, e.to_string())
-    };
-    let record_line = |r: &csv::ByteRecord| r.position().map_or(0, |p| line_at(p.byte()));
-    let decode_field = |bytes: &[u8], line: usize, col: &str| {
-        decode(bytes, opts.encoding_errors).map_err(|bad| {
-            Error::at(
-                path,
-                Some(line),
-                Some(col),
-                bad_utf8_msg(&bad, &format!("at byte {} of the field", bad.offset + 1)),
-            )
-        })
-    };
-
-    let mut record = csv::ByteRecord::new();
-    if !reader.read_byte_record(&mut record).map_err(csv_err)? {
-        return Err(Error::file(path, "no examples: the file is empty"));
+        self.pos += n as u64;
+        Ok(n)
     }
-    let header_line = record_line(&record);
-    let headers = record
-        .iter()
-        .map(|h| {
-            decode(h, opts.encoding_errors).map_err(|bad| {
-                Error::at(
-                    path,
-                    Some(header_line),
-                    None,
-                    bad_utf8_msg(
-                        &bad,
-                        &format!("at byte {} of a column name", bad.offset + 1),
-                    ),
-                )
-            })
-        })
-        .collect::<Result<Vec<String>>>()?;
-    let cols = Columns {
-        text: find_column(path, header_line, &headers, &opts.text_column)?,
-        pair: match &opts.text_pair_column {
-            Some(c) => Some(find_column(path, header_line, &headers, c)?),
-            None => None,
-        },
-        label: match &opts.label_column {
-            Some(c) => Some(find_column(path, header_line, &headers, c)?),
-            None => None,
-        },
-    };
+}
 
-    let mut out = Vec::new();
-    while reader.read_byte_record(&mut record).map_err(csv_err)? {
-        let line = record_line(&record);
-        let row = || -> Result<Example> {
-            if record.len() != headers.len() {
+impl Terminators {
+    /// The 1-based line of a record whose bytes start at `byte` (which may point at the
+    /// previous record's terminator or at blank lines before it). Lines are counted at LF
+    /// only, as sed, grep and editors number them, so a lone CR (which the csv crate also
+    /// takes as a record's end, and which real data holds inside quoted text) does not
+    /// start a new line number. `byte` must not decrease from call to call.
+    fn line_at(&mut self, byte: u64) -> usize {
+        while let Some(&(p, lf)) = self.marks.front() {
+            if p >= byte {
+                break;
+            }
+            self.lf_dropped += usize::from(lf);
+            self.marks.pop_front();
+        }
+        // The run of terminators right at `byte` comes before the record's first line.
+        let run = (byte..)
+            .zip(&self.marks)
+            .take_while(|(at, (p, _))| p == at)
+            .filter(|(_, (_, lf))| *lf)
+            .count();
+        1 + self.lf_dropped + run
+    }
+}
+
+/// The rows of a CSV or TSV file, read record by record.
+struct DelimitedRows {
+    reader: csv::Reader<Tracked<BufReader<File>>>,
+    path: PathBuf,
+    names: Vec<String>,
+    cols: Columns,
+    opts: ReaderOptions,
+    record: csv::ByteRecord,
+    /// Without a header, the first record (read to count the columns) is data.
+    first_pending: bool,
+    has_header: bool,
+    done: bool,
+}
+
+impl DelimitedRows {
+    fn open(path: &Path, delimiter: u8, opts: &ReaderOptions) -> Result<Self> {
+        let tracked = Tracked {
+            inner: open_file(path)?,
+            pos: 0,
+            seen: Terminators::default(),
+        };
+        let reader = csv::ReaderBuilder::new()
+            .delimiter(delimiter)
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(tracked);
+        let mut rows = DelimitedRows {
+            reader,
+            path: path.to_path_buf(),
+            names: Vec::new(),
+            cols: Columns {
+                text: 0,
+                pair: None,
+                label: None,
+            },
+            opts: opts.clone(),
+            record: csv::ByteRecord::new(),
+            first_pending: !opts.header,
+            has_header: opts.header,
+            done: false,
+        };
+        let mut record = csv::ByteRecord::new();
+        if !rows
+            .reader
+            .read_byte_record(&mut record)
+            .map_err(|e| rows.csv_err(e))?
+        {
+            return Err(Error::file(path, "no examples: the file is empty"));
+        }
+        let header_line = rows.record_line(&record);
+        let width = record.len();
+        let mut names = if opts.header {
+            record
+                .iter()
+                .map(|h| {
+                    decode(h, opts.encoding_errors).map_err(|bad| {
+                        Error::at(
+                            path,
+                            Some(header_line),
+                            None,
+                            bad_utf8_msg(
+                                &bad,
+                                &format!("at byte {} of a column name", bad.offset + 1),
+                            ),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<String>>>()?
+        } else {
+            (0..width).map(|i| i.to_string()).collect()
+        };
+        if let Some(given) = &opts.column_names {
+            if given.len() != width {
+                let what = if opts.header {
+                    "the header"
+                } else {
+                    "the first row"
+                };
                 return Err(Error::at(
                     path,
-                    Some(line),
-                    None,
-                    format!(
-                        "expected {} fields as in the header, found {}",
-                        headers.len(),
-                        record.len()
-                    ),
+                    Some(header_line),
+                    Some("column_names"),
+                    format!("{} names given, {what} has {width} columns", given.len()),
                 ));
             }
-            let cell = |i: usize| record.get(i).unwrap_or_default();
-            let text = decode_field(cell(cols.text), line, &opts.text_column)?;
-            let text_pair = match (cols.pair, &opts.text_pair_column) {
-                (Some(i), Some(c)) => Some(decode_field(cell(i), line, c)?),
-                _ => None,
-            };
-            let label = match (cols.label, &opts.label_column) {
-                (Some(i), Some(c)) => {
-                    let raw = decode_field(cell(i), line, c)?;
-                    let raw = raw.trim();
-                    if raw.is_empty() {
-                        return Err(Error::at(path, Some(line), Some(c), "empty label"));
-                    }
-                    Some(RawLabel::Text(raw.to_string()))
-                }
-                _ => None,
-            };
-            Ok(Example {
-                id: format!("line {line}"),
-                line,
-                text,
-                text_pair,
-                label,
-            })
+            names = given.clone();
+        }
+        let find = |c: &str| find_column(path, header_line, &names, c, opts.header);
+        rows.cols = Columns {
+            text: find(&opts.text_column)?,
+            pair: opts.text_pair_column.as_deref().map(find).transpose()?,
+            label: opts.label_column.as_deref().map(find).transpose()?,
         };
-        match (row(), skipped.as_deref_mut()) {
-            (Ok(e), _) => out.push(e),
-            (Err(e), Some(sk)) => sk.push(SkippedRow::new(line, e)),
-            (Err(e), None) => return Err(e),
+        rows.names = names;
+        rows.record = record;
+        Ok(rows)
+    }
+
+    fn record_line(&mut self, r: &csv::ByteRecord) -> usize {
+        match r.position() {
+            Some(p) => self.reader.get_mut().seen.line_at(p.byte()),
+            None => 0,
         }
     }
-    if out.is_empty() {
-        return Err(Error::file(
-            path,
-            "no examples: the file has a header but no rows",
-        ));
+
+    fn csv_err(&mut self, e: csv::Error) -> Error {
+        let line = e
+            .position()
+            .map(|p| self.reader.get_mut().seen.line_at(p.byte()));
+        Error::at(&self.path, line, None, e.to_string())
     }
-    Ok(out)
+
+    /// The example of the record in `self.record`, on `line`.
+    fn example(&self, line: usize) -> Result<Example> {
+        let (path, opts, record) = (&self.path, &self.opts, &self.record);
+        if record.len() != self.names.len() {
+            let what = if self.has_header {
+                "as in the header"
+            } else {
+                "as in the first row"
+            };
+            return Err(Error::at(
+                path,
+                Some(line),
+                None,
+                format!(
+                    "expected {} fields {what}, found {}",
+                    self.names.len(),
+                    record.len()
+                ),
+            ));
+        }
+        let field = |i: usize, col: &str| {
+            decode(record.get(i).unwrap_or_default(), opts.encoding_errors).map_err(|bad| {
+                Error::at(
+                    path,
+                    Some(line),
+                    Some(col),
+                    bad_utf8_msg(&bad, &format!("at byte {} of the field", bad.offset + 1)),
+                )
+            })
+        };
+        let text = field(self.cols.text, &opts.text_column)?;
+        let text_pair = match (self.cols.pair, &opts.text_pair_column) {
+            (Some(i), Some(c)) => Some(field(i, c)?),
+            _ => None,
+        };
+        let label = match (self.cols.label, &opts.label_column) {
+            (Some(i), Some(c)) => {
+                let raw = field(i, c)?;
+                let raw = raw.trim();
+                if raw.is_empty() {
+                    return Err(Error::at(path, Some(line), Some(c), "empty label"));
+                }
+                Some(RawLabel::Text(raw.to_string()))
+            }
+            _ => None,
+        };
+        Ok(Example {
+            id: format!("line {line}"),
+            line,
+            text,
+            text_pair,
+            label,
+        })
+    }
+}
+
+impl Iterator for DelimitedRows {
+    type Item = Row;
+
+    fn next(&mut self) -> Option<Row> {
+        if self.done {
+            return None;
+        }
+        if self.first_pending {
+            self.first_pending = false;
+        } else {
+            let mut record = std::mem::take(&mut self.record);
+            let read = self.reader.read_byte_record(&mut record);
+            self.record = record;
+            match read {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.done = true;
+                    return None;
+                }
+                Err(e) => {
+                    self.done = true;
+                    let e = self.csv_err(e);
+                    return Some(Err(RowError::fatal(0, e)));
+                }
+            }
+        }
+        let record = std::mem::take(&mut self.record);
+        let line = self.record_line(&record);
+        self.record = record;
+        Some(
+            self.example(line)
+                .map(|e| (e, 0))
+                .map_err(|e| RowError::row(line, e)),
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // Line-based formats (JSON Lines and plain text)
 
-/// The non-blank lines of a file as (1-based line number, decoded text without the line
-/// terminator).
-fn decoded_lines(path: &Path, mode: EncodingErrors) -> Result<Vec<(usize, String)>> {
-    let data = read_file(path)?;
-    let mut out = Vec::new();
-    for (i, raw) in data.split(|&b| b == b'\n').enumerate() {
-        let line = i + 1;
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let text = decode(raw, mode).map_err(|bad| {
-            Error::at(
-                path,
-                Some(line),
-                None,
-                bad_utf8_msg(&bad, &format!("at column {}", bad.offset + 1)),
-            )
-        })?;
-        if !text.trim().is_empty() {
-            out.push((line, text));
-        }
+/// The non-blank lines of a file, read one at a time, as (1-based line number, decoded
+/// text without the line terminator). Invalid UTF-8 (under [`EncodingErrors::Error`])
+/// and I/O errors are fatal.
+struct Lines {
+    reader: BufReader<File>,
+    path: PathBuf,
+    mode: EncodingErrors,
+    line: usize,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl Lines {
+    fn open(path: &Path, mode: EncodingErrors) -> Result<Self> {
+        Ok(Lines {
+            reader: open_file(path)?,
+            path: path.to_path_buf(),
+            mode,
+            line: 0,
+            buf: Vec::new(),
+            done: false,
+        })
     }
-    Ok(out)
+}
+
+impl Iterator for Lines {
+    type Item = std::result::Result<(usize, String), RowError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            self.buf.clear();
+            match self.reader.read_until(b'\n', &mut self.buf) {
+                Ok(0) => self.done = true,
+                Ok(_) => {
+                    self.line += 1;
+                    let raw = self.buf.strip_suffix(b"\n").unwrap_or(&self.buf);
+                    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+                    match decode(raw, self.mode) {
+                        Ok(text) if text.trim().is_empty() => {}
+                        Ok(text) => return Some(Ok((self.line, text))),
+                        Err(bad) => {
+                            self.done = true;
+                            let e = Error::at(
+                                &self.path,
+                                Some(self.line),
+                                None,
+                                bad_utf8_msg(&bad, &format!("at column {}", bad.offset + 1)),
+                            );
+                            return Some(Err(RowError::fatal(self.line, e)));
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(RowError::fatal(self.line, Error::io(&self.path, e))));
+                }
+            }
+        }
+        None
+    }
 }
 
 /// A short name for the kind of a JSON value, for messages.
@@ -623,9 +1026,21 @@ fn json_text(path: &Path, line: usize, obj: &Map<String, Value>, key: &str) -> R
     })
 }
 
-/// Reads the label field of a JSON object.
-fn json_label(path: &Path, line: usize, obj: &Map<String, Value>, key: &str) -> Result<RawLabel> {
+/// Reads the label field of a JSON object, and the JSON types it was written as
+/// (`KIND_*` bits).
+fn json_label(
+    path: &Path,
+    line: usize,
+    obj: &Map<String, Value>,
+    key: &str,
+) -> Result<(RawLabel, u8)> {
     let err = |msg: String| Error::at(path, Some(line), Some(key), msg);
+    let kind = |v: &Value| match v {
+        Value::String(_) => KIND_STRING,
+        Value::Number(_) => KIND_NUMBER,
+        Value::Bool(_) => KIND_BOOL,
+        _ => 0,
+    };
     let one = |v: &Value| -> Result<String> {
         let s = json_scalar(v).ok_or_else(|| {
             err(format!(
@@ -640,10 +1055,11 @@ fn json_label(path: &Path, line: usize, obj: &Map<String, Value>, key: &str) -> 
         Ok(s.to_string())
     };
     match json_get(path, line, obj, key)? {
-        Value::Array(items) => Ok(RawLabel::List(
-            items.iter().map(one).collect::<Result<Vec<_>>>()?,
+        Value::Array(items) => Ok((
+            RawLabel::List(items.iter().map(one).collect::<Result<Vec<_>>>()?),
+            items.iter().fold(0, |k, v| k | kind(v)),
         )),
-        v => one(v).map(RawLabel::Text),
+        v => Ok((RawLabel::Text(one(v)?), kind(v))),
     }
 }
 
@@ -658,14 +1074,15 @@ fn json_error_msg(e: &serde_json::Error) -> String {
     }
 }
 
-fn read_json_lines(
-    path: &Path,
-    opts: &ReaderOptions,
-    mut skipped: Option<&mut Vec<SkippedRow>>,
-) -> Result<Vec<Example>> {
-    let mut out = Vec::new();
-    for (line, text) in decoded_lines(path, opts.encoding_errors)? {
-        let row = || -> Result<Example> {
+/// The rows of a JSON Lines file.
+fn json_rows(path: &Path, opts: &ReaderOptions) -> Result<impl Iterator<Item = Row> + Send> {
+    let lines = Lines::open(path, opts.encoding_errors)?;
+    let path = path.to_path_buf();
+    let opts = opts.clone();
+    Ok(lines.map(move |item| {
+        let (line, text) = item?;
+        let path = path.as_path();
+        let row = || -> Result<(Example, u8)> {
             // A whole-file JSON array is a common mistake: say so.
             let hint = if text.trim_start().starts_with('[') {
                 " (the file must hold one JSON object per line (JSON Lines), not an array)"
@@ -678,33 +1095,33 @@ fn read_json_lines(
                 let msg = format!("expected a JSON object, found {}{hint}", json_kind(&value));
                 return Err(Error::at(path, Some(line), None, msg));
             };
-            Ok(Example {
-                id: format!("line {line}"),
-                line,
-                text: json_text(path, line, &obj, &opts.text_column)?,
-                text_pair: match &opts.text_pair_column {
-                    Some(c) => Some(json_text(path, line, &obj, c)?),
-                    None => None,
+            let (label, kinds) = match &opts.label_column {
+                Some(c) => {
+                    let (l, k) = json_label(path, line, &obj, c)?;
+                    (Some(l), k)
+                }
+                None => (None, 0),
+            };
+            Ok((
+                Example {
+                    id: format!("line {line}"),
+                    line,
+                    text: json_text(path, line, &obj, &opts.text_column)?,
+                    text_pair: match &opts.text_pair_column {
+                        Some(c) => Some(json_text(path, line, &obj, c)?),
+                        None => None,
+                    },
+                    label,
                 },
-                label: match &opts.label_column {
-                    Some(c) => Some(json_label(path, line, &obj, c)?),
-                    None => None,
-                },
-            })
+                kinds,
+            ))
         };
-        match (row(), skipped.as_deref_mut()) {
-            (Ok(e), _) => out.push(e),
-            (Err(e), Some(sk)) => sk.push(SkippedRow::new(line, e)),
-            (Err(e), None) => return Err(e),
-        }
-    }
-    if out.is_empty() {
-        return Err(Error::file(path, "no examples: the file has no JSON lines"));
-    }
-    Ok(out)
+        row().map_err(|e| RowError::row(line, e))
+    }))
 }
 
-fn read_text_lines(path: &Path, opts: &ReaderOptions) -> Result<Vec<Example>> {
+/// The rows of a `.txt` file: one text per non-blank line.
+fn text_rows(path: &Path, opts: &ReaderOptions) -> Result<impl Iterator<Item = Row> + Send> {
     if let Some(col) = opts
         .label_column
         .as_ref()
@@ -718,25 +1135,20 @@ fn read_text_lines(path: &Path, opts: &ReaderOptions) -> Result<Vec<Example>> {
              use a .csv, .tsv or .jsonl file (or a directory per class) for labelled data",
         ));
     }
-    let out: Vec<Example> = decoded_lines(path, opts.encoding_errors)?
-        .into_iter()
-        .map(|(line, text)| Example {
-            id: format!("line {line}"),
-            line,
-            text,
-            text_pair: None,
-            label: None,
-        })
-        .collect();
-    if out.is_empty() {
-        return Err(Error::file(
-            path,
-            "no examples: the file has no non-blank lines",
-        ));
-    }
-    Ok(out)
+    Ok(Lines::open(path, opts.encoding_errors)?.map(|item| {
+        let (line, text) = item?;
+        Ok((
+            Example {
+                id: format!("line {line}"),
+                line,
+                text,
+                text_pair: None,
+                label: None,
+            },
+            0,
+        ))
+    }))
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -758,6 +1170,7 @@ mod tests {
             label_column: label.map(str::to_string),
             encoding_errors: EncodingErrors::Error,
             file_extensions: vec!["txt".into()],
+            ..Default::default()
         }
     }
 
@@ -1080,6 +1493,176 @@ mod tests {
             &msg,
             &format!("{}:2: field `text`: column not found", p.display()),
         );
+    }
+
+    #[test]
+    fn headerless_csv_by_index_and_by_names() {
+        let d = TempDir::new().unwrap();
+        // A movie-review set as shipped: BOM, CRLF, no header, quoted multi-line text.
+        let p = write(
+            &d,
+            "rt.csv",
+            b"\xEF\xBB\xBF1,\"the rock is destined, \"\"great\"\"\"\r\n0,\"flat\nand dull\"\r\n\r\n1,fine\r\n",
+        );
+        let mut o = opts("1", None, Some("0"));
+        o.header = false;
+        let ex = read_examples(&p, &o).unwrap();
+        let got: Vec<(usize, &str, Option<RawLabel>)> = ex
+            .iter()
+            .map(|e| (e.line, e.text.as_str(), e.label.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "the rock is destined, \"great\"", text_label("1")),
+                (2, "flat\nand dull", text_label("0")),
+                (5, "fine", text_label("1")),
+            ]
+        );
+        // Named columns read the same rows.
+        let mut named = opts("review", None, Some("polarity"));
+        named.header = false;
+        named.column_names = Some(vec!["polarity".into(), "review".into()]);
+        assert_eq!(read_examples(&p, &named).unwrap(), ex);
+        // The wrong number of names is an error at the first row.
+        named.column_names = Some(vec!["polarity".into()]);
+        let msg = err_msg(read_examples(&p, &named));
+        assert_eq!(
+            msg,
+            format!(
+                "{}:1: field `column_names`: 1 names given, the first row has 2 columns",
+                p.display()
+            )
+        );
+        // A row of another width names the first row as the reference.
+        let q = write(&d, "ragged.csv", b"1,a\n0,b,extra\n");
+        let mut o = opts("1", None, Some("0"));
+        o.header = false;
+        let msg = err_msg(read_examples(&q, &o));
+        assert_eq!(
+            msg,
+            format!(
+                "{}:2: expected 2 fields as in the first row, found 3",
+                q.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_header_that_looks_like_data_gets_a_hint() {
+        let d = TempDir::new().unwrap();
+        let p = write(
+            &d,
+            "rt.csv",
+            b"1,the rock is destined to be great\n0,flat and dull\n",
+        );
+        let msg = err_msg(read_examples(&p, &opts("text", None, Some("label"))));
+        starts(
+            &msg,
+            &format!(
+                "{}:1: field `text`: column not found (columns: 1, the rock is destined to be \
+                 great); the first row looks like data, not column names: for a file without a \
+                 header set `header = false`",
+                p.display()
+            ),
+        );
+        // Real column names get no such hint.
+        let p = write(&d, "named.csv", b"review,polarity\nok,1\n");
+        let msg = err_msg(read_examples(&p, &opts("text", None, None)));
+        assert!(!msg.contains("looks like data"), "{msg}");
+        // With a header, a column can still be given by index.
+        let ex = read_examples(&p, &opts("0", None, Some("1"))).unwrap();
+        assert_eq!(
+            (ex[0].text.as_str(), ex[0].label.clone()),
+            ("ok", text_label("1"))
+        );
+    }
+
+    #[test]
+    fn mixed_json_label_types_are_noted() {
+        let d = TempDir::new().unwrap();
+        let p = write(
+            &d,
+            "m.jsonl",
+            b"{\"text\":\"a\",\"label\":\"1\"}\n{\"text\":\"b\",\"label\":\"0\"}\n\n{\"text\":\"c\",\"label\":1}\n",
+        );
+        let mut rows = open_examples(&p, &opts("text", None, Some("label"))).unwrap();
+        let ex: Vec<Example> = rows.by_ref().collect::<Result<_>>().unwrap();
+        assert_eq!(
+            ex[0].label, ex[2].label,
+            "1 and \"1\" are read as one label"
+        );
+        assert_eq!(
+            rows.notes(),
+            vec![format!(
+                "warning: the labels in {} are of mixed JSON types (2 string(s), the first on \
+                 line 1; 1 number(s), the first on line 4); each is read as text, so 1 and \
+                 \"1\" are one class",
+                p.display()
+            )]
+        );
+        // One type: no note.
+        let q = write(
+            &d,
+            "one.jsonl",
+            b"{\"text\":\"a\",\"label\":1}\n{\"text\":\"b\",\"label\":[2,3]}\n",
+        );
+        let mut rows = open_examples(&q, &opts("text", None, Some("label"))).unwrap();
+        assert_eq!(rows.by_ref().count(), 2);
+        assert!(rows.notes().is_empty());
+    }
+
+    /// Line numbers deep in a file (past many read buffers) are those an editor shows,
+    /// with CRLF, blank lines and quoted newlines; chunks of a stream add up to the file.
+    #[test]
+    fn streamed_rows_keep_their_line_numbers() {
+        let d = TempDir::new().unwrap();
+        let mut data = b"text,label\r\n".to_vec();
+        let mut expect = Vec::new();
+        let mut line = 2;
+        for i in 0..20_000 {
+            if i % 7 == 0 {
+                data.extend_from_slice(b"\r\n");
+                line += 1;
+            }
+            if i % 11 == 0 {
+                data.extend_from_slice(
+                    format!("\"row {i}\nsecond\rline\",c{}\r\n", i % 3).as_bytes(),
+                );
+                expect.push(line);
+                line += 2;
+            } else {
+                data.extend_from_slice(format!("row {i},c{}\r\n", i % 3).as_bytes());
+                expect.push(line);
+                line += 1;
+            }
+        }
+        // A bad row at the very end names its own line.
+        data.extend_from_slice(b"last,\r\n");
+        let p = write(&d, "big.csv", &data);
+        let mut rows = open_examples(&p, &opts("text", None, Some("label"))).unwrap();
+        let mut lines = Vec::new();
+        loop {
+            match rows.next_chunk(999) {
+                Ok(chunk) if chunk.is_empty() => break,
+                Ok(chunk) => lines.extend(chunk.iter().map(|e| e.line)),
+                Err(e) => {
+                    assert_eq!(
+                        e.to_string(),
+                        format!("{}:{line}: field `label`: empty label", p.display())
+                    );
+                    break;
+                }
+            }
+        }
+        // The chunk holding the bad row ends with its error; the rows before are exact.
+        assert_eq!(lines[..], expect[..lines.len()]);
+        assert!(lines.len() >= expect.len() - 999);
+        // Read whole, with bad rows skipped: every row, and the bad one listed.
+        let (ex, skipped) = read_examples_skipping(&p, &opts("text", None, Some("label"))).unwrap();
+        assert_eq!(ex.iter().map(|e| e.line).collect::<Vec<_>>(), expect);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].line, line);
     }
 
     #[test]

@@ -61,3 +61,24 @@ pub fn safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     out.sort();
     Ok(out)
 }
+
+/// Writes `tensors` to `path` as safetensors. A failed write (a full disk, a denied
+/// permission) is an [`Error::Io`] naming `path`, never an input error.
+pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|e| match io_error(e) {
+        Ok(io) => Error::io(path, io),
+        Err(e) => Error::Msg(format!("{}: cannot write: {e}", path.display())),
+    })
+}
+
+/// The I/O error inside a candle error, if that is what it is.
+fn io_error(e: candle_core::Error) -> std::result::Result<std::io::Error, candle_core::Error> {
+    use candle_core::Error as E;
+    match e {
+        E::Io(io) | E::SafeTensor(safetensors::SafeTensorError::IoError(io)) => Ok(io),
+        E::WithBacktrace { inner, .. } | E::WithPath { inner, .. } | E::Context { inner, .. } => {
+            io_error(*inner)
+        }
+        e => Err(e),
+    }
+}

@@ -84,6 +84,21 @@ pub enum TargetData {
 }
 
 impl TargetData {
+    /// Appends the targets of more examples (of the same task and width).
+    pub fn extend(&mut self, more: TargetData) -> Result<()> {
+        match (self, more) {
+            (TargetData::Classes(a), TargetData::Classes(b)) => a.extend(b),
+            (TargetData::Multi { values, cols }, TargetData::Multi { values: v, cols: c })
+            | (TargetData::Values { values, cols }, TargetData::Values { values: v, cols: c })
+                if *cols == c =>
+            {
+                values.extend(v)
+            }
+            _ => return Err(mismatch()),
+        }
+        Ok(())
+    }
+
     /// Number of examples.
     pub fn len(&self) -> usize {
         match self {

@@ -216,10 +216,7 @@ fn write_partial(tmp: &Path, snap: &Snapshot, fail_after_files: Option<usize>) -
     };
     let save_st = |name: &str, map: &HashMap<String, Tensor>| -> Result<()> {
         let p = tmp.join(name);
-        candle_core::safetensors::save(map, &p).map_err(|e| match e {
-            candle_core::Error::Io(io) => Error::io(&p, io),
-            e => Error::file(&p, format!("{e}")),
-        })?;
+        crate::formats::safetensors::write_safetensors(map, &p)?;
         sync_file(&p)
     };
     save_st("model.safetensors", &indexed(&snap.weights))?;

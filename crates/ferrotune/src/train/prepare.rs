@@ -10,9 +10,7 @@ use serde_json::json;
 use crate::config::{ClassWeights, OnBadRow, ProblemType, TrainConfig};
 use crate::data::batch::Features;
 use crate::data::labels::LabelMap;
-use crate::data::reader::{
-    read_examples, read_examples_skipping, skipped_files, Example, ReaderOptions,
-};
+use crate::data::reader::{open_examples, skipped_files, Example, ReaderOptions};
 use crate::data::split::{stratified_sample, stratified_split};
 use crate::data::{InputEncoder, TextEncoder};
 use crate::error::{Error, Result};
@@ -56,6 +54,8 @@ fn reader_options(cfg: &TrainConfig) -> ReaderOptions {
         label_column: Some(cfg.label_column.clone()),
         encoding_errors: cfg.encoding_errors,
         file_extensions: cfg.file_extensions.clone(),
+        header: cfg.header,
+        column_names: cfg.column_names.clone(),
     }
 }
 
@@ -80,32 +80,37 @@ struct SkipLog {
 }
 
 impl SkipLog {
-    /// Reads a data file, skipping bad rows when the recipe says so.
+    /// Reads a data file, skipping bad rows when the recipe says so; the reader's notes
+    /// (labels of mixed JSON types) are kept, except for regression, whose targets are
+    /// numbers however they are written.
     fn read(
         &mut self,
         cfg: &TrainConfig,
         path: &Path,
         opts: &ReaderOptions,
     ) -> Result<Vec<Example>> {
-        match cfg.on_bad_row {
-            OnBadRow::Error => read_examples(path, opts),
-            OnBadRow::Skip => {
-                let (ex, skipped) = read_examples_skipping(path, opts)?;
-                if !skipped.is_empty() {
-                    self.notes.push(format!(
-                        "{} row(s) of {} skipped (see skipped_rows.jsonl)",
-                        skipped.len(),
-                        path.display()
-                    ));
-                }
-                self.rows.extend(
-                    skipped
-                        .into_iter()
-                        .map(|s| json!({"file": path, "line": s.line, "reason": s.reason})),
-                );
-                Ok(ex)
-            }
+        let mut rows = open_examples(path, opts)?;
+        if cfg.on_bad_row == OnBadRow::Skip {
+            rows = rows.skip_bad_rows();
         }
+        let ex = rows.by_ref().collect::<Result<Vec<_>>>()?;
+        if cfg.problem_type != ProblemType::Regression {
+            self.notes.extend(rows.notes());
+        }
+        let skipped = rows.skipped();
+        if !skipped.is_empty() {
+            self.notes.push(format!(
+                "{} row(s) of {} skipped (see skipped_rows.jsonl)",
+                skipped.len(),
+                path.display()
+            ));
+        }
+        self.rows.extend(
+            skipped
+                .iter()
+                .map(|s| json!({"file": path, "line": s.line, "reason": s.reason})),
+        );
+        Ok(ex)
     }
 
     /// Keeps the examples whose targets encode; the others are skipped rows.

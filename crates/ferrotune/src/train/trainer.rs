@@ -839,6 +839,8 @@ impl Run {
                     label_column: cfg.label_column.clone(),
                     threshold: cfg.threshold,
                     label_separator: cfg.label_separator.clone(),
+                    header: cfg.header,
+                    column_names: cfg.column_names.clone(),
                 },
             },
         )
