@@ -62,13 +62,82 @@ pub fn safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     Ok(out)
 }
 
-/// Writes `tensors` to `path` as safetensors. A failed write (a full disk, a denied
+/// One f32 tensor to write, its data borrowed.
+pub struct F32View<'a> {
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// The elements, row-major.
+    pub data: &'a [f32],
+}
+
+impl safetensors::View for F32View<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        // safetensors is little-endian, as are the machines ferrotune builds for.
+        const _: () = assert!(cfg!(target_endian = "little"));
+        // Safety: any f32 bit pattern is 4 valid bytes; the slice outlives the borrow.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(self.data.as_ptr().cast::<u8>(), self.data.len() * 4)
+        })
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// Writes borrowed f32 tensors to `path` as safetensors: no copy of the data is made
+/// (candle's `save` copies each tensor, and a checkpoint's optimizer state had to become
+/// tensors first: ~3x the model's size in passing). A failed write (a full disk, a denied
 /// permission) is an [`Error::Io`] naming `path`, never an input error.
-pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    candle_core::safetensors::save(tensors, path).map_err(|e| match io_error(e) {
-        Ok(io) => Error::io(path, io),
-        Err(e) => Error::Msg(format!("{}: cannot write: {e}", path.display())),
+pub fn write_f32_safetensors(tensors: Vec<(String, F32View<'_>)>, path: &Path) -> Result<()> {
+    safetensors::serialize_to_file(tensors, None, path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
+        e => Error::Msg(format!("{}: cannot write: {e}", path.display())),
     })
+}
+
+/// Writes `tensors` to `path` as safetensors; f32 CPU tensors without a copy (see
+/// [`write_f32_safetensors`]), others through candle. I/O errors as there.
+pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let all_f32 = tensors
+        .values()
+        .all(|t| t.dtype() == candle_core::DType::F32 && t.device().is_cpu());
+    if !all_f32 {
+        return candle_core::safetensors::save(tensors, path).map_err(|e| match io_error(e) {
+            Ok(io) => Error::io(path, io),
+            Err(e) => Error::Msg(format!("{}: cannot write: {e}", path.display())),
+        });
+    }
+    let tensors: Vec<(&String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n, t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let guards: Vec<_> = tensors
+        .iter()
+        .map(|(_, t)| t.storage_and_layout())
+        .collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, t), (storage, layout)) in tensors.iter().zip(&guards) {
+        let candle_core::Storage::Cpu(cpu) = &**storage else {
+            return Err(Error::Msg(
+                "internal: a CPU tensor without CPU storage".into(),
+            ));
+        };
+        let data = crate::kernels::par::f32_data(cpu, layout)?;
+        views.push((
+            name.to_string(),
+            F32View {
+                shape: t.dims().to_vec(),
+                data,
+            },
+        ));
+    }
+    write_f32_safetensors(views, path)
 }
 
 /// The I/O error inside a candle error, if that is what it is.

@@ -299,7 +299,9 @@ impl Sgd {
 }
 
 /// Optimizer state for a checkpoint: tensors by name, and per-parameter step counts.
-pub type OptimizerState = (HashMap<String, Tensor>, Vec<Option<u64>>);
+/// An optimizer's state for a checkpoint: its vectors by name (borrowed) and the
+/// per-parameter step counts.
+pub type OptimizerState<'a> = (Vec<(String, &'a [f32])>, Vec<Option<u64>>);
 
 /// The optimizer of a run.
 pub enum Optimizer {
@@ -324,19 +326,18 @@ impl Optimizer {
         }
     }
 
-    /// The state as tensors (`m.<i>`, `v.<i>` for AdamW, `buf.<i>` for SGD) and the
-    /// per-parameter step counts (`None`: no state yet), for checkpoints.
-    pub fn export_state(&self) -> Result<OptimizerState> {
-        let mut map = HashMap::new();
+    /// The state, borrowed (`m.<i>`, `v.<i>` for AdamW, `buf.<i>` for SGD, each a 1-D
+    /// vector), and the per-parameter step counts (`None`: no state yet), for checkpoints.
+    pub fn export_state(&self) -> OptimizerState<'_> {
+        let mut out = Vec::new();
         let mut steps = Vec::new();
-        let dev = &candle_core::Device::Cpu;
         match self {
             Optimizer::AdamW(o) => {
                 for (i, st) in o.state.iter().enumerate() {
                     steps.push(st.as_ref().map(|s| s.t));
                     if let Some(s) = st {
-                        map.insert(format!("m.{i}"), Tensor::from_slice(&s.m, s.m.len(), dev)?);
-                        map.insert(format!("v.{i}"), Tensor::from_slice(&s.v, s.v.len(), dev)?);
+                        out.push((format!("m.{i}"), s.m.as_slice()));
+                        out.push((format!("v.{i}"), s.v.as_slice()));
                     }
                 }
             }
@@ -344,12 +345,12 @@ impl Optimizer {
                 for (i, b) in o.buf.iter().enumerate() {
                     steps.push(b.as_ref().map(|_| 0));
                     if let Some(b) = b {
-                        map.insert(format!("buf.{i}"), Tensor::from_slice(b, b.len(), dev)?);
+                        out.push((format!("buf.{i}"), b.as_slice()));
                     }
                 }
             }
         }
-        Ok((map, steps))
+        (out, steps)
     }
 
     /// Restores a state written by [`Optimizer::export_state`].

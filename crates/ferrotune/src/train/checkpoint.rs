@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::formats::safetensors::{write_f32_safetensors, write_safetensors, F32View};
 
 /// Evaluation results of one epoch.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -161,8 +162,8 @@ pub struct Snapshot<'a> {
     pub state: &'a RunState,
     /// Current weights, by parameter index.
     pub weights: Vec<Tensor>,
-    /// Optimizer tensors.
-    pub optimizer: HashMap<String, Tensor>,
+    /// Optimizer state vectors, by name (borrowed: written without a copy).
+    pub optimizer: Vec<(String, &'a [f32])>,
     /// Best weights so far.
     pub best: Option<&'a [Tensor]>,
     /// The resolved recipe (TOML).
@@ -216,14 +217,27 @@ fn write_partial(tmp: &Path, snap: &Snapshot, fail_after_files: Option<usize>) -
     };
     let save_st = |name: &str, map: &HashMap<String, Tensor>| -> Result<()> {
         let p = tmp.join(name);
-        crate::formats::safetensors::write_safetensors(map, &p)?;
+        write_safetensors(map, &p)?;
         sync_file(&p)
     };
     save_st("model.safetensors", &indexed(&snap.weights))?;
     files.push("model.safetensors");
     written += 1;
     check_fail(written)?;
-    save_st("optimizer.safetensors", &snap.optimizer)?;
+    let p = tmp.join("optimizer.safetensors");
+    let views = snap
+        .optimizer
+        .iter()
+        .map(|(n, d)| {
+            let view = F32View {
+                shape: vec![d.len()],
+                data: d,
+            };
+            (n.clone(), view)
+        })
+        .collect();
+    write_f32_safetensors(views, &p)?;
+    sync_file(&p)?;
     files.push("optimizer.safetensors");
     written += 1;
     check_fail(written)?;

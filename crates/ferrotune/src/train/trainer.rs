@@ -448,7 +448,7 @@ impl Run {
 
     /// Writes a checkpoint of the current state and returns its directory.
     fn checkpoint(&mut self) -> Result<PathBuf> {
-        let (opt_tensors, opt_steps) = self.optimizer.export_state()?;
+        let (opt_tensors, opt_steps) = self.optimizer.export_state();
         let st = &mut self.st;
         st.rng_word_pos = self.dropout_rng.get_word_pos();
         st.metrics_len = self.log.bytes_written()?;
