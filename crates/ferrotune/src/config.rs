@@ -100,6 +100,25 @@ fn opt_name_or_index<'de, D: serde::Deserializer<'de>>(
     Option::<Column>::deserialize(d).map(|c| c.map(|c| c.0))
 }
 
+/// A list of strings, or one string (`report_to = "none"`).
+fn string_or_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(s)) => Ok(vec![s]),
+        Ok(OneOrMany::Many(v)) => Ok(v),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a string or a list of strings",
+        )),
+    }
+}
+
 /// Every setting of a fine-tuning run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -171,6 +190,12 @@ pub struct TrainConfig {
     pub max_eval_samples: Option<usize>,
     /// Where the run writes its model, metrics and resolved config.
     pub output_dir: PathBuf,
+    /// Where metrics go besides `metrics.jsonl` (transformers' name): `["tensorboard"]`
+    /// (the default; `"all"` is the same) or `"none"`. A string or a list.
+    #[serde(deserialize_with = "string_or_list")]
+    pub report_to: Vec<String>,
+    /// TensorBoard's directory (default `OUTPUT_DIR/runs`).
+    pub logging_dir: Option<PathBuf>,
     /// Sequence representation for the head: `pooler` (BERT's), `cls` or `mean`. Default:
     /// what the model family's transformers head reads (`pooler` for BERT, `cls` for
     /// RoBERTa, MPNet and DistilBERT).
@@ -294,6 +319,8 @@ impl Default for TrainConfig {
             max_train_samples: None,
             max_eval_samples: None,
             output_dir: PathBuf::from("runs/ferrotune"),
+            report_to: vec!["tensorboard".into()],
+            logging_dir: None,
             pooling: None,
             logging_steps: 50,
             metric_for_best_model: None,
@@ -505,6 +532,14 @@ impl TrainConfig {
         }
         if self.train_file.as_os_str().is_empty() {
             return bad("train_file", "is required".into());
+        }
+        for r in &self.report_to {
+            if !["tensorboard", "all", "none"].contains(&r.as_str()) {
+                return bad(
+                    "report_to",
+                    format!("`{r}` is not one of tensorboard, all, none"),
+                );
+            }
         }
         match (&self.validation_file, self.validation_split) {
             (None, None) => {
@@ -762,6 +797,19 @@ impl TrainConfig {
     pub fn loss_kind(&self) -> LossKind {
         self.loss
             .unwrap_or_else(|| self.problem_type.task().default_loss())
+    }
+
+    /// Where TensorBoard event files go, or `None` when `report_to` leaves it out.
+    pub fn tensorboard_dir(&self) -> Option<PathBuf> {
+        let on = self
+            .report_to
+            .iter()
+            .any(|r| r == "tensorboard" || r == "all");
+        on.then(|| {
+            self.logging_dir
+                .clone()
+                .unwrap_or_else(|| self.output_dir.join("runs"))
+        })
     }
 
     /// The resolved recipe as TOML (written to the output directory).

@@ -40,6 +40,8 @@ pub struct ExportSpec<'a> {
     pub problem_type: &'a str,
     /// Settings ferrotune needs to reproduce predictions.
     pub info: ExportInfo,
+    /// The model card, written as `README.md` (see [`crate::card`]).
+    pub card: Option<String>,
 }
 
 /// The `config.json` of the exported model.
@@ -84,6 +86,9 @@ pub fn export_model(dir: &Path, spec: &ExportSpec) -> Result<()> {
     let cfg = serde_json::to_string_pretty(&export_config(spec))
         .map_err(|e| Error::Msg(format!("cannot serialise config.json: {e}")))?;
     write(&tmp.join("config.json"), cfg.as_bytes())?;
+    if let Some(card) = &spec.card {
+        write(&tmp.join("README.md"), card.as_bytes())?;
+    }
 
     let st = tmp.join("model.safetensors");
     crate::formats::safetensors::write_safetensors(&spec.params.named_tensors(), &st)?;

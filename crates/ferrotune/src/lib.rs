@@ -26,6 +26,7 @@
 
 pub mod artifact;
 pub mod bench;
+pub mod card;
 pub mod config;
 pub mod data;
 pub mod error;

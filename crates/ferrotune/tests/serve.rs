@@ -70,6 +70,7 @@ fn tiny_model_of(dir: &Path, family: &'static str, problem_type: &str) -> PathBu
                 header: true,
                 column_names: None,
             },
+            card: None,
         },
     )
     .unwrap();

@@ -16,6 +16,15 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     (model, csv)
 }
 
+/// metrics.jsonl without its wall-clock lines (`throughput`), which no two runs share.
+fn without_timings(metrics: &str) -> String {
+    metrics
+        .lines()
+        .filter(|l| !l.contains("\"split\":\"throughput\""))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 fn recipe(model: &Path, csv: &Path, out: &Path, extra: &str) -> TrainConfig {
     // `extra` holds `key = value` lines that override the base recipe.
     let sets: Vec<String> = extra.lines().map(|l| l.replacen(" = ", "=", 1)).collect();
@@ -128,7 +137,7 @@ fn same_seed_same_threads_gives_identical_results() {
         )
         .unwrap();
         (
-            std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+            without_timings(&std::fs::read_to_string(out.join("metrics.jsonl")).unwrap()),
             std::fs::read(out.join("model/model.safetensors")).unwrap(),
         )
     };
@@ -160,7 +169,7 @@ fn group_by_length_is_repeatable_and_changes_the_batches() {
         let text = format!("num_train_epochs = 1\n{extra}");
         train(&recipe(&model, &csv, &out, &text), &mut Silent).unwrap();
         (
-            std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+            without_timings(&std::fs::read_to_string(out.join("metrics.jsonl")).unwrap()),
             std::fs::read(out.join("model/model.safetensors")).unwrap(),
         )
     };
@@ -389,4 +398,166 @@ fn a_class_folder_reads_its_extensions_and_warns_about_repeats() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("no md files") && e.contains("000.json"), "{e}");
+}
+
+/// A protobuf message's fields as (field number, value): varints and fixed64 as `u64`,
+/// fixed32 as its bits, length-delimited as bytes. Enough to read an Event back without
+/// the writer's code.
+fn proto_fields(mut b: &[u8]) -> Vec<(u32, ProtoValue)> {
+    fn varint(b: &mut &[u8]) -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let byte = b[0];
+            *b = &b[1..];
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte < 0x80 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b);
+        let (field, wire) = ((key >> 3) as u32, key & 7);
+        let v = match wire {
+            0 => ProtoValue::Int(varint(&mut b)),
+            1 => {
+                let v = u64::from_le_bytes(b[..8].try_into().unwrap());
+                b = &b[8..];
+                ProtoValue::Int(v)
+            }
+            2 => {
+                let n = varint(&mut b) as usize;
+                let v = b[..n].to_vec();
+                b = &b[n..];
+                ProtoValue::Bytes(v)
+            }
+            5 => {
+                let v = u32::from_le_bytes(b[..4].try_into().unwrap());
+                b = &b[4..];
+                ProtoValue::Int(v as u64)
+            }
+            w => panic!("wire type {w}"),
+        };
+        out.push((field, v));
+    }
+    out
+}
+
+#[derive(Debug, Clone)]
+enum ProtoValue {
+    Int(u64),
+    Bytes(Vec<u8>),
+}
+
+/// Every metrics.jsonl number is a TensorBoard scalar at its step, with TensorBoard's
+/// framing (CRC32C) and Event layout; `report_to = "none"` writes no event file.
+#[test]
+fn tensorboard_events_mirror_metrics_jsonl() {
+    let t = tempfile::tempdir().unwrap();
+    let (model, csv) = setup(t.path());
+    let out = t.path().join("run");
+    let cfg = recipe(&model, &csv, &out, "num_train_epochs = 2");
+    train(&cfg, &mut Silent).unwrap();
+    let files: Vec<PathBuf> = std::fs::read_dir(out.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let records = ferrotune::formats::tfevents::read_records(&files[0]).unwrap();
+    let mut scalars = std::collections::BTreeMap::new();
+    let mut texts = Vec::new();
+    for r in &records {
+        let fields = proto_fields(r);
+        let step = fields
+            .iter()
+            .find(|(f, _)| *f == 2)
+            .map_or(0, |(_, v)| match v {
+                ProtoValue::Int(s) => *s,
+                _ => panic!(),
+            });
+        for (f, v) in &fields {
+            let (5, ProtoValue::Bytes(summary)) = (*f, v) else {
+                continue;
+            };
+            for (_, value) in proto_fields(summary) {
+                let ProtoValue::Bytes(value) = value else {
+                    panic!()
+                };
+                let vf = proto_fields(&value);
+                let tag = vf.iter().find_map(|(f, v)| match (f, v) {
+                    (1, ProtoValue::Bytes(b)) => Some(String::from_utf8(b.clone()).unwrap()),
+                    _ => None,
+                });
+                let simple = vf.iter().find_map(|(f, v)| match (f, v) {
+                    (2, ProtoValue::Int(bits)) => Some(f32::from_bits(*bits as u32)),
+                    _ => None,
+                });
+                match simple {
+                    Some(x) => {
+                        scalars.insert((tag.unwrap(), step), x);
+                    }
+                    None => texts.push(tag.unwrap()),
+                }
+            }
+        }
+    }
+    assert_eq!(texts, vec!["recipe".to_string()]);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let mut want = std::collections::BTreeMap::new();
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (step, s) = ferrotune::train::log::scalars_of(&v).unwrap();
+        for (tag, x) in s {
+            want.insert((tag, step), x);
+        }
+    }
+    assert_eq!(scalars, want);
+    for tag in [
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "eval/accuracy",
+        "eval/loss",
+        "throughput/examples_per_second",
+        "throughput/tokens_per_second",
+        "train/learning_rate/head",
+    ] {
+        assert!(
+            scalars.keys().any(|(t, _)| t == tag),
+            "{tag} missing: {:?}",
+            scalars.keys().collect::<Vec<_>>()
+        );
+    }
+    // eval/accuracy at the step of each epoch's end, equal to the log's.
+    let evals: Vec<(u64, f32)> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["split"] == "eval")
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["eval_accuracy"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect();
+    for (step, acc) in evals {
+        assert_eq!(scalars[&("eval/accuracy".to_string(), step)], acc);
+    }
+
+    let off = t.path().join("off");
+    let cfg = recipe(
+        &model,
+        &csv,
+        &off,
+        "num_train_epochs = 1\nreport_to = \"none\"",
+    );
+    train(&cfg, &mut Silent).unwrap();
+    assert!(!off.join("runs").exists());
 }

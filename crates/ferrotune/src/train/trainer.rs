@@ -129,6 +129,7 @@ pub const RUN_FILES: &[&str] = &[
     "checkpoints",
     "model",
     "metrics.jsonl",
+    "runs",
     "recipe.resolved.toml",
     "split.json",
     "skipped_rows.jsonl",
@@ -276,6 +277,8 @@ pub struct Run {
     frozen: Vec<bool>,
     /// Gradient buffers, reused from step to step (see [`loss_and_grads_into`]).
     grads: Vec<Option<Vec<f32>>>,
+    /// Examples and tokens trained on since `speed_since`, for the throughput line.
+    speed: (Instant, usize, usize),
 }
 
 impl Run {
@@ -311,10 +314,14 @@ impl Run {
         };
         let rp = out.join("recipe.resolved.toml");
         std::fs::write(&rp, &recipe).map_err(|e| Error::io(&rp, e))?;
-        let log = match &resume {
+        let mut log = match &resume {
             Some(ck) => MetricsLog::resume(out.join("metrics.jsonl"), ck.state.metrics_len)?,
             None => MetricsLog::create(out.join("metrics.jsonl"))?,
         };
+        if let Some(dir) = cfg.tensorboard_dir() {
+            let resumed_at = resume.as_ref().map(|ck| ck.state.step as u64);
+            log = log.with_tensorboard(&dir, resumed_at, &recipe)?;
+        }
         let task = cfg.problem_type.task();
         let batches = train.0.len().div_ceil(cfg.per_device_train_batch_size);
         let steps_per_epoch = batches.div_ceil(cfg.gradient_accumulation_steps);
@@ -352,6 +359,7 @@ impl Run {
             threads: candle_core::utils::get_num_threads(),
             frozen: Vec::new(),
             grads: vec![None; n],
+            speed: (Instant::now(), 0, 0),
             st: RunState::default(),
             train_costs: train.0.iter().map(|f| encoder.cost(f)).collect(),
             best: None,
@@ -499,6 +507,7 @@ impl Run {
         let epochs = self.cfg.num_train_epochs;
         progress.start(&format!("train epoch {epoch}/{epochs}"), n as u64);
         let t0 = Instant::now();
+        self.speed = (t0, 0, 0);
         let batches: Vec<&[usize]> = order.chunks(bs).collect();
         let windows: Vec<&[&[usize]]> = batches.chunks(accum).collect();
         // A resumed run skips the windows its checkpoint had done.
@@ -589,7 +598,21 @@ impl Run {
         }
         self.st.step += 1;
         let step = self.st.step;
+        for batch in window {
+            self.speed.1 += batch.len();
+            self.speed.2 += batch.iter().map(|&i| self.train_costs[i]).sum::<usize>();
+        }
         if step.is_multiple_of(self.cfg.logging_steps) {
+            // Wall-clock rates on a line of their own: the train line stays exactly the
+            // same across an interrupted and resumed run.
+            let secs = self.speed.0.elapsed().as_secs_f64().max(1e-9);
+            self.log.line(json!({
+                "split": "throughput",
+                "step": step,
+                "examples_per_second": self.speed.1 as f64 / secs,
+                "tokens_per_second": self.speed.2 as f64 / secs,
+            }))?;
+            self.speed = (Instant::now(), 0, 0);
             self.log.line(json!({
                 "split": "train",
                 "step": step,
@@ -791,7 +814,7 @@ impl Run {
             ));
         }
         let model_dir = self.out.join("model");
-        self.export(&model_dir)?;
+        self.export(&model_dir, best_epoch)?;
         let st = self.st;
         let summary = json!({
             "best_epoch": best_epoch,
@@ -819,8 +842,9 @@ impl Run {
     }
 
     /// Writes the model as it is now to `dir` (a Hugging Face directory).
-    fn export(&self, dir: &Path) -> Result<()> {
+    fn export(&self, dir: &Path, best_epoch: usize) -> Result<()> {
         let cfg = &self.cfg;
+        let card = self.model_card(best_epoch);
         export_model(
             dir,
             &ExportSpec {
@@ -842,8 +866,76 @@ impl Run {
                     header: cfg.header,
                     column_names: cfg.column_names.clone(),
                 },
+                card: Some(card),
             },
         )
+    }
+
+    /// The exported model's card: the run's settings and per-epoch results.
+    fn model_card(&self, best_epoch: usize) -> String {
+        let cfg = &self.cfg;
+        let base_dir = cfg.model_name_or_path.file_name().map_or_else(
+            || cfg.model_name_or_path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        // A Hub id when the pretrained config names one (`_name_or_path`), else the
+        // directory's name.
+        let base = self
+            .hf
+            .raw
+            .get("_name_or_path")
+            .and_then(|v| v.as_str())
+            .filter(|n| n.contains('/') && !n.starts_with('/') && !n.starts_with('.'))
+            .map_or(base_dir, str::to_string);
+        let name = self.out.file_name().map_or_else(
+            || "ferrotune-model".to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let (best_metric, _) = cfg.best_metric().unwrap_or(("loss", false));
+        let settings = vec![
+            ("learning_rate", format!("{}", cfg.learning_rate)),
+            ("num_train_epochs", cfg.num_train_epochs.to_string()),
+            (
+                "per_device_train_batch_size",
+                cfg.per_device_train_batch_size.to_string(),
+            ),
+            (
+                "gradient_accumulation_steps",
+                cfg.gradient_accumulation_steps.to_string(),
+            ),
+            ("max_seq_length", cfg.max_seq_length.to_string()),
+            (
+                "lr_scheduler_type",
+                format!("{:?}", cfg.lr_scheduler_type).to_lowercase(),
+            ),
+            ("warmup_ratio", cfg.warmup_ratio.to_string()),
+            ("weight_decay", cfg.weight_decay.to_string()),
+            ("optimizer", format!("{:?}", cfg.optimizer).to_lowercase()),
+            ("loss", self.loss.kind.name().to_string()),
+            ("seed", cfg.seed.to_string()),
+            (
+                "pooling",
+                format!("{:?}", self.model.pooling()).to_lowercase(),
+            ),
+        ];
+        crate::card::model_card(&crate::card::CardFacts {
+            name: &name,
+            base_model: &base,
+            model_type: self.family.model_type(),
+            problem_type: self.task.name(),
+            labels: self.labels.labels(),
+            settings,
+            epochs: self
+                .st
+                .epochs
+                .iter()
+                .map(|e| (e.epoch, &e.metrics))
+                .collect(),
+            best_epoch,
+            best_metric,
+            train_examples: self.train.0.len(),
+            eval_examples: self.eval.0.len(),
+        })
     }
 }
 
