@@ -27,7 +27,10 @@ pub struct CardFacts<'a> {
     pub best_epoch: usize,
     /// The metric that chose it.
     pub best_metric: &'a str,
-    /// Examples trained and evaluated on.
+    /// The training data's name (its file or directory name): the `model-index`
+    /// dataset, typed `local` (it is not a Hub dataset).
+    pub dataset: &'a str,
+    /// Examples trained on.
     pub train_examples: usize,
     /// Examples evaluated on.
     pub eval_examples: usize,
@@ -67,6 +70,9 @@ pub fn model_card(f: &CardFacts) -> String {
         let _ = writeln!(s, "  - task:");
         let _ = writeln!(s, "      type: text-classification");
         let _ = writeln!(s, "      name: Text Classification");
+        let _ = writeln!(s, "    dataset:");
+        let _ = writeln!(s, "      type: local");
+        let _ = writeln!(s, "      name: {}", q(f.dataset));
         let _ = writeln!(s, "    metrics:");
         for (k, v) in m.iter().filter(|(_, v)| v.is_finite()) {
             let _ = writeln!(s, "    - type: {}", q(k));
@@ -80,8 +86,8 @@ pub fn model_card(f: &CardFacts) -> String {
     let _ = writeln!(s, "# {}\n", f.name);
     let _ = writeln!(
         s,
-        "`{}` fine-tuned for {} with [ferrotune](https://crates.io/crates/ferrotune) on {} \
-         examples ({} held out for evaluation); {} labels: {}.\n",
+        "`{}` fine-tuned for {} with ferrotune, trained on {} examples and evaluated on {} \
+         held-out ones; {} labels: {}.\n",
         f.base_model,
         f.problem_type.replace('_', " "),
         f.train_examples,
@@ -161,6 +167,7 @@ mod tests {
             epochs: vec![(1, &e1), (2, &e2)],
             best_epoch: 2,
             best_metric: "accuracy",
+            dataset: "reviews.csv",
             train_examples: 100,
             eval_examples: 20,
         });
@@ -171,6 +178,7 @@ mod tests {
         assert!(front.contains("library_name: ferrotune"));
         assert!(front.contains("base_model: \"sentence-transformers/all-MiniLM-L6-v2\""));
         assert!(front.contains("    - type: \"accuracy\"\n      value: 0.95"));
+        assert!(front.contains("    dataset:\n      type: local\n      name: \"reviews.csv\""));
         assert!(
             body.contains("| 2 (exported) | 0.9500 | 0.2000 |"),
             "{body}"

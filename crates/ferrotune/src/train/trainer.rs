@@ -878,15 +878,20 @@ impl Run {
             || cfg.model_name_or_path.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-        // A Hub id when the pretrained config names one (`_name_or_path`), else the
-        // directory's name.
+        // The Hub id when the pretrained config's `_name_or_path` is `<owner>/<this
+        // directory's name>` (a saved config often names the model it came from instead,
+        // e.g. all-MiniLM-L6-v2's names nreimers/MiniLM-L6-H384-uncased), else the name.
         let base = self
             .hf
             .raw
             .get("_name_or_path")
             .and_then(|v| v.as_str())
-            .filter(|n| n.contains('/') && !n.starts_with('/') && !n.starts_with('.'))
-            .map_or(base_dir, str::to_string);
+            .filter(|n| {
+                n.rsplit_once('/').is_some_and(|(owner, tail)| {
+                    tail == base_dir && !owner.is_empty() && !owner.contains(['.', '/'])
+                })
+            })
+            .map_or(base_dir.clone(), str::to_string);
         let name = self.out.file_name().map_or_else(
             || "ferrotune-model".to_string(),
             |n| n.to_string_lossy().into_owned(),
@@ -933,6 +938,10 @@ impl Run {
                 .collect(),
             best_epoch,
             best_metric,
+            dataset: &cfg
+                .train_file
+                .file_name()
+                .map_or_else(|| "data".to_string(), |n| n.to_string_lossy().into_owned()),
             train_examples: self.train.0.len(),
             eval_examples: self.eval.0.len(),
         })
