@@ -200,15 +200,23 @@ enum Cmd {
     },
 }
 
-/// Progress bars on a terminal (hidden otherwise), messages on standard output.
+/// Progress bars on a terminal; otherwise (CI logs, files) a plain line on standard
+/// error every 30 seconds of a phase. Messages on standard output.
 struct Bars {
     bar: Option<ProgressBar>,
     show: bool,
+    /// Without a terminal: the phase's name, total, count, start and last line's time.
+    plain: Option<(String, u64, u64, std::time::Instant, std::time::Instant)>,
 }
+
+/// How often a phase's plain progress line is printed without a terminal.
+const PLAIN_EVERY: Duration = Duration::from_secs(30);
 
 impl Progress for Bars {
     fn start(&mut self, name: &str, total: u64) {
         if !self.show {
+            let now = std::time::Instant::now();
+            self.plain = Some((name.to_string(), total, 0, now, now));
             return;
         }
         let bar = ProgressBar::new(total);
@@ -224,11 +232,21 @@ impl Progress for Bars {
         if let Some(b) = &self.bar {
             b.inc(n);
         }
+        if let Some((name, total, done, started, last)) = &mut self.plain {
+            *done += n;
+            if last.elapsed() >= PLAIN_EVERY {
+                *last = std::time::Instant::now();
+                let rate = *done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                let eta = total.saturating_sub(*done) as f64 / rate.max(1e-9);
+                eprintln!("{name}: {done}/{total} examples, {rate:.1} examples/s, eta {eta:.0} s");
+            }
+        }
     }
     fn finish(&mut self) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
+        self.plain = None;
     }
     fn message(&mut self, msg: &str) {
         if STDOUT_CLOSED.load(Ordering::SeqCst) {
@@ -285,6 +303,7 @@ fn bars() -> Bars {
     Bars {
         bar: None,
         show: std::io::stderr().is_terminal(),
+        plain: None,
     }
 }
 
