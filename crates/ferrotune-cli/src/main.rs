@@ -788,11 +788,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<Interrupted>().is_some() => ExitCode::from(130),
         Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::from(141),
-        Err(e) if e.downcast_ref::<Reported>().is_some() => match e.downcast_ref::<Reported>() {
-            Some(Reported(true)) => ExitCode::from(2),
-            _ => ExitCode::from(1),
-        },
         Err(e) => {
+            if let Some(Reported(bad_input)) = e.downcast_ref::<Reported>() {
+                return ExitCode::from(if *bad_input { 2 } else { 1 });
+            }
             eprintln!("error: {e}");
             // 2: the user's input (recipe, data, model files) is at fault; 1: anything
             // else (a full disk, a denied permission, a bug).

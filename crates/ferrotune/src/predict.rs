@@ -215,9 +215,6 @@ impl Predictor {
         mut progress: impl FnMut(usize),
         stop: impl Fn() -> bool,
     ) -> Result<(Evaluation, StreamEnd)> {
-        let task = self.task();
-        let map = LabelMap::from_labels(self.labels.clone());
-        let sep = self.info.label_separator.as_deref();
         let path = rows.path().to_path_buf();
         let mut logits = Vec::new();
         let mut targets: Option<TargetData> = None;
@@ -231,7 +228,7 @@ impl Predictor {
             if chunk.is_empty() {
                 break;
             }
-            let t = task.encode_targets(&map, &chunk, &path, label_column, sep)?;
+            let t = self.targets(&chunk, &path, label_column)?;
             match &mut targets {
                 Some(all) => all.extend(t)?,
                 None => targets = Some(t),
@@ -240,11 +237,7 @@ impl Predictor {
             progress(chunk.len());
         }
         let targets = targets.ok_or_else(|| Error::file(&path, "no examples evaluated"))?;
-        let loss = LossConfig {
-            kind: task.default_loss(),
-            ..Default::default()
-        };
-        let eval = task.evaluate(&logits, &targets, &loss, self.info.threshold)?;
+        let eval = self.score(&logits, &targets)?;
         Ok((
             eval,
             StreamEnd {
@@ -338,16 +331,28 @@ impl Predictor {
         path: &Path,
         label_column: &str,
     ) -> Result<Evaluation> {
-        let task = self.task();
+        let targets = self.targets(examples, path, label_column)?;
+        let logits = self.predict_logits(examples, |_| {})?;
+        self.score(&logits, &targets)
+    }
+
+    /// The targets of labelled `examples` read from `path` (labels must be among the
+    /// model's).
+    fn targets(&self, examples: &[Example], path: &Path, label_column: &str) -> Result<TargetData> {
         let map = LabelMap::from_labels(self.labels.clone());
         let sep = self.info.label_separator.as_deref();
-        let targets = task.encode_targets(&map, examples, path, label_column, sep)?;
-        let logits = self.predict_logits(examples, |_| {})?;
+        self.task()
+            .encode_targets(&map, examples, path, label_column, sep)
+    }
+
+    /// The metrics of `logits` against `targets`, under the task's default loss.
+    fn score(&self, logits: &[Vec<f32>], targets: &TargetData) -> Result<Evaluation> {
+        let task = self.task();
         let loss = LossConfig {
             kind: task.default_loss(),
             ..Default::default()
         };
-        task.evaluate(&logits, &targets, &loss, self.info.threshold)
+        task.evaluate(logits, targets, &loss, self.info.threshold)
     }
 }
 
