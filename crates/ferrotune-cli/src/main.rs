@@ -182,6 +182,16 @@ enum Cmd {
         #[arg(long)]
         max_length: Option<usize>,
     },
+    /// Write a run's report: one self-contained HTML page (curves, metrics per epoch,
+    /// confusion matrix, per-class report, worst held-out examples, settings and timings)
+    /// and the plots as PNG files in plots/ beside it. `train` writes it at its end.
+    Report {
+        /// The run directory (a recipe's output_dir).
+        run_dir: PathBuf,
+        /// The HTML file to write (default RUN_DIR/report.html).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Describe a model directory.
     Inspect {
         /// The model directory.
@@ -382,9 +392,15 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 r => {
                     r?;
+                    // The run is done; a report that cannot be written is worth a warning,
+                    // not a failed run (`ferrotune report` writes it again).
+                    if let Err(e) = write_report(&cfg.output_dir, None) {
+                        eprintln!("warning: the run's report was not written: {e}");
+                    }
                 }
             }
         }
+        Cmd::Report { run_dir, output } => write_report(&run_dir, output.as_deref())?,
         Cmd::Eval {
             model,
             input,
@@ -636,6 +652,23 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             print_out(format!("{n} tensors written to {}", output.display()))?;
         }
     }
+    Ok(())
+}
+
+/// Writes a run's report and says where, with anything that could not be read.
+fn write_report(dir: &std::path::Path, output: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let w = ferrotune::report::write_report(dir, output)?;
+    for n in &w.notes {
+        eprintln!("note: {n}");
+    }
+    eprintln!(
+        "report written to {}{}",
+        w.html.display(),
+        match w.pngs.first().and_then(|p| p.parent()) {
+            Some(d) => format!(" ({} plots as PNG in {})", w.pngs.len(), d.display()),
+            None => String::new(),
+        }
+    );
     Ok(())
 }
 

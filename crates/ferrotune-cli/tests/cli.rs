@@ -663,3 +663,74 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn train_writes_a_report_and_report_says_what_it_cannot_read() {
+    let t = tempfile::tempdir().unwrap();
+    // A line per step: the tiny run takes 6 steps, fewer than the default logging_steps.
+    trained(t.path(), "logging_steps = 1\n");
+    let run = t.path().join("out");
+    // The run's own report, written at the end of `train`.
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    for needle in [
+        "id=\"loss\"",
+        "id=\"learning_rate\"",
+        "id=\"eval_metrics\"",
+        "id=\"confusion_matrix\"",
+        "Held-out examples with the highest loss",
+        "Per class",
+    ] {
+        assert!(html.contains(needle), "`{needle}` not in the report");
+    }
+    // Self-contained: no script, no address but the SVG namespace.
+    assert!(!html.contains("<script"));
+    assert_eq!(
+        html.matches("http").count(),
+        html.matches("http://www.w3.org/2000/svg").count()
+    );
+    for png in ["loss", "learning_rate", "eval_metrics", "confusion_matrix"] {
+        let b = std::fs::read(run.join("plots").join(format!("{png}.png"))).unwrap();
+        assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{png}.png");
+    }
+    let preds = std::fs::read_to_string(run.join("eval_predictions.jsonl")).unwrap();
+    let lines = jsonl(&preds);
+    assert_eq!(lines.len(), 16, "a quarter of 64 rows is held out");
+    assert!(lines.iter().all(|l| l["loss"].as_f64().unwrap() >= 0.0));
+
+    // Elsewhere, with --output.
+    let other = t.path().join("elsewhere/r.html");
+    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+    let (code, _, stderr) = ferrotune(&[
+        "report",
+        run.to_str().unwrap(),
+        "--output",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(other.is_file() && t.path().join("elsewhere/plots/loss.png").is_file());
+
+    // A cut last line of metrics.jsonl: a partial report that says so.
+    let metrics = run.join("metrics.jsonl");
+    let full = std::fs::read_to_string(&metrics).unwrap();
+    let cut = &full[..full.len() - 20];
+    std::fs::write(&metrics, cut).unwrap();
+    let n = cut.lines().count();
+    let (code, _, stderr) = ferrotune(&["report", run.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!("metrics.jsonl line {n} is cut short")),
+        "{stderr}"
+    );
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(html.contains("This report is partial"));
+
+    // Not a run; an empty run; no such directory: one-line errors, exit 2.
+    let (code, _, stderr) = ferrotune(&["report", run.join("model").to_str().unwrap()]);
+    assert_clean_error(code, &stderr, &["not a ferrotune run", "metrics.jsonl"]);
+    assert_eq!(code, 2);
+    std::fs::write(&metrics, "").unwrap();
+    let (code, _, stderr) = ferrotune(&["report", run.to_str().unwrap()]);
+    assert_clean_error(code, &stderr, &["metrics.jsonl", "holds no metrics yet"]);
+    let (code, _, stderr) = ferrotune(&["report", t.path().join("nope").to_str().unwrap()]);
+    assert_clean_error(code, &stderr, &["nope", "no such directory"]);
+}

@@ -21,7 +21,8 @@
 //!     its exported directory ([`artifact`]).
 //! 11. [`export`] — the Hugging Face directory written at the end of a run.
 //! 12. `serve` (cargo feature `serve`) — the HTTP inference server over [`predict`].
-//! 13. [`formats`] — safetensors and PyTorch pickle files, read as data only.
+//! 13. [`report`] — the HTML report and PNG plots of a run directory (files only).
+//! 14. [`formats`] — safetensors and PyTorch pickle files, read as data only.
 #![warn(missing_docs)]
 
 pub mod artifact;
@@ -40,6 +41,7 @@ pub mod loss;
 pub mod nn;
 pub mod optim;
 pub mod predict;
+pub mod report;
 #[cfg(feature = "serve")]
 pub mod serve;
 pub mod tasks;

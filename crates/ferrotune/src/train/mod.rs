@@ -1,10 +1,12 @@
 //! Training: everything before the first step ([`prepare`]), the loop ([`trainer`]), one
 //! step's arithmetic ([`step`]), per-group learning rates and freezing ([`groups`]),
-//! checkpoints ([`checkpoint`]) and what a run reports ([`log`]). Losses are in
+//! checkpoints ([`checkpoint`]), what a run reports ([`log`]) and the held-out predictions it
+//! leaves ([`held_out`]). Losses are in
 //! [`crate::loss`], the optimizers and schedules in [`crate::optim`].
 
 pub mod checkpoint;
 pub mod groups;
+pub mod held_out;
 pub mod log;
 pub mod prepare;
 pub mod step;

@@ -18,6 +18,7 @@ use crate::families::{self, Family, HeadSpec, HfConfig, Model};
 use crate::loss::LossConfig;
 use crate::nn::ParamStore;
 use crate::tasks::TargetData;
+use crate::train::held_out::HeldOut;
 
 /// Everything loaded and prepared before the first step.
 pub struct Prepared {
@@ -41,6 +42,8 @@ pub struct Prepared {
     pub train_ids: Vec<String>,
     /// Encoded evaluation examples and their targets.
     pub eval: (Vec<Features>, TargetData),
+    /// What `eval_predictions.jsonl` shows of each evaluation example.
+    pub eval_rows: Vec<HeldOut>,
     /// The loss.
     pub loss: LossConfig,
     /// Notes for the user (new head, ...).
@@ -409,6 +412,7 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
         train: (train_f, train_y),
         train_ids: train.iter().map(|e| e.id.clone()).collect(),
         eval: (eval_f, eval_y),
+        eval_rows: eval.iter().map(HeldOut::of).collect(),
         loss,
         notes,
     })

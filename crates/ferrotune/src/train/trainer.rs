@@ -25,6 +25,7 @@ use crate::data::InputEncoder;
 use crate::error::{Error, Result};
 use crate::export::{export_model, ExportSpec};
 use crate::families::{Family, HfConfig, Model};
+use crate::formats::write_whole;
 use crate::infer::infer_logits;
 use crate::loss::LossConfig;
 use crate::nn::{Ctx, ParamStore};
@@ -33,6 +34,7 @@ use crate::optim::{clip_factor, grad_norm, AdamW, AdamWConfig, Optimizer, Sgd};
 use crate::tasks::{Evaluation, TargetData, Task};
 use crate::train::checkpoint::{self, Checkpoint, EpochMetrics, RunState, Snapshot};
 use crate::train::groups::{frozen_groups, group_learning_rates, log_groups};
+use crate::train::held_out::{predictions_jsonl, HeldOut};
 use crate::train::log::{MetricsLog, Progress, Silent};
 use crate::train::prepare::{prepare, Prepared};
 use crate::train::step::{add_penalties, loss_and_grads_into};
@@ -134,7 +136,10 @@ pub const RUN_FILES: &[&str] = &[
     "split.json",
     "skipped_rows.jsonl",
     "confusion_matrix.csv",
+    "eval_predictions.jsonl",
     "train_summary.json",
+    "report.html",
+    "plots",
 ];
 
 /// Checks that a new run may write into `dir`: it does not exist, is empty, holds only
@@ -241,9 +246,9 @@ pub fn run(
     run.finish(progress)
 }
 
-/// The best epoch so far: its score, number, weights, and evaluation (`None` after a
-/// resume, recomputed at the end).
-type Best = (f64, usize, Vec<Tensor>, Option<Evaluation>);
+/// The best epoch so far: its score, number, weights, and evaluation with its logits
+/// (`None` after a resume, recomputed at the end).
+type Best = (f64, usize, Vec<Tensor>, Option<(Evaluation, Vec<Vec<f32>>)>);
 
 /// A run in progress: the prepared model and data, and everything the loop changes.
 pub struct Run {
@@ -260,6 +265,7 @@ pub struct Run {
     train_costs: Vec<usize>,
     train_ids: Vec<String>,
     eval: (Vec<Features>, TargetData),
+    eval_rows: Vec<HeldOut>,
     loss: LossConfig,
     device: Device,
     out: PathBuf,
@@ -302,6 +308,7 @@ impl Run {
             train,
             train_ids,
             eval,
+            eval_rows,
             loss,
             notes,
             ..
@@ -374,6 +381,7 @@ impl Run {
             train,
             train_ids,
             eval,
+            eval_rows,
             loss,
             device: device.clone(),
             out,
@@ -713,18 +721,20 @@ impl Run {
         Ok(())
     }
 
-    fn evaluate(&self, progress: &mut dyn Progress) -> Result<Evaluation> {
-        evaluate(
+    /// The evaluation of the model as it is now, and its logits.
+    fn evaluate(&self, progress: &mut dyn Progress) -> Result<(Evaluation, Vec<Vec<f32>>)> {
+        let logits = infer_logits(
             self.model.as_ref(),
             self.encoder.as_ref(),
-            (&self.eval.0, &self.eval.1),
-            self.task,
-            &self.loss,
-            self.cfg.threshold,
+            &self.eval.0,
             self.cfg.per_device_eval_batch_size,
             &self.device,
-            progress,
-        )
+            |n| progress.advance(n as u64),
+        )?;
+        let ev = self
+            .task
+            .evaluate(&logits, &self.eval.1, &self.loss, self.cfg.threshold)?;
+        Ok((ev, logits))
     }
 
     /// The evaluation after an epoch: logged and printed; the best epoch's weights kept;
@@ -732,7 +742,7 @@ impl Run {
     pub fn evaluate_epoch(&mut self, epoch: usize, progress: &mut dyn Progress) -> Result<()> {
         let step = self.st.step;
         progress.start(&format!("eval epoch {epoch}"), self.eval.0.len() as u64);
-        let ev = self.evaluate(progress)?;
+        let (ev, logits) = self.evaluate(progress)?;
         progress.finish();
         let mut line = serde_json::Map::new();
         line.insert("epoch".into(), json!(epoch));
@@ -762,7 +772,7 @@ impl Run {
         };
         self.st.epochs.push(m);
         if better {
-            self.best = Some((score, epoch, self.params.snapshot()?, Some(ev)));
+            self.best = Some((score, epoch, self.params.snapshot()?, Some((ev, logits))));
             self.st.since_best = 0;
         } else {
             self.st.since_best += 1;
@@ -792,7 +802,7 @@ impl Run {
             .ok_or_else(|| Error::Msg("no epoch ran".into()))?;
         self.params.restore(&snap)?;
         // After a resume the best epoch's evaluation is recomputed from its weights.
-        let best_eval = match best_eval {
+        let (best_eval, logits) = match best_eval {
             Some(ev) => ev,
             None => self.evaluate(&mut Silent)?,
         };
@@ -802,7 +812,7 @@ impl Run {
         if let Some(r) = &best_eval.report {
             let names = self.labels.labels();
             let p = self.out.join("confusion_matrix.csv");
-            std::fs::write(&p, r.confusion_csv(names)).map_err(|e| Error::io(&p, e))?;
+            write_whole(&p, r.confusion_csv(names).as_bytes())?;
             progress.message(&format!(
                 "best epoch {best_epoch}, per class:\n{}",
                 r.per_class_table(names)
@@ -813,6 +823,16 @@ impl Run {
                 r.confusion_csv(names).trim_end()
             ));
         }
+        let bytes = predictions_jsonl(
+            self.task,
+            self.labels.labels(),
+            self.cfg.threshold,
+            &self.loss,
+            &self.eval_rows,
+            &logits,
+            &self.eval.1,
+        )?;
+        write_whole(&self.out.join("eval_predictions.jsonl"), &bytes)?;
         let model_dir = self.out.join("model");
         self.export(&model_dir, best_epoch)?;
         let st = self.st;
@@ -826,7 +846,7 @@ impl Run {
             "threads": self.threads,
         });
         let sp = self.out.join("train_summary.json");
-        std::fs::write(&sp, summary.to_string()).map_err(|e| Error::io(&sp, e))?;
+        write_whole(&sp, summary.to_string().as_bytes())?;
         progress.message(&format!(
             "best epoch {best_epoch} (eval_{best_name} {best_score:.4}); model written to {}",
             model_dir.display()
