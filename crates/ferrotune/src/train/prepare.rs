@@ -19,6 +19,7 @@ use crate::loss::LossConfig;
 use crate::nn::ParamStore;
 use crate::tasks::TargetData;
 use crate::train::held_out::HeldOut;
+use crate::train::log::Progress;
 
 /// Everything loaded and prepared before the first step.
 pub struct Prepared {
@@ -48,6 +49,27 @@ pub struct Prepared {
     pub loss: LossConfig,
     /// Notes for the user (new head, ...).
     pub notes: Vec<String>,
+}
+
+/// Examples tokenized per progress update.
+const ENCODE_CHUNK: usize = 512;
+
+/// `examples` encoded a chunk at a time, with progress (examples/s and ETA on a long set).
+/// The tokenizer pads nothing, so chunks encode exactly as the whole set would.
+fn encode(
+    encoder: &TextEncoder,
+    examples: &[Example],
+    name: &str,
+    progress: &mut dyn Progress,
+) -> Result<Vec<Features>> {
+    progress.start(name, examples.len() as u64);
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(ENCODE_CHUNK) {
+        out.extend(encoder.encode(chunk)?);
+        progress.advance(chunk.len() as u64);
+    }
+    progress.finish();
+    Ok(out)
 }
 
 fn reader_options(cfg: &TrainConfig) -> ReaderOptions {
@@ -259,7 +281,11 @@ pub fn loss_config(cfg: &TrainConfig, labels: &LabelMap, train: &TargetData) -> 
 
 /// Reads the data and the model, encodes: everything up to the first training step.
 /// Data errors come before the model is loaded.
-pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
+pub fn prepare(
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &mut dyn Progress,
+) -> Result<Prepared> {
     ensure_writable(&cfg.output_dir)?;
     let opts = reader_options(cfg);
     let task = cfg.problem_type.task();
@@ -395,8 +421,8 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<Prepared> {
             labels.len()
         ));
     }
-    let train_f = encoder.encode(&train)?;
-    let eval_f = encoder.encode(&eval)?;
+    let train_f = encode(&encoder, &train, "tokenize train", progress)?;
+    let eval_f = encode(&encoder, &eval, "tokenize eval", progress)?;
     if let Some(text) = split {
         let p = cfg.output_dir.join("split.json");
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;

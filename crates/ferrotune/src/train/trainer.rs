@@ -115,7 +115,7 @@ pub fn train_with(
         }
         None => claim_output_dir(&cfg.output_dir, control.overwrite_output_dir)?,
     }
-    let prep = prepare(cfg, &device)?;
+    let prep = prepare(cfg, &device, progress)?;
     for n in &prep.notes {
         if n.starts_with("warning:") {
             progress.message(n);
