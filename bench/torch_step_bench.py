@@ -3,7 +3,7 @@ clipping, AdamW) or one inference pass of a randomly initialised transformers
 *ForSequenceClassification of the same family and shape, timed the same way (median over
 N steps after 2 warm-up steps). Prints one JSON line like ferrotune's.
 Usage: python torch_step_bench.py train|infer --preset PRESET --batch B --seq S
-       --steps N --threads T [--precision f32|bf16]
+       --steps N --threads T [--precision f32|bf16|int8]
 PRESET: minilm-l6, bert-base (BERT), roberta-base, distilbert-base, mpnet-base.
 """
 import argparse
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "int8"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -50,6 +50,10 @@ def main():
         model = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="sdpa")
     except (ValueError, NotImplementedError):
         model = AutoModelForSequenceClassification.from_config(cfg)
+    if a.precision == "int8":  # PyTorch's dynamic quantization of the linear layers
+        assert a.mode == "infer", "int8 is for inference"
+        model.eval()
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     ids = torch.randint(1000, 30000, (a.batch, a.seq))
     mask = torch.ones_like(ids)
     labels = torch.tensor([k % 2 for k in range(a.batch)])

@@ -27,6 +27,15 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `--precision`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Precision {
+    /// 32-bit floats throughout.
+    F32,
+    /// int8 linear layers (dynamic quantization).
+    Int8,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Fine-tune a model as a recipe describes.
@@ -67,6 +76,10 @@ enum Cmd {
         /// (`--text-column 1`).
         #[arg(long)]
         no_header: bool,
+        /// Number format of the linear layers: f32, or int8 (weights quantized per output
+        /// channel when loaded, activations per row; embeddings, norms, softmax stay f32).
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        precision: Precision,
     },
     /// Predict labels for a file of texts.
     Predict {
@@ -89,6 +102,10 @@ enum Cmd {
         /// Inputs read, batched by length and written at a time (memory holds one chunk).
         #[arg(long, default_value_t = ferrotune::predict::STREAM_CHUNK)]
         chunk_size: usize,
+        /// Number format of the linear layers: f32, or int8 (weights quantized per output
+        /// channel when loaded, activations per row; embeddings, norms, softmax stay f32).
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        precision: Precision,
     },
     /// Serve a model over HTTP: POST /predict (TEI's request shape), GET /health, /info,
     /// /metrics, /openapi.json. SIGTERM or Ctrl-C drains requests in flight, then exits.
@@ -407,8 +424,10 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             text_column,
             label_column,
             no_header,
+            precision,
         } => {
-            let p = Predictor::load(&model)?;
+            let mut p = Predictor::load(&model)?;
+            p.int8 = precision == Precision::Int8;
             let mut opts = p.reader_options(true);
             if let Some(c) = text_column {
                 opts.text_column = c;
@@ -454,9 +473,11 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             text_column,
             no_header,
             chunk_size,
+            precision,
         } => {
             let mut p = Predictor::load(&model)?;
             p.stream_chunk = chunk_size.max(1);
+            p.int8 = precision == Precision::Int8;
             let mut opts = p.reader_options(false);
             if let Some(c) = text_column {
                 opts.text_column = c;

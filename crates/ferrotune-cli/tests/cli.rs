@@ -734,3 +734,59 @@ fn train_writes_a_report_and_report_says_what_it_cannot_read() {
     let (code, _, stderr) = ferrotune(&["report", t.path().join("nope").to_str().unwrap()]);
     assert_clean_error(code, &stderr, &["nope", "no such directory"]);
 }
+
+#[test]
+fn int8_predict_and_eval_track_f32() {
+    let t = tempfile::tempdir().unwrap();
+    let model = trained(t.path(), "");
+    let m = model.to_str().unwrap();
+    let input = t.path().join("train.csv");
+    let run = |precision: &str| {
+        let (code, stdout, stderr) = ferrotune(&[
+            "predict",
+            "--model",
+            m,
+            "--input",
+            input.to_str().unwrap(),
+            "--precision",
+            precision,
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        jsonl(&stdout)
+    };
+    let (f, q) = (run("f32"), run("int8"));
+    assert_eq!(f.len(), 64);
+    let mut worst = 0f64;
+    for (a, b) in f.iter().zip(&q) {
+        for label in ["neg", "pos"] {
+            let d =
+                (a["scores"][label].as_f64().unwrap() - b["scores"][label].as_f64().unwrap()).abs();
+            worst = worst.max(d);
+        }
+    }
+    assert!(worst > 0.0, "int8 did not run");
+    assert!(worst < 0.05, "int8 probabilities off by {worst}");
+    let (code, stdout, stderr) = ferrotune(&[
+        "eval",
+        "--model",
+        m,
+        "--input",
+        input.to_str().unwrap(),
+        "--precision",
+        "int8",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("\"eval_accuracy\""), "{stdout}");
+    // An unknown precision: clap's one error, exit 2.
+    let (code, _, stderr) = ferrotune(&[
+        "predict",
+        "--model",
+        m,
+        "--input",
+        "x",
+        "--precision",
+        "fp8",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("invalid value 'fp8'"), "{stderr}");
+}

@@ -74,7 +74,7 @@ pub struct BenchSpec {
     pub seq: usize,
     /// Timed steps (after 2 warm-up steps).
     pub steps: usize,
-    /// `f32` (`bf16` is not implemented yet).
+    /// `f32`, or `int8` for inference (`bf16` is not implemented yet).
     pub precision: String,
 }
 
@@ -121,12 +121,20 @@ pub fn peak_rss_mb() -> f64 {
 
 /// Runs the benchmark, calling `on_step(i, ms)` after each step (warm-up included).
 pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<BenchResult> {
-    if spec.precision != "f32" {
-        return Err(Error::Config(format!(
-            "precision `{}` is not implemented (only f32): bf16 needs a bf16 GEMM kernel, not written yet (see docs/RESULTS.md, issue 4)",
-            spec.precision
-        )));
-    }
+    let int8 = match (spec.precision.as_str(), spec.train) {
+        ("f32", _) => false,
+        ("int8", false) => true,
+        ("int8", true) => {
+            return Err(Error::Config(
+                "precision `int8` is for inference only (`bench infer`)".into(),
+            ))
+        }
+        (p, _) => {
+            return Err(Error::Config(format!(
+                "precision `{p}` is not implemented (f32, or int8 for inference): bf16 needs a bf16 GEMM kernel, not written yet (issue 17)"
+            )))
+        }
+    };
     if spec.batch == 0 || spec.seq < 2 || spec.steps == 0 || spec.seq > 512 {
         return Err(Error::Config(
             "bench: batch >= 1, 2 <= seq <= 512 and steps >= 1 are required".into(),
@@ -173,6 +181,7 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
                 train: true,
                 frozen: &frozen,
                 rng: Some(&mut rng),
+                int8: false,
             };
             // As the trainer: gradient buffers kept from step to step.
             loss_and_grads_into(
@@ -189,7 +198,8 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
             let clip = clip_factor(grad_norm(&grads), 1.0);
             opt.step(&params, &grads, clip, &lrs)?;
         } else {
-            let logits = model.forward(&mut Ctx::eval(), &batch)?;
+            let mut ctx = if int8 { Ctx::eval_int8() } else { Ctx::eval() };
+            let logits = model.forward(&mut ctx, &batch)?;
             logits.to_vec2::<f32>()?;
         }
         let ms = t0.elapsed().as_secs_f64() * 1000.0;

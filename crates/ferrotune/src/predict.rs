@@ -53,6 +53,9 @@ pub struct Predictor {
     pub batch_size: usize,
     /// Examples per chunk of the streaming methods (default [`STREAM_CHUNK`]).
     pub stream_chunk: usize,
+    /// Linear layers in int8 (weights quantized per output channel at first use,
+    /// activations per row; [`crate::kernels::int8`]). Default off: f32.
+    pub int8: bool,
     device: Device,
 }
 
@@ -144,6 +147,7 @@ impl Predictor {
             dir: dir.to_path_buf(),
             batch_size: 32,
             stream_chunk: STREAM_CHUNK,
+            int8: false,
             device,
         })
     }
@@ -282,6 +286,7 @@ impl Predictor {
             feats,
             self.batch_size,
             &self.device,
+            self.int8,
             on_batch,
         )
     }

@@ -82,6 +82,7 @@ fn train_ctx<'a>(frozen: &'a [bool], rng: &'a mut ChaCha8Rng) -> Ctx<'a> {
         train: true,
         frozen,
         rng: Some(rng),
+        int8: false,
     }
 }
 
@@ -401,6 +402,7 @@ fn dropout_is_seeded_and_only_in_training() {
                 train: true,
                 frozen: &[],
                 rng: Some(&mut rng),
+                int8: false,
             };
             m.forward(&mut ctx, &x).unwrap().to_vec2::<f32>().unwrap()
         };
@@ -563,5 +565,47 @@ fn layer_groups_follow_the_module_tree() {
                 p.name
             );
         }
+    }
+}
+
+/// Int8 inference tracks f32 for every family: logits within a few percent of their
+/// spread, the hidden states too, and the same on a second call (weights quantized once).
+#[test]
+fn int8_inference_tracks_f32() {
+    for family in model_types() {
+        let (_t, dir) = tiny(family);
+        let l = load(&dir, None).unwrap();
+        let x = batch(&dir);
+        let f32_logits = l.model.forward(&mut Ctx::eval(), &x).unwrap();
+        let i8_logits = l.model.forward(&mut Ctx::eval_int8(), &x).unwrap();
+        let again = l.model.forward(&mut Ctx::eval_int8(), &x).unwrap();
+        assert_eq!(
+            max_abs_diff(&i8_logits, &again),
+            0.0,
+            "{family}: not repeatable"
+        );
+        let spread = f32_logits
+            .abs()
+            .unwrap()
+            .max_keepdim(1)
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()[0][0];
+        let d = max_abs_diff(&f32_logits, &i8_logits);
+        assert!(d > 0.0, "{family}: int8 did not run");
+        assert!(
+            d <= 0.05 * spread.max(1e-3),
+            "{family}: int8 logits off by {d} (spread {spread})"
+        );
+        // Training ignores the flag.
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut ctx = train_ctx(&[], &mut rng);
+        ctx.int8 = true;
+        let mut rng2 = ChaCha8Rng::seed_from_u64(1);
+        let a = l.model.forward(&mut ctx, &x).unwrap();
+        let b = l.model.forward(&mut train_ctx(&[], &mut rng2), &x).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{family}: int8 changed training");
     }
 }

@@ -8,6 +8,7 @@
 //! - [`linear`]: `x Wᵀ + b` (and with GELU) in one GEMM.
 //! - [`attention`]: multi-head self-attention over a fused QKV projection.
 //! - [`embedding`]: the embedding lookup whose table gradient goes to the sink.
+//! - [`int8`]: int8 weights and the integer GEMM of int8 inference (`par` only).
 //!
 //! Imports point one way: `par`, `gemm`, `simd` ← `grad_sink` ← `fused`, `linear`,
 //! `embedding` ← `attention` (which takes dropout masks from `fused`).
@@ -17,6 +18,7 @@ pub mod embedding;
 pub mod fused;
 pub mod gemm;
 pub mod grad_sink;
+pub mod int8;
 pub mod linear;
 pub mod par;
 pub mod simd;

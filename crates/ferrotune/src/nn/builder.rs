@@ -216,17 +216,17 @@ impl<'a> Builder<'a> {
 
     /// A backbone linear layer `{name}.weight` `(out, inp)` and `{name}.bias`.
     pub fn linear(&mut self, name: &str, out: usize, inp: usize, group: usize) -> Result<Linear> {
-        Ok(Linear {
-            w: self.need(
+        Ok(Linear::new(
+            self.need(
                 &format!("{name}.weight"),
                 &[out, inp],
                 group,
                 Init::Normal,
                 false,
             )?,
-            b: self.need(&format!("{name}.bias"), &[out], group, Init::Zeros, true)?,
+            self.need(&format!("{name}.bias"), &[out], group, Init::Zeros, true)?,
             group,
-        })
+        ))
     }
 
     /// A backbone layer norm `{name}.weight` and `{name}.bias` of width `n`.
@@ -293,6 +293,6 @@ impl<'a> Builder<'a> {
             Init::Zeros,
             true,
         )?;
-        Ok((Linear { w, b, group }, n1 || n2))
+        Ok((Linear::new(w, b, group), n1 || n2))
     }
 }

@@ -18,6 +18,9 @@ pub struct Ctx<'a> {
     pub frozen: &'a [bool],
     /// Dropout's random generator (needed when `train`).
     pub rng: Option<&'a mut ChaCha8Rng>,
+    /// Inference only: linear layers run through int8 weights and activations
+    /// ([`crate::kernels::int8`]); ignored when `train`.
+    pub int8: bool,
 }
 
 impl Ctx<'_> {
@@ -34,6 +37,15 @@ impl Ctx<'_> {
             train: false,
             frozen: &[],
             rng: None,
+            int8: false,
+        }
+    }
+
+    /// An inference context whose linear layers run in int8.
+    pub fn eval_int8() -> Ctx<'static> {
+        Ctx {
+            int8: true,
+            ..Ctx::eval()
         }
     }
 

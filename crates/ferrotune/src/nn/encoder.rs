@@ -4,7 +4,9 @@
 //! optional per-head position bias added to the attention scores (MPNet), whether the
 //! attention output has dropout (DistilBERT's has none), and their heads.
 
-use candle_core::Tensor;
+use std::sync::OnceLock;
+
+use candle_core::{Tensor, Var};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -149,6 +151,8 @@ pub struct EncoderLayer {
     inter: Linear,
     out: Linear,
     ln2: LayerNorm,
+    /// Int8 inference: the three projections as one layer, made at first use.
+    qkv_int8: OnceLock<Linear>,
 }
 
 impl EncoderLayer {
@@ -156,6 +160,21 @@ impl EncoderLayer {
     /// GEMM over the concatenated weights (the input is read once; the weights, a few
     /// hundred KiB, are concatenated per forward pass).
     fn qkv(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        if ctx.int8 && !ctx.train {
+            let l = match self.qkv_int8.get() {
+                Some(l) => l,
+                None => {
+                    let cat = |f: fn(&Linear) -> &Var| -> Result<Var> {
+                        let ts = [&self.q, &self.k, &self.v].map(|l| f(l).as_tensor().clone());
+                        Ok(Var::from_tensor(&Tensor::cat(&ts, 0)?)?)
+                    };
+                    let l = Linear::new(cat(|l| &l.w)?, cat(|l| &l.b)?, self.q.group);
+                    let _ = self.qkv_int8.set(l);
+                    self.qkv_int8.get().expect("set above")
+                }
+            };
+            return l.forward(ctx, x);
+        }
         let ws = [&self.q, &self.k, &self.v].map(|l| ctx.w(&l.w, l.group));
         let bs = [&self.q, &self.k, &self.v].map(|l| ctx.w(&l.b, l.group));
         // With a gradient sink on, the concatenations' gradients go to the three
@@ -228,6 +247,7 @@ impl Encoder {
                 inter: b.linear(&n(names.inter), i, h, g)?,
                 out: b.linear(&n(names.out), h, i, g)?,
                 ln2: b.layer_norm(&n(names.ln2), h, eps, g)?,
+                qkv_int8: OnceLock::new(),
             });
         }
         Ok(Encoder {

@@ -3,9 +3,12 @@
 //! fused kernel, or the composition of candle operations it is tested against when the
 //! fused operations are off.
 
-use candle_core::{Tensor, Var};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::kernels::int8::{self, QWeight};
 use crate::kernels::{embedding, fused, linear};
 use crate::nn::Ctx;
 
@@ -17,11 +20,53 @@ pub struct Linear {
     pub b: Var,
     /// Its parameter group.
     pub group: usize,
+    /// The int8 weights, made from `w` at the first int8 inference (see [`Ctx::int8`]).
+    pub q: OnceLock<QWeight>,
 }
 
 impl Linear {
+    /// A layer of these parameters.
+    pub fn new(w: Var, b: Var, group: usize) -> Linear {
+        Linear {
+            w,
+            b,
+            group,
+            q: OnceLock::new(),
+        }
+    }
+
+    /// `x Wᵀ + b` through int8 (inference): `None` where the layer cannot (not 2-D f32).
+    fn forward_int8(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (m, k) = match x.dims() {
+            &[m, k] if x.dtype() == DType::F32 => (m, k),
+            _ => return Ok(None),
+        };
+        let w = self.w.as_tensor();
+        let (out, inp) = w.dims2()?;
+        if inp != k {
+            return Ok(None);
+        }
+        let q = match self.q.get() {
+            Some(q) => q,
+            None => {
+                let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                let _ = self.q.set(QWeight::quantize(&wv, out, inp));
+                self.q.get().expect("set above")
+            }
+        };
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let bv: Vec<f32> = self.b.as_tensor().to_vec1()?;
+        let y = int8::linear_i8(&xv, m, q, Some(&bv), true, false);
+        Ok(Some(Tensor::from_vec(y, (m, out), x.device())?))
+    }
+
     /// `x Wᵀ + b`.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        if ctx.int8 && !ctx.train {
+            if let Some(y) = self.forward_int8(x)? {
+                return Ok(y);
+            }
+        }
         let w = ctx.w(&self.w, self.group);
         let b = ctx.w(&self.b, self.group);
         if ctx.fused() {
@@ -34,6 +79,10 @@ impl Linear {
     /// `act(x Wᵀ + b)`; the exact GELU runs inside the fused linear op.
     pub fn forward_act(&self, ctx: &Ctx, x: &Tensor, act: Activation) -> Result<Tensor> {
         match act {
+            // int8: the integer GEMM, then the fused (vectorised) GELU.
+            Activation::Gelu if ctx.int8 && !ctx.train && ctx.fused() => {
+                fused::gelu_erf(&self.forward(ctx, x)?)
+            }
             Activation::Gelu if ctx.fused() => {
                 let w = ctx.w(&self.w, self.group);
                 let b = ctx.w(&self.b, self.group);
@@ -229,6 +278,7 @@ mod tests {
             train: true,
             frozen: &frozen,
             rng: None,
+            int8: false,
         };
         let y = norm.forward(&ctx, &x).unwrap();
         // The formula, in f64.

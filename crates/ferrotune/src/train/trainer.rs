@@ -69,7 +69,7 @@ pub fn evaluate(
     device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<Evaluation> {
-    let logits = infer_logits(model, encoder, items, batch_size, device, |n| {
+    let logits = infer_logits(model, encoder, items, batch_size, device, false, |n| {
         progress.advance(n as u64)
     })?;
     task.evaluate(&logits, targets, loss, threshold)
@@ -656,6 +656,7 @@ impl Run {
                 train: true,
                 frozen: &self.frozen,
                 rng: Some(&mut self.dropout_rng),
+                int8: false,
             };
             // The window's first batch overwrites the buffers kept from the last step,
             // the others add to them.
@@ -729,6 +730,7 @@ impl Run {
             &self.eval.0,
             self.cfg.per_device_eval_batch_size,
             &self.device,
+            false,
             |n| progress.advance(n as u64),
         )?;
         let ev = self

@@ -1,0 +1,55 @@
+//! The int8 linear layer against the f32 one on the shapes of MiniLM-L6 (16×128 tokens)
+//! and bert-base (8×128), median of 7 runs each, on all threads.
+//! `cargo run --release -p ferrotune --example int8_bench`
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use ferrotune::kernels::{int8, linear};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> ferrotune::Result<()> {
+    let threads = ferrotune::num_threads();
+    println!("int8 kernel: {}, {threads} threads", int8::kernel_name());
+    println!("| m | out | in | f32 ms | int8 ms (incl. quantizing x) | int8 / f32 |");
+    println!("|---|---|---|---|---|---|");
+    let shapes = [
+        (2048, 1152, 384),
+        (2048, 384, 384),
+        (2048, 1536, 384),
+        (2048, 384, 1536),
+        (1024, 2304, 768),
+        (1024, 768, 768),
+        (1024, 3072, 768),
+        (1024, 768, 3072),
+    ];
+    let dev = Device::Cpu;
+    for (m, out, inp) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (m, inp), &dev)?;
+        let w = Tensor::randn(0f32, 0.05, (out, inp), &dev)?;
+        let b = Tensor::randn(0f32, 0.05, out, &dev)?;
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let bv: Vec<f32> = b.to_vec1()?;
+        let q = int8::QWeight::quantize(&wv, out, inp);
+        let mut tf = Vec::new();
+        let mut ti = Vec::new();
+        for _ in 0..7 {
+            let t = Instant::now();
+            let y = linear::linear(&x, &w, &b)?;
+            std::hint::black_box(y);
+            tf.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            let y = int8::linear_i8(&xv, m, &q, Some(&bv), true, false);
+            std::hint::black_box(y);
+            ti.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let (f, i) = (median(tf), median(ti));
+        println!("| {m} | {out} | {inp} | {f:.2} | {i:.2} | {:.2} |", i / f);
+    }
+    Ok(())
+}

@@ -1,0 +1,497 @@
+//! int8 inference for linear layers: per-output-channel symmetric int8 weights, dynamic
+//! per-row activation quantization, and an integer GEMM with i32 accumulation.
+//!
+//! `y[i,j] = sx_i · sw_j · Σ_k qx[i,k] · qw[j,k] + b_j`, where `qx = round(x / sx)` with
+//! `sx = max|x_i| / 127` (per row, computed for every input: dynamic quantization) and
+//! `qw = round(w / sw)` with `sw = max|w_j| / 63` (per output channel, once).
+//!
+//! Weights keep 7 bits (±63), as ONNX Runtime's `reduce_range` does on CPUs without VNNI:
+//! the AVX2 kernel multiplies unsigned activation bytes (`qx + 128`, 1..=255) by signed
+//! weight bytes with `vpmaddubsw`, which adds pairs of products into 16 bits with
+//! saturation; `255 · 63 · 2 = 32130` stays below `i16::MAX`, so nothing saturates and the
+//! integer sums are exact. The `+128` is taken back out with each column's weight sum:
+//! `Σ (qx+128)·qw = Σ qx·qw + 128·Σ qw`.
+//!
+//! The portable kernel does the same integer arithmetic and the same float epilogue in
+//! the same order, so both kernels give bit-identical outputs (tested).
+
+/// Output columns per packed block (two AVX2 registers of eight i32 sums).
+const NR: usize = 16;
+/// Rows per micro-kernel call.
+const MR: usize = 4;
+/// The weight range: ±63 (7 bits; see the module documentation).
+pub const W_MAX: f32 = 63.0;
+/// The activation range: ±127.
+pub const X_MAX: f32 = 127.0;
+
+/// A quantized weight matrix `(out, in)`, packed for the kernels.
+#[derive(Debug, Clone)]
+pub struct QWeight {
+    /// Output features.
+    pub out: usize,
+    /// Input features.
+    pub inp: usize,
+    /// `inp` rounded up to a multiple of 4.
+    kp: usize,
+    /// Blocks of [`NR`] columns; in each, for every 4 inputs, [`NR`] × 4 bytes (column
+    /// `c`'s four consecutive weights together), zero-padded.
+    packed: Vec<i8>,
+    /// Per output channel: `sw_j`.
+    pub scales: Vec<f32>,
+    /// Per output channel: `Σ_k qw[j,k]`.
+    col_sums: Vec<i32>,
+}
+
+impl QWeight {
+    /// Quantizes a row-major `(out, inp)` f32 matrix.
+    pub fn quantize(w: &[f32], out: usize, inp: usize) -> QWeight {
+        assert_eq!(w.len(), out * inp, "weight size");
+        let mut q = vec![0i8; out * inp];
+        let mut scales = vec![0f32; out];
+        for j in 0..out {
+            let row = &w[j * inp..(j + 1) * inp];
+            let m = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let s = if m > 0.0 { m / W_MAX } else { 1.0 };
+            scales[j] = s;
+            for (d, &v) in q[j * inp..(j + 1) * inp].iter_mut().zip(row) {
+                *d = (v / s).round().clamp(-W_MAX, W_MAX) as i8;
+            }
+        }
+        QWeight::from_quantized(q, scales, out, inp)
+    }
+
+    /// Packs weights already quantized (`q` row-major `(out, inp)`, each in ±63).
+    pub fn from_quantized(q: Vec<i8>, scales: Vec<f32>, out: usize, inp: usize) -> QWeight {
+        let kp = inp.div_ceil(4) * 4;
+        let blocks = out.div_ceil(NR);
+        let mut packed = vec![0i8; blocks * NR * kp];
+        for j in 0..out {
+            let (b, c) = (j / NR, j % NR);
+            for k in 0..inp {
+                let at = b * NR * kp + (k / 4) * NR * 4 + c * 4 + k % 4;
+                packed[at] = q[j * inp + k];
+            }
+        }
+        let col_sums = (0..out)
+            .map(|j| q[j * inp..(j + 1) * inp].iter().map(|&v| v as i32).sum())
+            .collect();
+        QWeight {
+            out,
+            inp,
+            kp,
+            packed,
+            scales,
+            col_sums,
+        }
+    }
+
+    /// The quantized weights, row-major `(out, inp)` (for saving).
+    pub fn unpacked(&self) -> Vec<i8> {
+        let mut q = vec![0i8; self.out * self.inp];
+        for j in 0..self.out {
+            let (b, c) = (j / NR, j % NR);
+            for k in 0..self.inp {
+                q[j * self.inp + k] =
+                    self.packed[b * NR * self.kp + (k / 4) * NR * 4 + c * 4 + k % 4];
+            }
+        }
+        q
+    }
+}
+
+/// Rows of `x` (`(m, k)` row-major) quantized: bytes `qx + 128` with row stride `kp`
+/// (padding 128, i.e. zero), and each row's scale.
+pub fn quantize_rows(x: &[f32], m: usize, k: usize, kp: usize) -> (Vec<u8>, Vec<f32>) {
+    quantize_rows_with(x, m, k, kp, avx2())
+}
+
+fn quantize_rows_with(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    kp: usize,
+    use_avx2: bool,
+) -> (Vec<u8>, Vec<f32>) {
+    let mut q = vec![128u8; m * kp];
+    let mut scales = vec![0f32; m];
+    for i in 0..m {
+        let row = &x[i * k..(i + 1) * k];
+        let a = max_abs(row);
+        let s = if a > 0.0 { a / X_MAX } else { 1.0 };
+        scales[i] = s;
+        let inv = 1.0 / s;
+        let dst = &mut q[i * kp..i * kp + k];
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2 {
+            // Safety: AVX2 checked by the caller; both slices hold `k` elements.
+            done = unsafe { quantize_avx2(row, inv, dst) };
+        }
+        let _ = use_avx2;
+        for (d, &v) in dst[done..].iter_mut().zip(&row[done..]) {
+            *d = quantize_one(v, inv);
+        }
+    }
+    (q, scales)
+}
+
+/// One activation: `round(clamp(v / s)) + 128`.
+#[inline]
+fn quantize_one(v: f32, inv: f32) -> u8 {
+    (round((v * inv).clamp(-X_MAX, X_MAX)) + 128) as u8
+}
+
+/// [`quantize_one`] over the first multiple of 32 of `row`, the same float operations in
+/// eight lanes; returns how many were done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_avx2(row: &[f32], inv: f32, dst: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    let n = row.len() / 32 * 32;
+    let (vinv, lo, hi) = (
+        _mm256_set1_ps(inv),
+        _mm256_set1_ps(-X_MAX),
+        _mm256_set1_ps(X_MAX),
+    );
+    let magic = _mm256_set1_ps(12_582_912.0);
+    let off = _mm256_set1_epi32(128);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let p = row.as_ptr();
+    for i in (0..n).step_by(32) {
+        let q = |j: usize| {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(i + j)), vinv);
+            let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+            let v = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+            _mm256_add_epi32(_mm256_cvttps_epi32(v), off)
+        };
+        let ab = _mm256_packs_epi32(q(0), q(8));
+        let cd = _mm256_packs_epi32(q(16), q(24));
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+        _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, bytes);
+    }
+    n
+}
+
+/// Round to nearest, ties to even, by the float trick (adding and taking away 1.5·2²³
+/// leaves the integer part in the mantissa), so that the loop vectorises without SSE4.1's
+/// `roundps` or a libm call; exact for `|x| < 2²²` (here `|x| ≤ 127`).
+#[inline]
+fn round(x: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((x + MAGIC) - MAGIC) as i32
+}
+
+/// `max |v|`, in eight lanes so that it vectorises.
+fn max_abs(v: &[f32]) -> f32 {
+    let mut m = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in m.iter_mut().zip(c) {
+            *m = m.max(x.abs());
+        }
+    }
+    tail.iter()
+        .fold(m.iter().fold(0f32, |a, &b| a.max(b)), |a, &x| {
+            a.max(x.abs())
+        })
+}
+
+/// Which kernel runs: AVX2 where the CPU has it (checked at run time), else portable.
+pub fn kernel_name() -> &'static str {
+    if avx2() {
+        "avx2"
+    } else {
+        "portable"
+    }
+}
+
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Rows per task: quantized together, then every column block of the weights runs over
+/// them while it is in cache.
+const PANEL: usize = 32;
+
+/// `y (m, out) = x (m, inp) · Wᵀ + b` through int8, over panels of rows on candle's pool
+/// when `parallel`. `force_portable` runs the portable kernel (for tests).
+pub fn linear_i8(
+    x: &[f32],
+    m: usize,
+    w: &QWeight,
+    bias: Option<&[f32]>,
+    parallel: bool,
+    force_portable: bool,
+) -> Vec<f32> {
+    let mut y = vec![0f32; m * w.out];
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = vec![0f32; w.out];
+            &zeros
+        }
+    };
+    let use_avx2 = avx2() && !force_portable;
+    let out = super::par::Out::new(&mut y);
+    let run = |t: usize| {
+        let p0 = t * PANEL;
+        let prows = PANEL.min(m - p0);
+        let (qx, sx) = quantize_rows(&x[p0 * w.inp..(p0 + prows) * w.inp], prows, w.inp, w.kp);
+        // Safety: panel `t` writes rows p0..p0+prows only.
+        let yp = unsafe { out.part(p0 * w.out, prows * w.out) };
+        for b in 0..w.out.div_ceil(NR) {
+            let wb = &w.packed[b * NR * w.kp..(b + 1) * NR * w.kp];
+            for r0 in (0..prows).step_by(MR) {
+                let rows = MR.min(prows - r0);
+                let xb = &qx[r0 * w.kp..(r0 + rows) * w.kp];
+                let mut acc = [[0i32; NR]; MR];
+                let (j0, nc) = (b * NR, NR.min(w.out - b * NR));
+                #[cfg(target_arch = "x86_64")]
+                if use_avx2 && nc == NR {
+                    let ep = Epilogue {
+                        sx: &sx[r0..r0 + rows],
+                        sums: &w.col_sums[j0..j0 + NR],
+                        scales: &w.scales[j0..j0 + NR],
+                        bias: &bias[j0..j0 + NR],
+                    };
+                    // Safety: AVX2 checked above; slices hold rows·kp and NR·kp bytes,
+                    // and row r's output starts at (r0 + r)·out + j0 with NR to go.
+                    unsafe {
+                        let y0 = yp.as_mut_ptr().add(r0 * w.out + j0);
+                        avx2_block_out(xb, rows, w.kp, wb, &ep, y0, w.out);
+                    }
+                    continue;
+                } else if use_avx2 {
+                    // Safety: as above.
+                    unsafe { avx2_block(xb, rows, w.kp, wb, &mut acc) };
+                } else {
+                    portable_block(xb, rows, w.kp, wb, &mut acc);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = use_avx2;
+                    portable_block(xb, rows, w.kp, wb, &mut acc);
+                }
+                let sums = &w.col_sums[j0..j0 + nc];
+                let scales = &w.scales[j0..j0 + nc];
+                let bias = &bias[j0..j0 + nc];
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    let s = sx[r0 + r];
+                    let yr = &mut yp[(r0 + r) * w.out + j0..(r0 + r) * w.out + j0 + nc];
+                    for c in 0..nc {
+                        let v = (acc[c] - 128 * sums[c]) as f32 * (s * scales[c]);
+                        yr[c] = v + bias[c];
+                    }
+                }
+            }
+        }
+    };
+    let big = m * w.out * w.inp >= super::par::PAR_MIN * 16;
+    super::par::par_for(m.div_ceil(PANEL), parallel && big, run);
+    y
+}
+
+/// `acc[r][c] += Σ_k xb[r,k] · w[c,k]` (bytes `qx+128` times weights), portable.
+fn portable_block(xb: &[u8], rows: usize, kp: usize, wb: &[i8], acc: &mut [[i32; NR]; MR]) {
+    for k4 in 0..kp / 4 {
+        let wk = &wb[k4 * NR * 4..(k4 + 1) * NR * 4];
+        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+            let xk = &xb[r * kp + k4 * 4..r * kp + k4 * 4 + 4];
+            for (c, a) in acc.iter_mut().enumerate() {
+                let wc = &wk[c * 4..c * 4 + 4];
+                *a += (0..4).map(|t| xk[t] as i32 * wc[t] as i32).sum::<i32>();
+            }
+        }
+    }
+}
+
+/// What turns a block's integer sums into outputs: the rows' scales, and the block's
+/// column sums, scales and biases.
+struct Epilogue<'a> {
+    sx: &'a [f32],
+    sums: &'a [i32],
+    scales: &'a [f32],
+    bias: &'a [f32],
+}
+
+/// [`avx2_block`], then the epilogue in registers (the same float operations as the
+/// portable one, in order, no fused multiply-add), written to `y` (row stride `ys`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_block_out(
+    xb: &[u8],
+    rows: usize,
+    kp: usize,
+    wb: &[i8],
+    ep: &Epilogue,
+    y: *mut f32,
+    ys: usize,
+) {
+    use std::arch::x86_64::*;
+    let s = avx2_sums(xb, rows, kp, wb);
+    let c128 = _mm256_set1_epi32(128);
+    let half = |h: usize| {
+        (
+            _mm256_mullo_epi32(
+                _mm256_loadu_si256(ep.sums.as_ptr().add(8 * h) as *const __m256i),
+                c128,
+            ),
+            _mm256_loadu_ps(ep.scales.as_ptr().add(8 * h)),
+            _mm256_loadu_ps(ep.bias.as_ptr().add(8 * h)),
+        )
+    };
+    let parts = [half(0), half(1)];
+    for (r, sr) in s.iter().enumerate().take(rows) {
+        let sx = _mm256_set1_ps(ep.sx[r]);
+        for (h, (cs, sc, b)) in parts.iter().enumerate() {
+            let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(sr[h], *cs));
+            let out = _mm256_add_ps(_mm256_mul_ps(v, _mm256_mul_ps(sx, *sc)), *b);
+            _mm256_storeu_ps(y.add(r * ys + 8 * h), out);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_block(xb: &[u8], rows: usize, kp: usize, wb: &[i8], acc: &mut [[i32; NR]; MR]) {
+    use std::arch::x86_64::*;
+    let s = avx2_sums(xb, rows, kp, wb);
+    for (r, sr) in s.iter().enumerate().take(rows) {
+        let a = acc[r].as_mut_ptr();
+        _mm256_storeu_si256(a as *mut __m256i, sr[0]);
+        _mm256_storeu_si256(a.add(8) as *mut __m256i, sr[1]);
+    }
+}
+
+/// The integer sums of a block: `rows` rows by [`NR`] columns, two registers a row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn avx2_sums(
+    xb: &[u8],
+    rows: usize,
+    kp: usize,
+    wb: &[i8],
+) -> [[std::arch::x86_64::__m256i; 2]; MR] {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut s = [[_mm256_setzero_si256(); 2]; MR];
+    let xp = xb.as_ptr();
+    let wp = wb.as_ptr();
+    for k4 in 0..kp / 4 {
+        let w0 = _mm256_loadu_si256(wp.add(k4 * NR * 4) as *const __m256i);
+        let w1 = _mm256_loadu_si256(wp.add(k4 * NR * 4 + 32) as *const __m256i);
+        for (r, sr) in s.iter_mut().enumerate().take(rows) {
+            // Four activation bytes of row r, in every 32-bit lane.
+            let xv = _mm256_set1_epi32((xp.add(r * kp + k4 * 4) as *const i32).read_unaligned());
+            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w0), ones);
+            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w1), ones);
+            sr[0] = _mm256_add_epi32(sr[0], p0);
+            sr[1] = _mm256_add_epi32(sr[1], p1);
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn f32_linear(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize, b: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; m * out];
+        for i in 0..m {
+            for j in 0..out {
+                let d: f32 = (0..inp).map(|k| x[i * inp + k] * w[j * inp + k]).sum();
+                y[i * out + j] = d + b[j];
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn kernels_agree_bit_for_bit_and_track_f32_on_odd_shapes() {
+        for (m, out, inp, seed) in [
+            (1, 1, 1, 1),
+            (5, 17, 13, 2),
+            (9, 33, 64, 3),
+            (37, 40, 385, 4),
+        ] {
+            let x = rand_vec(m * inp, seed);
+            let w = rand_vec(out * inp, seed + 100);
+            let b = rand_vec(out, seed + 200);
+            let q = QWeight::quantize(&w, out, inp);
+            let fast = linear_i8(&x, m, &q, Some(&b), true, false);
+            let portable = linear_i8(&x, m, &q, Some(&b), false, true);
+            assert_eq!(fast, portable, "{m}x{out}x{inp}");
+            let exact = f32_linear(&x, m, &w, out, inp, &b);
+            // Error bound: each product errs by at most |x|·sw/2 + |w|·sx/2 (+ their
+            // product), summed over inp terms.
+            for (i, (a, e)) in fast.iter().zip(&exact).enumerate() {
+                let bound = inp as f32 * (1.0 / W_MAX + 1.0 / X_MAX);
+                assert!((a - e).abs() <= bound, "{m}x{out}x{inp} [{i}]: {a} vs {e}");
+            }
+            let rel: f32 = fast
+                .iter()
+                .zip(&exact)
+                .map(|(a, e)| (a - e).abs())
+                .sum::<f32>()
+                / exact.iter().map(|e| e.abs()).sum::<f32>();
+            if inp >= 64 {
+                assert!(rel < 0.03, "{m}x{out}x{inp}: relative error {rel}");
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_values_do_not_saturate() {
+        // Every activation at +127 (byte 255) and every weight at ±63: the largest pair
+        // sums vpmaddubsw sees.
+        let (m, out, inp) = (3, 18, 40);
+        let x = vec![1.0f32; m * inp];
+        let mut w = vec![1.0f32; out * inp];
+        for v in w.iter_mut().skip(inp).take(inp) {
+            *v = -1.0;
+        }
+        let q = QWeight::quantize(&w, out, inp);
+        let y = linear_i8(&x, m, &q, None, false, false);
+        assert_eq!(y[0], inp as f32);
+        assert_eq!(y[1], -(inp as f32));
+        assert_eq!(y, linear_i8(&x, m, &q, None, false, true));
+    }
+
+    #[test]
+    fn quantizing_rows_agrees_between_kernels() {
+        let (m, k) = (5, 77);
+        let mut x = rand_vec(m * k, 11);
+        x[3] = 0.5; // ties and extremes
+        x[4] = -1.0;
+        let a = quantize_rows_with(&x, m, k, 80, avx2());
+        let b = quantize_rows_with(&x, m, k, 80, false);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn packing_round_trips() {
+        let w = rand_vec(19 * 7, 9);
+        let q = QWeight::quantize(&w, 19, 7);
+        let back = QWeight::from_quantized(q.unpacked(), q.scales.clone(), 19, 7);
+        assert_eq!(back.packed, q.packed);
+        assert_eq!(back.col_sums, q.col_sums);
+        assert!(q.unpacked().iter().all(|&v| (v as f32).abs() <= W_MAX));
+    }
+}
