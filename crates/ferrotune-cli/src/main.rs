@@ -146,6 +146,9 @@ enum Cmd {
         /// Kernel threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Number format of the linear layers: f32, or int8 (see `predict --precision`).
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        precision: Precision,
     },
     /// Time a training step or an inference pass of a random model of a known shape; the
     /// last line printed is JSON: {"median_ms", "min_ms", "gflops", "peak_rss_mb", ...}.
@@ -589,9 +592,11 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             max_body_bytes,
             workers,
             threads,
+            precision,
         } => {
             set_threads(threads);
             let cfg = ServeConfig {
+                int8: precision == Precision::Int8,
                 host,
                 port,
                 max_batch_tokens,

@@ -683,3 +683,26 @@ fn sigterm_drains_requests_in_flight_then_stops() {
         start.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_int8_server_answers_as_the_int8_library() {
+    let f = fixture();
+    let mut p = Predictor::load(&f.model).unwrap();
+    p.int8 = true;
+    let s = server(
+        &f,
+        ServeConfig {
+            int8: true,
+            ..Default::default()
+        },
+    );
+    let t = text(0, 7);
+    let a = predict(&s.router(), json!({"inputs": t})).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let want = p.predict_probs(&[example(&t, None)], |_| {}).unwrap();
+    assert_close(&by_label(&a.json(), &p.labels), &want[0]);
+    // And not as the f32 one, exactly (the int8 path ran).
+    p.int8 = false;
+    let f32_probs = p.predict_probs(&[example(&t, None)], |_| {}).unwrap();
+    assert_ne!(by_label(&a.json(), &p.labels), f32_probs[0]);
+}

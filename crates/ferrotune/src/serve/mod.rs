@@ -74,6 +74,8 @@ pub struct ServeConfig {
     /// How long a worker with fewer than `max_batch_requests` queued waits for more before
     /// running them (0: run at once with what is queued).
     pub batch_wait: Duration,
+    /// Linear layers in int8 ([`Predictor::int8`]).
+    pub int8: bool,
 }
 
 impl Default for ServeConfig {
@@ -91,6 +93,7 @@ impl Default for ServeConfig {
             max_body_bytes: 2 * 1024 * 1024,
             workers: 1,
             batch_wait: Duration::ZERO,
+            int8: false,
         }
     }
 }
@@ -146,6 +149,7 @@ impl Server {
     pub fn new(mut predictor: Predictor, cfg: ServeConfig) -> Result<Server> {
         cfg.validate()?;
         predictor.batch_size = usize::MAX;
+        predictor.int8 = cfg.int8;
         let mut untruncated = predictor.tokenizer().clone();
         untruncated
             .with_truncation(None)
@@ -298,6 +302,7 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 's
 pub fn run(dir: &Path, cfg: ServeConfig) -> Result<()> {
     cfg.validate()?;
     let predictor = Predictor::load(dir)?;
+    let precision = if cfg.int8 { "int8" } else { "f32" };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ferrotune-http")
@@ -316,7 +321,7 @@ pub fn run(dir: &Path, cfg: ServeConfig) -> Result<()> {
         let signal = shutdown_signal()
             .map_err(|e| Error::Msg(format!("cannot install signal handlers: {e}")))?;
         eprintln!(
-            "ferrotune serve: {} ({n_labels} labels) listening on http://{addr}",
+            "ferrotune serve: {} ({n_labels} labels, {precision}) listening on http://{addr}",
             dir.display()
         );
         server
