@@ -156,17 +156,19 @@ pub fn page(run: &RunFiles, charts: &[Chart]) -> Result<String> {
         );
         Ok(())
     };
-    let curves: Vec<&Chart> = charts
-        .iter()
-        .filter(|c| matches!(c.plot, plots::Plot::Lines { .. }))
-        .collect();
-    if !curves.is_empty() {
-        h.push_str("<h2>Curves</h2><div class=\"charts\">\n");
-        for c in curves {
-            figure(&mut h, c, false)?;
+    // A titled grid of the charts of one kind.
+    let grid = |h: &mut String, title: &str, keep: fn(&plots::Plot) -> bool| -> Result<()> {
+        let shown: Vec<&Chart> = charts.iter().filter(|c| keep(&c.plot)).collect();
+        if !shown.is_empty() {
+            let _ = writeln!(h, "<h2>{title}</h2><div class=\"charts\">");
+            for c in shown {
+                figure(h, c, false)?;
+            }
+            h.push_str("</div>\n");
         }
-        h.push_str("</div>\n");
-    }
+        Ok(())
+    };
+    grid(&mut h, "Curves", |p| matches!(p, plots::Plot::Lines { .. }))?;
     eval_table(&mut h, run);
     if let Some(c) = charts.iter().find(|c| c.name == "confusion_matrix") {
         let best = run
@@ -177,17 +179,9 @@ pub fn page(run: &RunFiles, charts: &[Chart]) -> Result<String> {
         figure(&mut h, c, true)?;
     }
     class_table(&mut h, run);
-    let scatters: Vec<&Chart> = charts
-        .iter()
-        .filter(|c| matches!(c.plot, plots::Plot::Scatter { .. }))
-        .collect();
-    if !scatters.is_empty() {
-        h.push_str("<h2>Predicted against true values (held-out)</h2><div class=\"charts\">\n");
-        for c in scatters {
-            figure(&mut h, c, false)?;
-        }
-        h.push_str("</div>\n");
-    }
+    grid(&mut h, "Predicted against true values (held-out)", |p| {
+        matches!(p, plots::Plot::Scatter { .. })
+    })?;
     worst_table(&mut h, run);
     settings(&mut h, run);
     let _ = writeln!(

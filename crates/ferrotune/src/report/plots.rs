@@ -11,7 +11,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{Error, Result};
-use crate::report::RunFiles;
+use crate::report::{RunFiles, TrainPoint};
 
 /// Series colours (matplotlib's "tab10", which users of these tools know).
 const PALETTE: [RGBColor; 10] = [
@@ -92,6 +92,9 @@ impl Chart {
     }
 }
 
+/// One value of a training log entry, when it has it.
+type PointValue = fn(&TrainPoint) -> Option<f64>;
+
 /// The charts `run` has data for, in page order.
 pub fn charts(run: &RunFiles) -> Vec<Chart> {
     let mut out = Vec::new();
@@ -129,47 +132,40 @@ pub fn charts(run: &RunFiles) -> Vec<Chart> {
             },
         });
     }
-    let lr = finite(
-        run.train
-            .iter()
-            .filter_map(|p| Some((p.step, p.learning_rate?)))
-            .collect(),
-    );
-    if !lr.is_empty() {
-        out.push(Chart {
-            name: "learning_rate".into(),
-            title: "Learning rate".into(),
-            plot: Plot::Lines {
-                x: "step".into(),
-                y: "learning rate".into(),
-                series: vec![Series {
-                    name: "learning_rate".into(),
-                    points: lr,
-                    dots: false,
-                }],
-            },
-        });
-    }
-    let gn = finite(
-        run.train
-            .iter()
-            .filter_map(|p| Some((p.step, p.grad_norm?)))
-            .collect(),
-    );
-    if !gn.is_empty() {
-        out.push(Chart {
-            name: "grad_norm".into(),
-            title: "Gradient norm (before clipping)".into(),
-            plot: Plot::Lines {
-                x: "step".into(),
-                y: "norm".into(),
-                series: vec![Series {
-                    name: "grad_norm".into(),
-                    points: gn,
-                    dots: false,
-                }],
-            },
-        });
+    // One line per training log entry: the learning rate and the gradient norm.
+    let per_step: [(&str, &str, &str, PointValue); 2] = [
+        ("learning_rate", "Learning rate", "learning rate", |p| {
+            p.learning_rate
+        }),
+        (
+            "grad_norm",
+            "Gradient norm (before clipping)",
+            "norm",
+            |p| p.grad_norm,
+        ),
+    ];
+    for (name, title, y, get) in per_step {
+        let points = finite(
+            run.train
+                .iter()
+                .filter_map(|p| Some((p.step, get(p)?)))
+                .collect(),
+        );
+        if !points.is_empty() {
+            out.push(Chart {
+                name: name.into(),
+                title: title.into(),
+                plot: Plot::Lines {
+                    x: "step".into(),
+                    y: y.into(),
+                    series: vec![Series {
+                        name: name.into(),
+                        points,
+                        dots: false,
+                    }],
+                },
+            });
+        }
     }
     let mut names: Vec<&String> = run
         .evals
