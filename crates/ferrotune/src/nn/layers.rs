@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::kernels::int8::{self, QWeight};
+use crate::kernels::par::with_f32;
 use crate::kernels::{embedding, fused, linear};
 use crate::nn::Ctx;
 
@@ -35,10 +36,11 @@ impl Linear {
         }
     }
 
-    /// `x Wᵀ + b` through int8 (inference): `None` where the layer cannot (not 2-D f32).
+    /// `x Wᵀ + b` through int8 (inference): `None` where the layer cannot (not 2-D f32 on
+    /// the CPU).
     fn forward_int8(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let (m, k) = match x.dims() {
-            &[m, k] if x.dtype() == DType::F32 => (m, k),
+            &[m, k] if x.dtype() == DType::F32 && x.device().is_cpu() => (m, k),
             _ => return Ok(None),
         };
         let w = self.w.as_tensor();
@@ -54,9 +56,12 @@ impl Linear {
                 self.q.get().expect("set above")
             }
         };
-        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let bv: Vec<f32> = self.b.as_tensor().to_vec1()?;
-        let y = int8::linear_i8(&xv, m, q, Some(&bv), true, false);
+        // Read in place: no copy of the activations or the bias.
+        let y = with_f32(x, |xv| {
+            with_f32(self.b.as_tensor(), |bv| {
+                int8::linear_i8(xv, m, q, Some(bv), true, false)
+            })
+        })??;
         Ok(Some(Tensor::from_vec(y, (m, out), x.device())?))
     }
 
