@@ -312,9 +312,7 @@ impl Predictor {
     /// ends in `.csv`; see [`Predictor::format`].
     pub fn write(&self, path: &Path, outputs: &[Vec<f32>]) -> Result<()> {
         let bytes = self.format(outputs, is_csv(path))?;
-        let tmp = path.with_extension("partial");
-        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        crate::formats::write_whole(path, &bytes)
     }
 
     /// Outputs as JSONL, one line per input — single-label

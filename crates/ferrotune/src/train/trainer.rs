@@ -56,7 +56,8 @@ pub struct TrainSummary {
     pub stopped_early: bool,
 }
 
-/// Evaluates `model` on encoded examples under the task's metrics.
+/// Evaluates `model` on encoded examples under the task's metrics; also returns the
+/// logits (for `eval_predictions.jsonl`).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &dyn Model,
@@ -68,11 +69,11 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
     progress: &mut dyn Progress,
-) -> Result<Evaluation> {
+) -> Result<(Evaluation, Vec<Vec<f32>>)> {
     let logits = infer_logits(model, encoder, items, batch_size, device, false, |n| {
         progress.advance(n as u64)
     })?;
-    task.evaluate(&logits, targets, loss, threshold)
+    Ok((task.evaluate(&logits, targets, loss, threshold)?, logits))
 }
 
 /// Runs the whole recipe: prepare, train with evaluation after every epoch, export the best
@@ -724,19 +725,17 @@ impl Run {
 
     /// The evaluation of the model as it is now, and its logits.
     fn evaluate(&self, progress: &mut dyn Progress) -> Result<(Evaluation, Vec<Vec<f32>>)> {
-        let logits = infer_logits(
+        evaluate(
             self.model.as_ref(),
             self.encoder.as_ref(),
-            &self.eval.0,
+            (&self.eval.0, &self.eval.1),
+            self.task,
+            &self.loss,
+            self.cfg.threshold,
             self.cfg.per_device_eval_batch_size,
             &self.device,
-            false,
-            |n| progress.advance(n as u64),
-        )?;
-        let ev = self
-            .task
-            .evaluate(&logits, &self.eval.1, &self.loss, self.cfg.threshold)?;
-        Ok((ev, logits))
+            progress,
+        )
     }
 
     /// The evaluation after an epoch: logged and printed; the best epoch's weights kept;
