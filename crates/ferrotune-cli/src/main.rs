@@ -30,10 +30,26 @@ struct Cli {
 /// `--precision`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Precision {
+    /// int8 for a quantized model (`ferrotune quantize`), f32 otherwise.
+    Auto,
     /// 32-bit floats throughout.
     F32,
     /// int8 linear layers (dynamic quantization).
     Int8,
+    /// bf16 mixed precision (only where the CPU has a bf16 dot product).
+    Bf16,
+}
+
+impl From<Precision> for ferrotune::precision::Precision {
+    fn from(p: Precision) -> Self {
+        use ferrotune::precision::Precision as P;
+        match p {
+            Precision::Auto => P::Auto,
+            Precision::F32 => P::F32,
+            Precision::Int8 => P::Int8,
+            Precision::Bf16 => P::Bf16,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -76,9 +92,10 @@ enum Cmd {
         /// (`--text-column 1`).
         #[arg(long)]
         no_header: bool,
-        /// Number format of the linear layers: f32, or int8 (weights quantized per output
-        /// channel when loaded, activations per row; embeddings, norms, softmax stay f32).
-        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        /// Number format of the linear layers: auto (int8 for a quantized model, else f32),
+        /// f32, int8 (weights quantized per output channel when loaded, activations per
+        /// row; embeddings, norms, softmax stay f32), or bf16 (CPUs with avx512_bf16).
+        #[arg(long, value_enum, default_value_t = Precision::Auto)]
         precision: Precision,
     },
     /// Predict labels for a file of texts.
@@ -102,9 +119,10 @@ enum Cmd {
         /// Inputs read, batched by length and written at a time (memory holds one chunk).
         #[arg(long, default_value_t = ferrotune::predict::STREAM_CHUNK)]
         chunk_size: usize,
-        /// Number format of the linear layers: f32, or int8 (weights quantized per output
-        /// channel when loaded, activations per row; embeddings, norms, softmax stay f32).
-        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        /// Number format of the linear layers: auto (int8 for a quantized model, else f32),
+        /// f32, int8 (weights quantized per output channel when loaded, activations per
+        /// row; embeddings, norms, softmax stay f32), or bf16 (CPUs with avx512_bf16).
+        #[arg(long, value_enum, default_value_t = Precision::Auto)]
         precision: Precision,
     },
     /// Serve a model over HTTP: POST /predict (TEI's request shape), GET /health, /info,
@@ -146,8 +164,8 @@ enum Cmd {
         /// Kernel threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
-        /// Number format of the linear layers: f32, or int8 (see `predict --precision`).
-        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        /// Number format of the linear layers (see `predict --precision`).
+        #[arg(long, value_enum, default_value_t = Precision::Auto)]
         precision: Precision,
     },
     /// Time a training step or an inference pass of a random model of a known shape; the
@@ -169,7 +187,7 @@ enum Cmd {
         /// Timed steps (after 2 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// `f32` (`bf16` is not implemented yet).
+        /// `f32`, `int8` (infer), `bf16` (CPUs with avx512_bf16) or `auto`.
         #[arg(long, default_value = "f32")]
         precision: String,
         /// Kernel threads (default: all cores).
@@ -211,6 +229,17 @@ enum Cmd {
         /// The HTML file to write (default RUN_DIR/report.html).
         #[arg(long)]
         output: Option<PathBuf>,
+    },
+    /// Write an int8 copy of an exported model: every linear layer's weights as int8
+    /// (per output channel, symmetric) with their f32 scales; embeddings, norms and biases
+    /// stay f32. predict, eval and serve run it in int8.
+    Quantize {
+        /// The exported (f32) model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The directory to write (must not exist).
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Describe a model directory.
     Inspect {
@@ -421,6 +450,20 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Report { run_dir, output } => write_report(&run_dir, output.as_deref())?,
+        Cmd::Quantize { model, output } => {
+            let q = ferrotune::quantize::quantize_model(&model, &output)?;
+            let mb = |b: u64| b as f64 / 1e6;
+            print_out(format!(
+                "{}: {} linear layers in int8; non-embedding weights {:.1} MB ({:.2}x of {:.1} MB in f32), embeddings {:.1} MB (f32), model.safetensors {:.1} MB",
+                output.display(),
+                q.layers,
+                mb(q.non_embedding_bytes),
+                q.non_embedding_bytes as f64 / q.non_embedding_f32_bytes.max(1) as f64,
+                mb(q.non_embedding_f32_bytes),
+                mb(q.embedding_bytes),
+                mb(q.file_bytes),
+            ))?;
+        }
         Cmd::Eval {
             model,
             input,
@@ -430,7 +473,10 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             precision,
         } => {
             let mut p = Predictor::load(&model)?;
-            p.int8 = precision == Precision::Int8;
+            let why = p.set_precision(precision.into())?;
+            if p.int8 {
+                eprintln!("precision: {why}");
+            }
             let mut opts = p.reader_options(true);
             if let Some(c) = text_column {
                 opts.text_column = c;
@@ -480,7 +526,10 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut p = Predictor::load(&model)?;
             p.stream_chunk = chunk_size.max(1);
-            p.int8 = precision == Precision::Int8;
+            let why = p.set_precision(precision.into())?;
+            if p.int8 {
+                eprintln!("precision: {why}");
+            }
             let mut opts = p.reader_options(false);
             if let Some(c) = text_column {
                 opts.text_column = c;
@@ -596,7 +645,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             set_threads(threads);
             let cfg = ServeConfig {
-                int8: precision == Precision::Int8,
+                precision: precision.into(),
                 host,
                 port,
                 max_batch_tokens,

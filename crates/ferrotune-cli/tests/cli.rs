@@ -790,3 +790,70 @@ fn int8_predict_and_eval_track_f32() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("invalid value 'fp8'"), "{stderr}");
 }
+
+#[test]
+fn a_quantized_model_predicts_as_int8_and_precision_errors_are_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    let model = trained(t.path(), "");
+    let m = model.to_str().unwrap();
+    // The run says which precision it chose and why, in its first log line.
+    let metrics = std::fs::read_to_string(t.path().join("out/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(first["precision"], "f32", "{first}");
+    assert!(first["precision_reason"].as_str().unwrap().contains("auto"));
+    let q = t.path().join("q");
+    let qs = q.to_str().unwrap();
+    let (code, stdout, stderr) = ferrotune(&["quantize", "--model", m, "--output", qs]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("linear layers in int8"), "{stdout}");
+    let input = t.path().join("train.csv");
+    let input = input.to_str().unwrap();
+    let predict = |dir: &str, extra: &[&str]| {
+        let mut args = vec!["predict", "--model", dir, "--input", input];
+        args.extend_from_slice(extra);
+        ferrotune(&args)
+    };
+    let (code, on_the_fly, stderr) = predict(m, &["--precision", "int8"]);
+    assert_eq!(code, 0, "{stderr}");
+    // auto picks int8 for the quantized model, and says so.
+    let (code, loaded, stderr) = predict(qs, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("the model is quantized"), "{stderr}");
+    assert_eq!(loaded, on_the_fly);
+    let (code, _, stderr) = predict(qs, &["--precision", "f32"]);
+    assert_eq!(code, 2);
+    assert_clean_error(code, &stderr, &["precision f32", "int8 weights only"]);
+    let (code, _, stderr) = predict(m, &["--precision", "bf16"]);
+    assert_eq!(code, 2);
+    assert_clean_error(code, &stderr, &["precision bf16"]);
+    let (code, _, stderr) = ferrotune(&["quantize", "--model", m, "--output", qs]);
+    assert_eq!(code, 2);
+    assert_clean_error(code, &stderr, &["already exists"]);
+    // A missing scale tensor (renamed in the header, which keeps the offsets valid):
+    // named with the file.
+    let st = q.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let at = header.find("_scale\"").unwrap();
+    let key_start = header[..at].rfind('"').unwrap() + 1;
+    let scale = header[key_start..at + 6].to_string();
+    bytes[8 + at + 5] = b'X';
+    std::fs::write(&st, bytes).unwrap();
+    let (code, _, stderr) = predict(qs, &[]);
+    assert_eq!(code, 2);
+    assert_clean_error(code, &stderr, &["model.safetensors", &scale, "missing"]);
+    // Training: int8 is refused before anything is loaded; bf16 on a CPU without it too.
+    let recipe = write_recipe(t.path(), "precision = \"int8\"\n");
+    let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe]);
+    assert_eq!(code, 2);
+    assert_clean_error(code, &stderr, &["recipe.toml", "precision", "inference"]);
+    let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe, "--set", "precision=fp8"]);
+    assert_clean_error(code, &stderr, &["precision"]);
+    if !ferrotune::precision::bf16_dot_product() {
+        let (code, _, stderr) =
+            ferrotune(&["train", "--recipe", &recipe, "--set", "precision=bf16"]);
+        assert_eq!(code, 2);
+        assert_clean_error(code, &stderr, &["precision", "slower than f32"]);
+    }
+}

@@ -44,7 +44,7 @@ fn main() -> ferrotune::Result<()> {
             std::hint::black_box(y);
             tf.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
-            let y = int8::linear_i8(&xv, m, &q, Some(&bv), true, false);
+            let y = int8::linear_i8(&xv, m, &q, Some(&bv), true, int8::Kernel::best());
             std::hint::black_box(y);
             ti.push(t.elapsed().as_secs_f64() * 1e3);
         }

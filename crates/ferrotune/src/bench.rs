@@ -74,7 +74,7 @@ pub struct BenchSpec {
     pub seq: usize,
     /// Timed steps (after 2 warm-up steps).
     pub steps: usize,
-    /// `f32`, or `int8` for inference (`bf16` is not implemented yet).
+    /// `auto`, `f32`, `bf16` or `int8` (inference), as [`crate::precision`] decides.
     pub precision: String,
 }
 
@@ -121,20 +121,19 @@ pub fn peak_rss_mb() -> f64 {
 
 /// Runs the benchmark, calling `on_step(i, ms)` after each step (warm-up included).
 pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<BenchResult> {
-    let int8 = match (spec.precision.as_str(), spec.train) {
-        ("f32", _) => false,
-        ("int8", false) => true,
-        ("int8", true) => {
-            return Err(Error::Config(
-                "precision `int8` is for inference only (`bench infer`)".into(),
-            ))
-        }
-        (p, _) => {
-            return Err(Error::Config(format!(
-                "precision `{p}` is not implemented (f32, or int8 for inference): bf16 needs a bf16 GEMM kernel, not written yet (issue 17)"
-            )))
-        }
+    use crate::precision::{for_inference, for_training, Precision};
+    let requested = Precision::parse(&spec.precision).ok_or_else(|| {
+        Error::Config(format!(
+            "precision `{}`: expected auto, f32, bf16 or int8",
+            spec.precision
+        ))
+    })?;
+    let (precision, _) = if spec.train {
+        for_training(requested)?
+    } else {
+        for_inference(requested, false, true)?
     };
+    let int8 = precision == Precision::Int8;
     if spec.batch == 0 || spec.seq < 2 || spec.steps == 0 || spec.seq > 512 {
         return Err(Error::Config(
             "bench: batch >= 1, 2 <= seq <= 512 and steps >= 1 are required".into(),

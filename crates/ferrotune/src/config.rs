@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::loss::LossKind;
 use crate::nn::Pooling;
 use crate::optim::schedule::SchedulerKind;
+use crate::precision::Precision;
 pub use crate::tasks::ProblemType;
 
 /// Class weights for cross-entropy: explicit, one per class in label order, or
@@ -213,6 +214,10 @@ pub struct TrainConfig {
     pub classifier_dropout: Option<f64>,
     /// Threads for the tensor kernels (default: all cores).
     pub threads: Option<usize>,
+    /// Number format: `auto` (default; f32 until bf16 kernels exist, and the run's first
+    /// line says why), `f32`, or `bf16` (refused where the CPU has no bf16 dot product:
+    /// it would run slower than f32). `int8` is for inference only ([`crate::precision`]).
+    pub precision: Precision,
     /// Write a checkpoint every N optimisation steps (one is always written at each
     /// epoch's end).
     pub save_steps: Option<usize>,
@@ -328,6 +333,7 @@ impl Default for TrainConfig {
             attention_probs_dropout_prob: None,
             classifier_dropout: None,
             threads: None,
+            precision: Precision::Auto,
             save_steps: None,
             save_total_limit: Some(2),
             max_bad_steps: 3,
@@ -607,6 +613,11 @@ impl TrainConfig {
         }
         if self.threads == Some(0) {
             return bad("threads", "must be at least 1".into());
+        }
+        match crate::precision::for_training(self.precision) {
+            Err(Error::Config(why)) => return bad("precision", why),
+            Err(e) => return Err(e),
+            Ok(_) => {}
         }
         for (k, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),

@@ -19,10 +19,12 @@
 //! 9. [`eval`] — metrics.
 //! 10. [`infer`], [`predict`] — inference for any family; a fine-tuned model loaded from
 //!     its exported directory ([`artifact`]).
-//! 11. [`export`] — the Hugging Face directory written at the end of a run.
+//! 11. [`export`] — the Hugging Face directory written at the end of a run;
+//!     [`quantize`] — an exported model's int8 copy.
 //! 12. `serve` (cargo feature `serve`) — the HTTP inference server over [`predict`].
 //! 13. [`report`] — the HTML report and PNG plots of a run directory (files only).
 //! 14. [`formats`] — safetensors and PyTorch pickle files, read as data only.
+//! 15. [`precision`] — f32, bf16, int8 or auto: what runs on this CPU (used by 1, 8, 10).
 #![warn(missing_docs)]
 
 pub mod artifact;
@@ -40,7 +42,9 @@ pub mod kernels;
 pub mod loss;
 pub mod nn;
 pub mod optim;
+pub mod precision;
 pub mod predict;
+pub mod quantize;
 pub mod report;
 #[cfg(feature = "serve")]
 pub mod serve;

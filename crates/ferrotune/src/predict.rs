@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 use crate::families::{self, Family, HeadSpec, HfConfig, Model};
 use crate::infer::infer_logits;
 use crate::loss::LossConfig;
-use crate::nn::GroupKind;
+use crate::nn::{GroupKind, ParamStore};
+use crate::precision::{self, Precision, QUANTIZATION_CONFIG};
 use crate::tasks::{Evaluation, ProblemType, TargetData, Task};
 
 /// Examples read, encoded and inferred at a time by [`Predictor::predict_stream`] and
@@ -54,8 +55,12 @@ pub struct Predictor {
     /// Examples per chunk of the streaming methods (default [`STREAM_CHUNK`]).
     pub stream_chunk: usize,
     /// Linear layers in int8 (weights quantized per output channel at first use,
-    /// activations per row; [`crate::kernels::int8`]). Default off: f32.
+    /// activations per row; [`crate::kernels::int8`]). Default off: f32, except for a
+    /// quantized model. Set it through [`Predictor::set_precision`].
     pub int8: bool,
+    /// Loaded from a quantized directory (`ferrotune quantize`): int8 weights only, so
+    /// int8 inference only.
+    pub quantized: bool,
     device: Device,
 }
 
@@ -63,6 +68,12 @@ impl Predictor {
     /// Loads an exported model directory (`config.json` with `id2label`,
     /// `model.safetensors` with a head, a tokenizer).
     pub fn load(dir: &Path) -> Result<Self> {
+        Ok(Self::load_with_params(dir)?.0)
+    }
+
+    /// [`Predictor::load`], with the parameters as loaded (their export names, groups and
+    /// which weights are linear layers').
+    pub fn load_with_params(dir: &Path) -> Result<(Self, ParamStore)> {
         let cfg_path = dir.join("config.json");
         let cfg = HfConfig::from_file(&cfg_path)?;
         let family = families::family(&cfg)?;
@@ -136,8 +147,23 @@ impl Predictor {
                 ),
             ));
         }
+        let quantized = loaded.params.int8_layers > 0;
+        let says_quantized = cfg.raw.get(QUANTIZATION_CONFIG).is_some();
+        if says_quantized != quantized {
+            return Err(Error::at(
+                &cfg_path,
+                None,
+                Some(QUANTIZATION_CONFIG),
+                if quantized {
+                    "missing, but model.safetensors holds int8 weights (a quantized model's \
+                     config.json says how it was quantized)"
+                } else {
+                    "present, but model.safetensors holds no int8 weights"
+                },
+            ));
+        }
         let encoder = Box::new(TextEncoder::load(dir, info.max_seq_length)?);
-        Ok(Predictor {
+        let predictor = Predictor {
             problem_type,
             model: loaded.model,
             family,
@@ -147,9 +173,19 @@ impl Predictor {
             dir: dir.to_path_buf(),
             batch_size: 32,
             stream_chunk: STREAM_CHUNK,
-            int8: false,
+            int8: quantized,
+            quantized,
             device,
-        })
+        };
+        Ok((predictor, loaded.params))
+    }
+
+    /// Chooses the number format ([`precision::for_inference`]): sets [`Predictor::int8`]
+    /// and returns what runs and why, or says why `requested` cannot run.
+    pub fn set_precision(&mut self, requested: Precision) -> Result<String> {
+        let (p, why) = precision::for_inference(requested, self.quantized, self.device.is_cpu())?;
+        self.int8 = p == Precision::Int8;
+        Ok(why)
     }
 
     /// How to read input for this model: the columns, header and pair of its training

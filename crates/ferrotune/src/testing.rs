@@ -231,3 +231,55 @@ pub fn write_tiny_csv(path: &Path, n: usize) -> Result<()> {
     }
     std::fs::write(path, s).map_err(|e| Error::io(path, e))
 }
+
+/// A random 3-output model of `family` (a tiny one, [`TinySpec::of`]) and `problem_type`,
+/// exported as `ferrotune train` would to `dir/model` (labels `neg`, `neu`, `pos`, inputs
+/// up to `max_len` tokens), its pretrained base in `dir/base`. Returns `dir/model`.
+pub fn write_tiny_classifier(
+    dir: &Path,
+    family: &'static str,
+    problem_type: &str,
+    max_len: usize,
+) -> Result<std::path::PathBuf> {
+    use crate::artifact::ExportInfo;
+    use crate::export::{export_model, ExportSpec};
+    let base = dir.join("base");
+    write_tiny_model(&base, &TinySpec::of(family))?;
+    let cfg = HfConfig::from_file(&base.join("config.json"))?;
+    let family = families::family(&cfg)?;
+    let loaded = family.build(
+        &cfg,
+        &Weights::Random,
+        &HeadSpec::new(3),
+        11,
+        &candle_core::Device::Cpu,
+    )?;
+    let tok = crate::data::tokenizer::load_tokenizer(&base, max_len)?;
+    let labels: Vec<String> = ["neg", "neu", "pos"].map(String::from).to_vec();
+    let out = dir.join("model");
+    export_model(
+        &out,
+        &ExportSpec {
+            base: &cfg,
+            family,
+            source_dir: &base,
+            params: &loaded.params,
+            tokenizer: &tok,
+            labels: &labels,
+            problem_type,
+            info: ExportInfo {
+                pooling: loaded.model.pooling(),
+                max_seq_length: max_len,
+                text_column: "text".into(),
+                text_pair_column: None,
+                label_column: "label".into(),
+                threshold: 0.5,
+                label_separator: None,
+                header: true,
+                column_names: None,
+            },
+            card: None,
+        },
+    )?;
+    Ok(out)
+}

@@ -12,16 +12,12 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::Router;
-use candle_core::Device;
-use ferrotune::artifact::ExportInfo;
 use ferrotune::data::reader::Example;
-use ferrotune::data::tokenizer::load_tokenizer;
-use ferrotune::export::{export_model, ExportSpec};
-use ferrotune::families::{self, HeadSpec, HfConfig};
-use ferrotune::nn::Weights;
+use ferrotune::families;
+use ferrotune::precision::Precision;
 use ferrotune::predict::Predictor;
 use ferrotune::serve::{shutdown_signal, ServeConfig, Server};
-use ferrotune::testing::{write_tiny_model, TinySpec, TINY_WORDS};
+use ferrotune::testing::{write_tiny_classifier, TINY_WORDS};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -37,44 +33,10 @@ fn tiny_model(dir: &Path, problem_type: &str) -> PathBuf {
     tiny_model_of(dir, "bert", problem_type)
 }
 
-/// A random 3-output model of `family` and `problem_type`.
+/// A random 3-output model of `family` and `problem_type`, exported as `ferrotune train`
+/// would (labels neg, neu, pos; max length 16).
 fn tiny_model_of(dir: &Path, family: &'static str, problem_type: &str) -> PathBuf {
-    let base = dir.join("base");
-    write_tiny_model(&base, &TinySpec::of(family)).unwrap();
-    let cfg = HfConfig::from_file(&base.join("config.json")).unwrap();
-    let family = families::family(&cfg).unwrap();
-    let loaded = family
-        .build(&cfg, &Weights::Random, &HeadSpec::new(3), 11, &Device::Cpu)
-        .unwrap();
-    let tok = load_tokenizer(&base, MAX_LEN).unwrap();
-    let labels: Vec<String> = ["neg", "neu", "pos"].map(String::from).to_vec();
-    let out = dir.join("model");
-    export_model(
-        &out,
-        &ExportSpec {
-            base: &cfg,
-            family,
-            source_dir: &base,
-            params: &loaded.params,
-            tokenizer: &tok,
-            labels: &labels,
-            problem_type,
-            info: ExportInfo {
-                pooling: loaded.model.pooling(),
-                max_seq_length: MAX_LEN,
-                text_column: "text".into(),
-                text_pair_column: None,
-                label_column: "label".into(),
-                threshold: 0.5,
-                label_separator: None,
-                header: true,
-                column_names: None,
-            },
-            card: None,
-        },
-    )
-    .unwrap();
-    out
+    write_tiny_classifier(dir, family, problem_type, MAX_LEN).unwrap()
 }
 
 struct Fixture {
@@ -692,7 +654,7 @@ async fn an_int8_server_answers_as_the_int8_library() {
     let s = server(
         &f,
         ServeConfig {
-            int8: true,
+            precision: Precision::Int8,
             ..Default::default()
         },
     );

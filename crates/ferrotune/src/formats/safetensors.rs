@@ -20,6 +20,51 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
     })
 }
 
+/// An int8 tensor (candle has no int8 type): its shape and elements, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct I8Tensor {
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// The elements.
+    pub data: Vec<i8>,
+}
+
+/// Reads a safetensors file that may hold int8 tensors (a quantized model): those come
+/// back as [`I8Tensor`]s, every other tensor as a candle tensor. Errors name the file.
+pub fn read_safetensors_with_i8(
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, I8Tensor>)> {
+    use candle_core::safetensors::Load;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |e: String| {
+        Error::file(
+            path,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let (mut tensors, mut int8) = (HashMap::new(), HashMap::new());
+    for (name, view) in st.tensors() {
+        if view.dtype() == safetensors::Dtype::I8 {
+            let data = view.data().iter().map(|&b| b as i8).collect();
+            int8.insert(
+                name,
+                I8Tensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            );
+        } else {
+            let t = view
+                .load(device)
+                .map_err(|e| Error::at(path, None, Some(&name), format!("cannot read: {e}")))?;
+            tensors.insert(name, t);
+        }
+    }
+    Ok((tensors, int8))
+}
+
 /// Reads the header of a safetensors file: tensor names and shapes, without the data,
 /// sorted by name.
 pub fn safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
@@ -88,6 +133,57 @@ impl safetensors::View for F32View<'_> {
     fn data_len(&self) -> usize {
         self.data.len() * 4
     }
+}
+
+/// One tensor to write, f32 or int8, its data borrowed.
+pub enum TensorView<'a> {
+    /// f32 elements.
+    F32(F32View<'a>),
+    /// int8 elements and the shape.
+    I8(&'a I8Tensor),
+}
+
+impl safetensors::View for TensorView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            TensorView::F32(_) => safetensors::Dtype::F32,
+            TensorView::I8(_) => safetensors::Dtype::I8,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            TensorView::F32(v) => &v.shape,
+            TensorView::I8(t) => &t.shape,
+        }
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            TensorView::F32(v) => v.data(),
+            // Safety: i8 and u8 have the same size and any bit pattern is valid.
+            TensorView::I8(t) => std::borrow::Cow::Borrowed(unsafe {
+                std::slice::from_raw_parts(t.data.as_ptr().cast::<u8>(), t.data.len())
+            }),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            TensorView::F32(v) => v.data_len(),
+            TensorView::I8(t) => t.data.len(),
+        }
+    }
+}
+
+/// Writes f32 and int8 tensors to `path` as safetensors (with `metadata` in the header),
+/// errors as [`write_f32_safetensors`].
+pub fn write_mixed_safetensors(
+    tensors: Vec<(String, TensorView<'_>)>,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    safetensors::serialize_to_file(tensors, metadata, path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
+        e => Error::Msg(format!("{}: cannot write: {e}", path.display())),
+    })
 }
 
 /// Writes borrowed f32 tensors to `path` as safetensors: no copy of the data is made

@@ -12,8 +12,13 @@
 //! integer sums are exact. The `+128` is taken back out with each column's weight sum:
 //! `Σ (qx+128)·qw = Σ qx·qw + 128·Σ qw`.
 //!
+//! Where the CPU has AVX-512 VNNI (Zen 4, Ice Lake and later Xeons), `vpdpbusd` does the
+//! same byte products and sums them into 32 bits in one instruction; the 7-bit weights are
+//! kept so that one quantized model gives the same numbers on every CPU.
+//!
 //! The portable kernel does the same integer arithmetic and the same float epilogue in
-//! the same order, so both kernels give bit-identical outputs (tested).
+//! the same order, so all kernels give bit-identical outputs (tested wherever the CPU has
+//! them; elsewhere the test says it skipped them).
 
 /// Output columns per packed block (two AVX2 registers of eight i32 sums).
 const NR: usize = 16;
@@ -83,6 +88,20 @@ impl QWeight {
             scales,
             col_sums,
         }
+    }
+
+    /// The matrices one below another (same `inp`): rows are quantized on their own, so
+    /// this equals quantizing the concatenated f32 weights.
+    pub fn concat(parts: &[&QWeight]) -> QWeight {
+        let inp = parts[0].inp;
+        assert!(parts.iter().all(|p| p.inp == inp), "concat: input widths");
+        let out = parts.iter().map(|p| p.out).sum();
+        let q = parts.iter().flat_map(|p| p.unpacked()).collect();
+        let scales = parts
+            .iter()
+            .flat_map(|p| p.scales.iter().copied())
+            .collect();
+        QWeight::from_quantized(q, scales, out, inp)
     }
 
     /// The quantized weights, row-major `(out, inp)` (for saving).
@@ -197,13 +216,61 @@ fn max_abs(v: &[f32]) -> f32 {
         })
 }
 
-/// Which kernel runs: AVX2 where the CPU has it (checked at run time), else portable.
-pub fn kernel_name() -> &'static str {
-    if avx2() {
-        "avx2"
-    } else {
-        "portable"
+/// An integer GEMM kernel. All three compute the same exact i32 sums and the same float
+/// epilogue, so their outputs are bit-identical (tested wherever the CPU has them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Plain Rust (any CPU).
+    Portable,
+    /// AVX2: `vpmaddubsw` + `vpmaddwd` (16-bit pair sums; exact because weights keep 7 bits).
+    Avx2,
+    /// AVX-512 VNNI (with AVX-512 VL, on 256-bit registers): `vpdpbusd`, four byte products
+    /// summed into 32 bits in one instruction.
+    Vnni,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs (checked at run time). `FERROTUNE_INT8_KERNEL`
+    /// (`portable`, `avx2`, `vnni`) picks another, where the CPU has it, for measurements.
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let asked = std::env::var("FERROTUNE_INT8_KERNEL").ok().and_then(|v| {
+                [Kernel::Portable, Kernel::Avx2, Kernel::Vnni]
+                    .into_iter()
+                    .find(|k| k.name() == v)
+            });
+            match asked {
+                Some(k) if k.available() => k,
+                _ if Kernel::Vnni.available() => Kernel::Vnni,
+                _ if Kernel::Avx2.available() => Kernel::Avx2,
+                _ => Kernel::Portable,
+            }
+        })
     }
+
+    /// True when this CPU runs it.
+    pub fn available(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            Kernel::Avx2 => avx2(),
+            Kernel::Vnni => vnni(),
+        }
+    }
+
+    /// Its name (`portable`, `avx2`, `vnni`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+            Kernel::Vnni => "vnni",
+        }
+    }
+}
+
+/// The kernel that runs ([`Kernel::best`]), by name.
+pub fn kernel_name() -> &'static str {
+    Kernel::best().name()
 }
 
 fn avx2() -> bool {
@@ -217,19 +284,32 @@ fn avx2() -> bool {
     }
 }
 
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2()
+            && std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Rows per task: quantized together, then every column block of the weights runs over
 /// them while it is in cache.
 const PANEL: usize = 32;
 
 /// `y (m, out) = x (m, inp) · Wᵀ + b` through int8, over panels of rows on candle's pool
-/// when `parallel`. `force_portable` runs the portable kernel (for tests).
+/// when `parallel`, with `kernel` (the portable one where the CPU lacks it).
 pub fn linear_i8(
     x: &[f32],
     m: usize,
     w: &QWeight,
     bias: Option<&[f32]>,
     parallel: bool,
-    force_portable: bool,
+    kernel: Kernel,
 ) -> Vec<f32> {
     let mut y = vec![0f32; m * w.out];
     let zeros;
@@ -240,7 +320,13 @@ pub fn linear_i8(
             &zeros
         }
     };
-    let use_avx2 = avx2() && !force_portable;
+    let kernel = if kernel.available() {
+        kernel
+    } else {
+        Kernel::Portable
+    };
+    let use_avx2 = kernel != Kernel::Portable;
+    let use_vnni = kernel == Kernel::Vnni;
     let out = super::par::Out::new(&mut y);
     let run = |t: usize| {
         let p0 = t * PANEL;
@@ -267,18 +353,18 @@ pub fn linear_i8(
                     // and row r's output starts at (r0 + r)·out + j0 with NR to go.
                     unsafe {
                         let y0 = yp.as_mut_ptr().add(r0 * w.out + j0);
-                        avx2_block_out(xb, rows, w.kp, wb, &ep, y0, w.out);
+                        avx2_block_out(xb, rows, w.kp, wb, &ep, y0, w.out, use_vnni);
                     }
                     continue;
                 } else if use_avx2 {
                     // Safety: as above.
-                    unsafe { avx2_block(xb, rows, w.kp, wb, &mut acc) };
+                    unsafe { avx2_block(xb, rows, w.kp, wb, &mut acc, use_vnni) };
                 } else {
                     portable_block(xb, rows, w.kp, wb, &mut acc);
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 {
-                    let _ = use_avx2;
+                    let _ = (use_avx2, use_vnni);
                     portable_block(xb, rows, w.kp, wb, &mut acc);
                 }
                 let sums = &w.col_sums[j0..j0 + nc];
@@ -324,9 +410,11 @@ struct Epilogue<'a> {
 }
 
 /// [`avx2_block`], then the epilogue in registers (the same float operations as the
-/// portable one, in order, no fused multiply-add), written to `y` (row stride `ys`).
+/// portable one, in order, no fused multiply-add), written to `y` (row stride `ys`). The
+/// sums by VNNI when `vnni` (the caller checked the CPU has it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn avx2_block_out(
     xb: &[u8],
     rows: usize,
@@ -335,9 +423,14 @@ unsafe fn avx2_block_out(
     ep: &Epilogue,
     y: *mut f32,
     ys: usize,
+    vnni: bool,
 ) {
     use std::arch::x86_64::*;
-    let s = avx2_sums(xb, rows, kp, wb);
+    let s = if vnni {
+        vnni_sums(xb, rows, kp, wb)
+    } else {
+        avx2_sums(xb, rows, kp, wb)
+    };
     let c128 = _mm256_set1_epi32(128);
     let half = |h: usize| {
         (
@@ -362,9 +455,20 @@ unsafe fn avx2_block_out(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn avx2_block(xb: &[u8], rows: usize, kp: usize, wb: &[i8], acc: &mut [[i32; NR]; MR]) {
+unsafe fn avx2_block(
+    xb: &[u8],
+    rows: usize,
+    kp: usize,
+    wb: &[i8],
+    acc: &mut [[i32; NR]; MR],
+    vnni: bool,
+) {
     use std::arch::x86_64::*;
-    let s = avx2_sums(xb, rows, kp, wb);
+    let s = if vnni {
+        vnni_sums(xb, rows, kp, wb)
+    } else {
+        avx2_sums(xb, rows, kp, wb)
+    };
     for (r, sr) in s.iter().enumerate().take(rows) {
         let a = acc[r].as_mut_ptr();
         _mm256_storeu_si256(a as *mut __m256i, sr[0]);
@@ -397,6 +501,32 @@ unsafe fn avx2_sums(
             let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w1), ones);
             sr[0] = _mm256_add_epi32(sr[0], p0);
             sr[1] = _mm256_add_epi32(sr[1], p1);
+        }
+    }
+    s
+}
+
+/// [`avx2_sums`] by AVX-512 VNNI: `vpdpbusd` adds the four products of unsigned activation
+/// bytes and signed weight bytes of each 32-bit lane into it, with no 16-bit step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+unsafe fn vnni_sums(
+    xb: &[u8],
+    rows: usize,
+    kp: usize,
+    wb: &[i8],
+) -> [[std::arch::x86_64::__m256i; 2]; MR] {
+    use std::arch::x86_64::*;
+    let mut s = [[_mm256_setzero_si256(); 2]; MR];
+    let xp = xb.as_ptr();
+    let wp = wb.as_ptr();
+    for k4 in 0..kp / 4 {
+        let w0 = _mm256_loadu_si256(wp.add(k4 * NR * 4) as *const __m256i);
+        let w1 = _mm256_loadu_si256(wp.add(k4 * NR * 4 + 32) as *const __m256i);
+        for (r, sr) in s.iter_mut().enumerate().take(rows) {
+            let xv = _mm256_set1_epi32((xp.add(r * kp + k4 * 4) as *const i32).read_unaligned());
+            sr[0] = _mm256_dpbusd_epi32(sr[0], xv, w0);
+            sr[1] = _mm256_dpbusd_epi32(sr[1], xv, w1);
         }
     }
     s
@@ -435,9 +565,17 @@ mod tests {
             let w = rand_vec(out * inp, seed + 100);
             let b = rand_vec(out, seed + 200);
             let q = QWeight::quantize(&w, out, inp);
-            let fast = linear_i8(&x, m, &q, Some(&b), true, false);
-            let portable = linear_i8(&x, m, &q, Some(&b), false, true);
+            let fast = linear_i8(&x, m, &q, Some(&b), true, Kernel::best());
+            let portable = linear_i8(&x, m, &q, Some(&b), false, Kernel::Portable);
             assert_eq!(fast, portable, "{m}x{out}x{inp}");
+            for k in [Kernel::Avx2, Kernel::Vnni] {
+                if k.available() {
+                    let y = linear_i8(&x, m, &q, Some(&b), true, k);
+                    assert_eq!(y, portable, "{} {m}x{out}x{inp}", k.name());
+                } else {
+                    eprintln!("skipped: the {} kernel (this CPU lacks it)", k.name());
+                }
+            }
             let exact = f32_linear(&x, m, &w, out, inp, &b);
             // Error bound: each product errs by at most |x|·sw/2 + |w|·sx/2 (+ their
             // product), summed over inp terms.
@@ -468,10 +606,16 @@ mod tests {
             *v = -1.0;
         }
         let q = QWeight::quantize(&w, out, inp);
-        let y = linear_i8(&x, m, &q, None, false, false);
+        let y = linear_i8(&x, m, &q, None, false, Kernel::Portable);
         assert_eq!(y[0], inp as f32);
         assert_eq!(y[1], -(inp as f32));
-        assert_eq!(y, linear_i8(&x, m, &q, None, false, true));
+        for k in [Kernel::Avx2, Kernel::Vnni] {
+            if k.available() {
+                assert_eq!(y, linear_i8(&x, m, &q, None, false, k), "{}", k.name());
+            } else {
+                eprintln!("skipped: the {} kernel (this CPU lacks it)", k.name());
+            }
+        }
     }
 
     #[test]
@@ -493,5 +637,17 @@ mod tests {
         assert_eq!(back.packed, q.packed);
         assert_eq!(back.col_sums, q.col_sums);
         assert!(q.unpacked().iter().all(|&v| (v as f32).abs() <= W_MAX));
+    }
+
+    #[test]
+    fn concatenating_equals_quantizing_the_concatenation() {
+        let (a, b) = (rand_vec(5 * 9, 1), rand_vec(12 * 9, 2));
+        let whole: Vec<f32> = a.iter().chain(&b).copied().collect();
+        let cat = QWeight::concat(&[&QWeight::quantize(&a, 5, 9), &QWeight::quantize(&b, 12, 9)]);
+        let direct = QWeight::quantize(&whole, 17, 9);
+        assert_eq!(
+            (cat.packed, cat.scales, cat.col_sums),
+            (direct.packed, direct.scales, direct.col_sums)
+        );
     }
 }

@@ -14,6 +14,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
+use crate::formats::safetensors::{read_safetensors_with_i8, I8Tensor};
+use crate::kernels::int8::{self, QWeight};
 use crate::nn::layers::{Embedding, LayerNorm, Linear};
 use crate::nn::params::{GroupKind, Param, ParamStore};
 
@@ -25,6 +27,8 @@ pub enum Weights {
         path: std::path::PathBuf,
         /// Its tensors by name.
         tensors: HashMap<String, Tensor>,
+        /// Its int8 tensors by name (a quantized model's linear weights).
+        int8: HashMap<String, I8Tensor>,
     },
     /// Random weights (tests and benchmarks).
     Random,
@@ -33,25 +37,117 @@ pub enum Weights {
 impl Weights {
     /// The tensors of a safetensors file.
     pub fn safetensors(path: &Path, device: &Device) -> Result<Weights> {
+        let (tensors, int8) = read_safetensors_with_i8(path, device)?;
         Ok(Weights::File {
             path: path.to_path_buf(),
-            tensors: crate::formats::safetensors::read_safetensors(path, device)?,
+            tensors,
+            int8,
         })
     }
 
     /// The tensor names (none for random weights).
     pub fn names(&self) -> Vec<&str> {
         match self {
-            Weights::File { tensors, .. } => tensors.keys().map(|k| k.as_str()).collect(),
+            Weights::File { tensors, int8, .. } => tensors
+                .keys()
+                .chain(int8.keys())
+                .map(|k| k.as_str())
+                .collect(),
             Weights::Random => Vec::new(),
         }
     }
 
     /// True when the checkpoint holds tensor `name`.
     pub fn has(&self, name: &str) -> bool {
-        matches!(self, Weights::File { tensors, .. } if tensors.contains_key(name))
+        matches!(self, Weights::File { tensors, int8, .. }
+            if tensors.contains_key(name) || int8.contains_key(name))
+    }
+
+    /// True when the checkpoint holds int8 tensors (a quantized model).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Weights::File { int8, .. } if !int8.is_empty())
+    }
+
+    /// The int8 weight `name` `(out, inp)` with its scale `{name}_scale` `(out)`, as
+    /// quantized weights; `None` when the checkpoint holds no int8 tensor of that name.
+    /// Errors name the file and tensor: a missing or mismatched scale, a weight of another
+    /// shape or outside the kernels' ±63, a scale for an f32 weight.
+    pub fn int8_weight(&self, name: &str, out: usize, inp: usize) -> Result<Option<QWeight>> {
+        let Weights::File {
+            path,
+            tensors,
+            int8,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let scale_name = format!("{name}{SCALE_SUFFIX}");
+        let scale = tensors.get(&scale_name);
+        let Some(q) = int8.get(name) else {
+            if scale.is_some() && tensors.contains_key(name) {
+                return Err(Error::at(
+                    path,
+                    None,
+                    Some(&scale_name),
+                    format!("a scale beside an f32 weight `{name}`: a quantized weight is int8"),
+                ));
+            }
+            return Ok(None);
+        };
+        let at = |field: &str, msg: String| Error::at(path, None, Some(field), msg);
+        if q.shape != [out, inp] {
+            return Err(at(
+                name,
+                format!(
+                    "int8 tensor has shape {:?}, expected {:?}",
+                    q.shape,
+                    [out, inp]
+                ),
+            ));
+        }
+        if let Some(v) = q.data.iter().find(|&&v| (v as f32).abs() > int8::W_MAX) {
+            return Err(at(
+                name,
+                format!(
+                    "int8 weight {v} outside ±{} (ferrotune's quantized weights keep 7 bits; \
+                     quantize the model with `ferrotune quantize`)",
+                    int8::W_MAX
+                ),
+            ));
+        }
+        let scale = scale.ok_or_else(|| {
+            at(
+                &scale_name,
+                format!("missing: the int8 weight `{name}` needs its per-channel scale"),
+            )
+        })?;
+        if scale.dims() != [out] {
+            return Err(at(
+                &scale_name,
+                format!(
+                    "scale has shape {:?}, expected [{out}] (one per output channel of `{name}`)",
+                    scale.dims()
+                ),
+            ));
+        }
+        let scales: Vec<f32> = scale.to_dtype(DType::F32)?.to_vec1()?;
+        if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(at(
+                &scale_name,
+                format!("scale {s}: every scale must be finite and positive"),
+            ));
+        }
+        Ok(Some(QWeight::from_quantized(
+            q.data.clone(),
+            scales,
+            out,
+            inp,
+        )))
     }
 }
+
+/// The name of an int8 weight's per-channel scale: `{weight}_scale`.
+pub const SCALE_SUFFIX: &str = "_scale";
 
 /// How a tensor the checkpoint lacks is initialised.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -145,8 +241,21 @@ impl<'a> Builder<'a> {
     ) -> Result<Var> {
         let t = match self.weights {
             Weights::Random => self.random(shape, init)?,
-            Weights::File { path, tensors } => {
+            Weights::File {
+                path,
+                tensors,
+                int8,
+            } => {
                 let full = format!("{}{}", self.ckpt_prefix, name);
+                if int8.contains_key(&full) {
+                    return Err(Error::at(
+                        path,
+                        None,
+                        Some(&full),
+                        "int8 tensor where an f32 one is expected (only linear layers' \
+                         weights are quantized)",
+                    ));
+                }
                 let t = tensors.get(&full).ok_or_else(|| {
                     Error::at(
                         path,
@@ -215,7 +324,20 @@ impl<'a> Builder<'a> {
     }
 
     /// A backbone linear layer `{name}.weight` `(out, inp)` and `{name}.bias`.
+    /// From a quantized model, the int8 weight and its scale instead (no f32 weights).
     pub fn linear(&mut self, name: &str, out: usize, inp: usize, group: usize) -> Result<Linear> {
+        let full = format!("{}{name}.weight", self.ckpt_prefix);
+        if let Some(q) = self.weights.int8_weight(&full, out, inp)? {
+            let b = self.need(&format!("{name}.bias"), &[out], group, Init::Zeros, true)?;
+            self.store
+                .linear_weights
+                .push(format!("{}{name}.weight", self.export_prefix));
+            self.store.int8_layers += 1;
+            return Linear::quantized(q, b, group);
+        }
+        self.store
+            .linear_weights
+            .push(format!("{}{name}.weight", self.export_prefix));
         Ok(Linear::new(
             self.need(
                 &format!("{name}.weight"),
@@ -277,6 +399,20 @@ impl<'a> Builder<'a> {
         inp: usize,
         group: usize,
     ) -> Result<(Linear, bool)> {
+        let ckpt_w = format!("{ckpt}.weight");
+        self.store.linear_weights.push(format!("{export}.weight"));
+        if let Some(q) = self.weights.int8_weight(&ckpt_w, out, inp)? {
+            let (b, new) = self.optional(
+                &format!("{ckpt}.bias"),
+                &format!("{export}.bias"),
+                &[out],
+                group,
+                Init::Zeros,
+                true,
+            )?;
+            self.store.int8_layers += 1;
+            return Ok((Linear::quantized(q, b, group)?, new));
+        }
         let (w, n1) = self.optional(
             &format!("{ckpt}.weight"),
             &format!("{export}.weight"),

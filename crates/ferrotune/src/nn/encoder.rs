@@ -10,6 +10,7 @@ use candle_core::{Tensor, Var};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::kernels::int8::QWeight;
 use crate::kernels::{attention, fused, grad_sink, linear};
 use crate::nn::builder::Builder;
 use crate::nn::layers::{Activation, LayerNorm, Linear};
@@ -168,12 +169,23 @@ impl EncoderLayer {
                         let ts = [&self.q, &self.k, &self.v].map(|l| f(l).as_tensor().clone());
                         Ok(Var::from_tensor(&Tensor::cat(&ts, 0)?)?)
                     };
-                    let l = Linear::new(cat(|l| &l.w)?, cat(|l| &l.b)?, self.q.group);
+                    let l = match [&self.q, &self.k, &self.v].map(|l| l.q.get()) {
+                        // A quantized model: its int8 weights, one below another.
+                        [Some(q), Some(k), Some(v)] if self.q.int8_only => Linear::quantized(
+                            QWeight::concat(&[q, k, v]),
+                            cat(|l| &l.b)?,
+                            self.q.group,
+                        )?,
+                        _ => Linear::new(cat(|l| &l.w)?, cat(|l| &l.b)?, self.q.group),
+                    };
                     let _ = self.qkv_int8.set(l);
                     self.qkv_int8.get().expect("set above")
                 }
             };
             return l.forward(ctx, x);
+        }
+        if self.q.int8_only {
+            return Err(Linear::int8_only_error());
         }
         let ws = [&self.q, &self.k, &self.v].map(|l| ctx.w(&l.w, l.group));
         let bs = [&self.q, &self.k, &self.v].map(|l| ctx.w(&l.b, l.group));

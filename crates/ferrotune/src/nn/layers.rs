@@ -15,14 +15,18 @@ use crate::nn::Ctx;
 
 /// A linear layer `y = x Wᵀ + b` on 2-D input.
 pub struct Linear {
-    /// `(out, in)`.
+    /// `(out, in)`; `(out, 0)` for a layer loaded from a quantized model, which holds
+    /// its int8 weights only ([`Linear::int8_only`]).
     pub w: Var,
     /// `(out)`.
     pub b: Var,
     /// Its parameter group.
     pub group: usize,
-    /// The int8 weights, made from `w` at the first int8 inference (see [`Ctx::int8`]).
+    /// The int8 weights: made from `w` at the first int8 inference (see [`Ctx::int8`]),
+    /// or loaded from a quantized model.
     pub q: OnceLock<QWeight>,
+    /// Loaded from a quantized model: no f32 weights, int8 inference only.
+    pub int8_only: bool,
 }
 
 impl Linear {
@@ -33,7 +37,32 @@ impl Linear {
             b,
             group,
             q: OnceLock::new(),
+            int8_only: false,
         }
+    }
+
+    /// A layer of int8 weights only (from a quantized model): it runs in int8 inference
+    /// and refuses anything else.
+    pub fn quantized(q: QWeight, b: Var, group: usize) -> Result<Linear> {
+        let w = Var::from_tensor(&Tensor::zeros((q.out, 0), DType::F32, b.device())?)?;
+        let cell = OnceLock::new();
+        let _ = cell.set(q);
+        Ok(Linear {
+            w,
+            b,
+            group,
+            q: cell,
+            int8_only: true,
+        })
+    }
+
+    /// The error of an int8-only layer asked to run otherwise.
+    pub fn int8_only_error() -> Error {
+        Error::Msg(
+            "this model is quantized (int8 weights only): it runs int8 inference only \
+             (--precision int8), not f32 or training; use the f32 model for those"
+                .into(),
+        )
     }
 
     /// `x Wᵀ + b` through int8 (inference): `None` where the layer cannot (not 2-D f32 on
@@ -43,26 +72,32 @@ impl Linear {
             &[m, k] if x.dtype() == DType::F32 && x.device().is_cpu() => (m, k),
             _ => return Ok(None),
         };
-        let w = self.w.as_tensor();
-        let (out, inp) = w.dims2()?;
-        if inp != k {
-            return Ok(None);
-        }
         let q = match self.q.get() {
             Some(q) => q,
             None => {
+                let w = self.w.as_tensor();
+                let (out, inp) = w.dims2()?;
+                if inp != k {
+                    return Ok(None);
+                }
                 let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
                 let _ = self.q.set(QWeight::quantize(&wv, out, inp));
                 self.q.get().expect("set above")
             }
         };
+        if q.inp != k {
+            return Err(Error::Msg(format!(
+                "int8 linear layer of {} inputs given {k}",
+                q.inp
+            )));
+        }
         // Read in place: no copy of the activations or the bias.
         let y = with_f32(x, |xv| {
             with_f32(self.b.as_tensor(), |bv| {
-                int8::linear_i8(xv, m, q, Some(bv), true, false)
+                int8::linear_i8(xv, m, q, Some(bv), true, int8::Kernel::best())
             })
         })??;
-        Ok(Some(Tensor::from_vec(y, (m, out), x.device())?))
+        Ok(Some(Tensor::from_vec(y, (m, q.out), x.device())?))
     }
 
     /// `x Wᵀ + b`.
@@ -71,6 +106,9 @@ impl Linear {
             if let Some(y) = self.forward_int8(x)? {
                 return Ok(y);
             }
+        }
+        if self.int8_only {
+            return Err(Linear::int8_only_error());
         }
         let w = ctx.w(&self.w, self.group);
         let b = ctx.w(&self.b, self.group);
@@ -88,7 +126,7 @@ impl Linear {
             Activation::Gelu if ctx.int8 && !ctx.train && ctx.fused() => {
                 fused::gelu_erf(&self.forward(ctx, x)?)
             }
-            Activation::Gelu if ctx.fused() => {
+            Activation::Gelu if ctx.fused() && !self.int8_only => {
                 let w = ctx.w(&self.w, self.group);
                 let b = ctx.w(&self.b, self.group);
                 linear::linear_gelu(x, &w, &b)

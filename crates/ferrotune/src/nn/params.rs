@@ -64,6 +64,12 @@ pub struct ParamStore {
     pub params: Vec<Param>,
     /// The layer groups, bottom to top.
     pub groups: Vec<Group>,
+    /// The export names of the linear layers' weights (what int8 quantizes), in model
+    /// order.
+    pub linear_weights: Vec<String>,
+    /// Linear layers loaded as int8 weights only (from a quantized model); their weights
+    /// are not among `params`.
+    pub int8_layers: usize,
 }
 
 impl ParamStore {

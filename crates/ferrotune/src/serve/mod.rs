@@ -45,6 +45,7 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::data::batch::Features;
 use crate::error::{Error, Result};
+use crate::precision::Precision;
 use crate::predict::Predictor;
 use api::{scores_json, ApiError, Input, PredictRequest};
 use batcher::{Job, Limits, Queue};
@@ -74,8 +75,9 @@ pub struct ServeConfig {
     /// How long a worker with fewer than `max_batch_requests` queued waits for more before
     /// running them (0: run at once with what is queued).
     pub batch_wait: Duration,
-    /// Linear layers in int8 ([`Predictor::int8`]).
-    pub int8: bool,
+    /// Number format ([`Predictor::set_precision`]): `auto` (the default) is int8 for a
+    /// quantized model, f32 otherwise.
+    pub precision: Precision,
 }
 
 impl Default for ServeConfig {
@@ -93,7 +95,7 @@ impl Default for ServeConfig {
             max_body_bytes: 2 * 1024 * 1024,
             workers: 1,
             batch_wait: Duration::ZERO,
-            int8: false,
+            precision: Precision::Auto,
         }
     }
 }
@@ -149,7 +151,7 @@ impl Server {
     pub fn new(mut predictor: Predictor, cfg: ServeConfig) -> Result<Server> {
         cfg.validate()?;
         predictor.batch_size = usize::MAX;
-        predictor.int8 = cfg.int8;
+        predictor.set_precision(cfg.precision)?;
         let mut untruncated = predictor.tokenizer().clone();
         untruncated
             .with_truncation(None)
@@ -301,8 +303,8 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 's
 /// listening, when shutting down and when stopped.
 pub fn run(dir: &Path, cfg: ServeConfig) -> Result<()> {
     cfg.validate()?;
-    let predictor = Predictor::load(dir)?;
-    let precision = if cfg.int8 { "int8" } else { "f32" };
+    let mut predictor = Predictor::load(dir)?;
+    let precision = predictor.set_precision(cfg.precision)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ferrotune-http")

@@ -414,9 +414,13 @@ impl Run {
     fn log_start(&mut self, notes: &[String], progress: &mut dyn Progress) -> Result<()> {
         let (train_n, eval_n) = (self.train.0.len(), self.eval.0.len());
         let (total, warmup) = (self.schedule.total_steps, self.schedule.warmup_steps);
+        let (precision, why) = crate::precision::for_training(self.cfg.precision)?;
         self.log.line(json!({
             "split": "run",
             "threads": self.threads,
+            "precision": precision.name(),
+            "precision_reason": why,
+            "cpu_features": crate::precision::cpu_features(),
             "model_type": self.family.model_type(),
             "problem_type": self.task.name(),
             "loss": self.loss.kind.name(),
@@ -431,7 +435,7 @@ impl Run {
             "warnings": notes.iter().filter(|n| n.starts_with("warning:")).count(),
         }))?;
         progress.message(&format!(
-            "{} training / {} evaluation examples, {} labels, {} parameters ({}), {} steps ({} warm-up), {} threads",
+            "{} training / {} evaluation examples, {} labels, {} parameters ({}), {} steps ({} warm-up), {} threads, {}",
             train_n,
             eval_n,
             self.labels.len(),
@@ -439,7 +443,8 @@ impl Run {
             self.family.name(),
             total,
             warmup,
-            self.threads
+            self.threads,
+            why
         ));
         Ok(())
     }
