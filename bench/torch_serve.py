@@ -35,6 +35,9 @@ def parse_args():
     ap.add_argument("--port", type=int, default=8081)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     ap.add_argument("--max-batch-requests", type=int, default=64, help="requests per batch (1: no batching)")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "int8"],
+                    help="f32; bf16 autocast (fast only on CPUs with avx512_bf16/AMX); int8: "
+                         "torch.ao.quantization.quantize_dynamic of the linear layers")
     return ap.parse_args()
 
 
@@ -55,6 +58,8 @@ def main():
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+    if args.precision == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     cfg = json.load(open(os.path.join(args.model, "config.json")))
     max_len = cfg.get("ferrotune", {}).get("max_seq_length", tok.model_max_length)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -79,8 +84,9 @@ def main():
                 enc = tok(texts, pairs if any(p is not None for p in pairs) else None,
                           truncation=True, max_length=max_len, padding=True,
                           return_tensors="pt")
-                with torch.inference_mode():
-                    logits = model(**enc).logits
+                with torch.inference_mode(), torch.autocast(
+                        "cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                    logits = model(**enc).logits.float()
                 if regression:
                     probs = logits
                 elif multi:
@@ -165,7 +171,7 @@ def main():
     server = Server((args.host, args.port), Handler)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"torch_serve: {args.model} on http://{args.host}:{args.port} "
-          f"({args.threads} threads, max_batch_requests {args.max_batch_requests})",
+          f"({args.threads} threads, max_batch_requests {args.max_batch_requests}, {args.precision})",
           file=sys.stderr, flush=True)
     server.serve_forever()
     sys.stderr.flush()

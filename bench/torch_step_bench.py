@@ -25,7 +25,7 @@ SHAPES = {
 }
 
 
-def main():
+def parse_args(precisions=("f32", "bf16", "int8")):
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["train", "infer"])
     ap.add_argument("--preset", default="minilm-l6", choices=list(SHAPES))
@@ -33,9 +33,12 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "int8"])
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    ap.add_argument("--precision", default="f32", choices=list(precisions))
+    return ap.parse_args()
+
+
+def build_model(a):
+    """The randomly initialised transformers classifier of `a.preset` (seed 0)."""
     torch.manual_seed(0)
     family, h, l, heads, i, vocab = SHAPES[a.preset]
     if family == "distilbert":
@@ -47,9 +50,23 @@ def main():
                                    num_attention_heads=heads, intermediate_size=i,
                                    vocab_size=vocab, num_labels=2, **extra)
     try:  # PyTorch's fused attention where transformers has it for the family
-        model = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="sdpa")
+        return AutoModelForSequenceClassification.from_config(cfg, attn_implementation="sdpa")
     except (ValueError, NotImplementedError):
-        model = AutoModelForSequenceClassification.from_config(cfg)
+        return AutoModelForSequenceClassification.from_config(cfg)
+
+
+def flops(a):
+    """The step's floating-point operations (as `ferrotune bench` counts them)."""
+    family, h, l, heads, i, vocab = SHAPES[a.preset]
+    tokens, s = a.batch * a.seq, a.seq
+    f = l * (2 * tokens * (4 * h * h + 2 * h * i) + 4 * a.batch * s * s * h)
+    return f * (3 if a.mode == "train" else 1)
+
+
+def main():
+    a = parse_args()
+    torch.set_num_threads(a.threads)
+    model = build_model(a)
     if a.precision == "int8":  # PyTorch's dynamic quantization of the linear layers
         assert a.mode == "infer", "int8 is for inference"
         model.eval()
@@ -76,11 +93,8 @@ def main():
         ms = (time.perf_counter() - t0) * 1000
         if step >= 2:
             times.append(ms)
-    tokens, s = a.batch * a.seq, a.seq
-    flops = l * (2 * tokens * (4 * h * h + 2 * h * i) + 4 * a.batch * s * s * h)
-    flops *= 3 if a.mode == "train" else 1
     med = statistics.median(times)
-    print(json.dumps({"median_ms": med, "min_ms": min(times), "gflops": flops / (med / 1000) / 1e9,
+    print(json.dumps({"median_ms": med, "min_ms": min(times), "gflops": flops(a) / (med / 1000) / 1e9,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "threads": a.threads, "torch": torch.__version__}))
 
