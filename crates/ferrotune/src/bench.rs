@@ -133,7 +133,6 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
     } else {
         for_inference(requested, false, true)?
     };
-    let int8 = precision == Precision::Int8;
     if spec.batch == 0 || spec.seq < 2 || spec.steps == 0 || spec.seq > 512 {
         return Err(Error::Config(
             "bench: batch >= 1, 2 <= seq <= 512 and steps >= 1 are required".into(),
@@ -181,6 +180,7 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
                 frozen: &frozen,
                 rng: Some(&mut rng),
                 int8: false,
+                bf16: false,
             };
             // As the trainer: gradient buffers kept from step to step.
             loss_and_grads_into(
@@ -197,7 +197,7 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
             let clip = clip_factor(grad_norm(&grads), 1.0);
             opt.step(&params, &grads, clip, &lrs)?;
         } else {
-            let mut ctx = if int8 { Ctx::eval_int8() } else { Ctx::eval() };
+            let mut ctx = Ctx::eval_with(precision);
             let logits = model.forward(&mut ctx, &batch)?;
             logits.to_vec2::<f32>()?;
         }

@@ -9,25 +9,26 @@ use crate::data::{InputEncoder, TextEncoder};
 use crate::error::Result;
 use crate::families::{self, HeadSpec, HfConfig, Model};
 use crate::nn::{Ctx, Pooling};
+use crate::precision::Precision;
 
 /// Head outputs for `items`, in input order, computed `batch_size` items at a time with the
 /// items sorted by length so that each batch pads as little as possible. `on_batch(n)` is
-/// called after each batch of `n` items. With `int8`, linear layers run in int8
-/// ([`Ctx::eval_int8`]).
+/// called after each batch of `n` items. Linear layers run in `precision`
+/// ([`Ctx::eval_with`]: int8, bf16, else f32).
 pub fn infer_logits(
     model: &dyn Model,
     encoder: &dyn InputEncoder,
     items: &[Features],
     batch_size: usize,
     device: &Device,
-    int8: bool,
+    precision: Precision,
     mut on_batch: impl FnMut(usize),
 ) -> Result<Vec<Vec<f32>>> {
     let mut out = vec![Vec::new(); items.len()];
     for idx in length_sorted_batches(items, batch_size) {
         let refs: Vec<&Features> = idx.iter().map(|&i| &items[i]).collect();
         let batch = encoder.collate(&refs, device)?;
-        let mut ctx = if int8 { Ctx::eval_int8() } else { Ctx::eval() };
+        let mut ctx = Ctx::eval_with(precision);
         let logits = model.forward(&mut ctx, &batch)?.to_vec2::<f32>()?;
         for (i, row) in idx.iter().zip(logits) {
             out[*i] = row;

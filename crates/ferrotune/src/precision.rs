@@ -4,12 +4,14 @@
 //! - `int8`: inference only; linear layers through int8 weights (per output channel) and
 //!   int8 activations (per row, dynamic), [`crate::kernels::int8`]. On the fly from an f32
 //!   model, or from a directory written by `ferrotune quantize` (int8 weights only).
-//! - `bf16`: mixed precision (bf16 products, f32 sums and statistics). It pays only on CPUs
-//!   with a bf16 dot product (`avx512_bf16`, `amx_bf16`); elsewhere it would run slower than
-//!   f32, so asking for it there is an error. Its kernels are not written yet, so on a CPU
-//!   that has the instruction it is an error too, saying so.
+//! - `bf16`: bf16 products with f32 sums (layer norms, softmax, loss stay f32). It pays only
+//!   on CPUs with a bf16 dot product (`avx512_bf16`, `amx_bf16`); elsewhere it would run
+//!   slower than f32, so asking for it there is an error. Inference has it
+//!   ([`crate::kernels::bf16`], `vdpbf16ps`); training does not yet, so a bf16 recipe is
+//!   refused on every CPU, saying which reason applies.
 //! - `auto` (the default): int8 for a quantized model, otherwise f32, with the reason in
-//!   the run's first line and log.
+//!   the run's first line and log. bf16 is not picked by `auto` until it has been measured
+//!   faster than f32 on a CPU that has it.
 //!
 //! The choice is made at run time from the CPU's flags, never at build time.
 
@@ -103,11 +105,13 @@ pub fn cpu_features() -> String {
     }
 }
 
-/// Why `bf16` cannot run here (an error message), as no bf16 kernel runs yet.
-fn bf16_refusal() -> String {
-    if bf16_dot_product() {
-        "precision bf16: this CPU has a bf16 dot product (avx512_bf16), but ferrotune's bf16 \
-         kernels are not written yet; use f32 (or int8 for inference)"
+/// Why `bf16` cannot run here (an error message): the CPU lacks it, or (`training`) the
+/// bf16 training kernels are not written yet.
+fn bf16_refusal(training: bool) -> String {
+    if training && bf16_dot_product() {
+        "precision bf16: this CPU has a bf16 dot product (avx512_bf16), but ferrotune trains \
+         in f32 only so far (bf16 is for inference: predict, eval, serve --precision bf16); \
+         use f32 or auto"
             .into()
     } else {
         format!(
@@ -125,7 +129,7 @@ pub fn for_training(requested: Precision) -> Result<(Precision, String)> {
         Precision::Auto => Ok((
             Precision::F32,
             if bf16_dot_product() {
-                "f32 (auto: this CPU has bf16, but ferrotune's bf16 kernels are not written yet)"
+                "f32 (auto: this CPU has bf16, but ferrotune's bf16 training is not written yet)"
                     .into()
             } else {
                 format!(
@@ -138,7 +142,7 @@ pub fn for_training(requested: Precision) -> Result<(Precision, String)> {
             "precision int8 is for inference (predict, eval, serve), not training; use f32 or auto"
                 .into(),
         )),
-        Precision::Bf16 => Err(Error::Config(bf16_refusal())),
+        Precision::Bf16 => Err(Error::Config(bf16_refusal(true))),
     }
 }
 
@@ -173,7 +177,8 @@ pub fn for_inference(
                     .into()
             },
         )),
-        Precision::Bf16 => Err(Error::Config(bf16_refusal())),
+        Precision::Bf16 if bf16_dot_product() => Ok((Precision::Bf16, "bf16 (as asked)".into())),
+        Precision::Bf16 => Err(Error::Config(bf16_refusal(false))),
     }
 }
 
@@ -204,10 +209,11 @@ mod tests {
         assert!(e.contains("CPU only"), "{e}");
         let e = pick(Precision::F32, true, true).unwrap_err().to_string();
         assert!(e.contains("quantized"), "{e}");
-        // No bf16 kernel runs yet: refused everywhere, with the reason of this CPU.
-        let e = pick(Precision::Bf16, false, true).unwrap_err().to_string();
-        assert!(e.contains("bf16"), "{e}");
-        if !bf16_dot_product() {
+        // bf16 where the CPU has it; refused elsewhere, saying why.
+        if bf16_dot_product() {
+            assert_eq!(pick(Precision::Bf16, false, true).unwrap(), Precision::Bf16);
+        } else {
+            let e = pick(Precision::Bf16, false, true).unwrap_err().to_string();
             assert!(e.contains("slower than f32"), "{e}");
         }
     }

@@ -58,6 +58,9 @@ pub struct Predictor {
     /// activations per row; [`crate::kernels::int8`]). Default off: f32, except for a
     /// quantized model. Set it through [`Predictor::set_precision`].
     pub int8: bool,
+    /// Linear layers in bf16 with f32 sums ([`crate::kernels::bf16`]); only where the CPU
+    /// has a bf16 dot product. Set it through [`Predictor::set_precision`].
+    pub bf16: bool,
     /// Loaded from a quantized directory (`ferrotune quantize`): int8 weights only, so
     /// int8 inference only.
     pub quantized: bool,
@@ -174,6 +177,7 @@ impl Predictor {
             batch_size: 32,
             stream_chunk: STREAM_CHUNK,
             int8: quantized,
+            bf16: false,
             quantized,
             device,
         };
@@ -185,7 +189,19 @@ impl Predictor {
     pub fn set_precision(&mut self, requested: Precision) -> Result<String> {
         let (p, why) = precision::for_inference(requested, self.quantized, self.device.is_cpu())?;
         self.int8 = p == Precision::Int8;
+        self.bf16 = p == Precision::Bf16;
         Ok(why)
+    }
+
+    /// The number format the linear layers run in.
+    pub fn precision(&self) -> Precision {
+        if self.int8 {
+            Precision::Int8
+        } else if self.bf16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
     }
 
     /// How to read input for this model: the columns, header and pair of its training
@@ -322,7 +338,7 @@ impl Predictor {
             feats,
             self.batch_size,
             &self.device,
-            self.int8,
+            self.precision(),
             on_batch,
         )
     }

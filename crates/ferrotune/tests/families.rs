@@ -83,6 +83,7 @@ fn train_ctx<'a>(frozen: &'a [bool], rng: &'a mut ChaCha8Rng) -> Ctx<'a> {
         frozen,
         rng: Some(rng),
         int8: false,
+        bf16: false,
     }
 }
 
@@ -403,6 +404,7 @@ fn dropout_is_seeded_and_only_in_training() {
                 frozen: &[],
                 rng: Some(&mut rng),
                 int8: false,
+                bf16: false,
             };
             m.forward(&mut ctx, &x).unwrap().to_vec2::<f32>().unwrap()
         };
@@ -568,21 +570,31 @@ fn layer_groups_follow_the_module_tree() {
     }
 }
 
-/// Int8 inference tracks f32 for every family: logits within a few percent of their
-/// spread, the hidden states too, and the same on a second call (weights quantized once).
+/// Int8 and bf16 inference track f32 for every family: logits within a few percent of
+/// their spread, and the same on a second call (weights converted once). bf16 runs its
+/// emulated kernel where the CPU has no avx512_bf16 (the same arithmetic, slower).
 #[test]
-fn int8_inference_tracks_f32() {
+fn int8_and_bf16_inference_track_f32() {
+    for (name, low) in [
+        ("int8", Ctx::eval_int8 as fn() -> Ctx<'static>),
+        ("bf16", Ctx::eval_bf16),
+    ] {
+        low_precision_tracks_f32(name, low);
+    }
+}
+
+fn low_precision_tracks_f32(name: &str, low: fn() -> Ctx<'static>) {
     for family in model_types() {
         let (_t, dir) = tiny(family);
         let l = load(&dir, None).unwrap();
         let x = batch(&dir);
         let f32_logits = l.model.forward(&mut Ctx::eval(), &x).unwrap();
-        let i8_logits = l.model.forward(&mut Ctx::eval_int8(), &x).unwrap();
-        let again = l.model.forward(&mut Ctx::eval_int8(), &x).unwrap();
+        let i8_logits = l.model.forward(&mut low(), &x).unwrap();
+        let again = l.model.forward(&mut low(), &x).unwrap();
         assert_eq!(
             max_abs_diff(&i8_logits, &again),
             0.0,
-            "{family}: not repeatable"
+            "{family}: {name} not repeatable"
         );
         let spread = f32_logits
             .abs()
@@ -594,18 +606,23 @@ fn int8_inference_tracks_f32() {
             .to_vec2::<f32>()
             .unwrap()[0][0];
         let d = max_abs_diff(&f32_logits, &i8_logits);
-        assert!(d > 0.0, "{family}: int8 did not run");
+        assert!(d > 0.0, "{family}: {name} did not run");
         assert!(
             d <= 0.05 * spread.max(1e-3),
-            "{family}: int8 logits off by {d} (spread {spread})"
+            "{family}: {name} logits off by {d} (spread {spread})"
         );
         // Training ignores the flag.
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let mut ctx = train_ctx(&[], &mut rng);
-        ctx.int8 = true;
+        let flags = low();
+        (ctx.int8, ctx.bf16) = (flags.int8, flags.bf16);
         let mut rng2 = ChaCha8Rng::seed_from_u64(1);
         let a = l.model.forward(&mut ctx, &x).unwrap();
         let b = l.model.forward(&mut train_ctx(&[], &mut rng2), &x).unwrap();
-        assert_eq!(max_abs_diff(&a, &b), 0.0, "{family}: int8 changed training");
+        assert_eq!(
+            max_abs_diff(&a, &b),
+            0.0,
+            "{family}: {name} changed training"
+        );
     }
 }

@@ -9,11 +9,13 @@
 //! - [`attention`]: multi-head self-attention over a fused QKV projection.
 //! - [`embedding`]: the embedding lookup whose table gradient goes to the sink.
 //! - [`int8`]: int8 weights and the integer GEMM of int8 inference (`par` only).
+//! - [`bf16`]: bf16 weights and the bf16 GEMM (f32 sums) of bf16 inference (`par` only).
 //!
 //! Imports point one way: `par`, `gemm`, `simd` ← `grad_sink` ← `fused`, `linear`,
 //! `embedding` ← `attention` (which takes dropout masks from `fused`).
 
 pub mod attention;
+pub mod bf16;
 pub mod embedding;
 pub mod fused;
 pub mod gemm;

@@ -21,6 +21,9 @@ pub struct Ctx<'a> {
     /// Inference only: linear layers run through int8 weights and activations
     /// ([`crate::kernels::int8`]); ignored when `train`.
     pub int8: bool,
+    /// Inference only: linear layers run in bf16 with f32 sums
+    /// ([`crate::kernels::bf16`]); ignored when `train` or `int8`.
+    pub bf16: bool,
 }
 
 impl Ctx<'_> {
@@ -38,6 +41,7 @@ impl Ctx<'_> {
             frozen: &[],
             rng: None,
             int8: false,
+            bf16: false,
         }
     }
 
@@ -47,6 +51,29 @@ impl Ctx<'_> {
             int8: true,
             ..Ctx::eval()
         }
+    }
+
+    /// An inference context whose linear layers run in bf16.
+    pub fn eval_bf16() -> Ctx<'static> {
+        Ctx {
+            bf16: true,
+            ..Ctx::eval()
+        }
+    }
+
+    /// An inference context for `precision` (f32 unless int8 or bf16).
+    pub fn eval_with(precision: crate::precision::Precision) -> Ctx<'static> {
+        use crate::precision::Precision;
+        match precision {
+            Precision::Int8 => Ctx::eval_int8(),
+            Precision::Bf16 => Ctx::eval_bf16(),
+            _ => Ctx::eval(),
+        }
+    }
+
+    /// True when linear layers run in int8 or bf16 (inference).
+    pub fn low_precision(&self) -> bool {
+        !self.train && (self.int8 || self.bf16)
     }
 
     /// The value of parameter `v` of group `group` for this pass: tracked for gradients

@@ -152,7 +152,7 @@ pub struct EncoderLayer {
     inter: Linear,
     out: Linear,
     ln2: LayerNorm,
-    /// Int8 inference: the three projections as one layer, made at first use.
+    /// int8 or bf16 inference: the three projections as one layer, made at first use.
     qkv_int8: OnceLock<Linear>,
 }
 
@@ -161,7 +161,7 @@ impl EncoderLayer {
     /// GEMM over the concatenated weights (the input is read once; the weights, a few
     /// hundred KiB, are concatenated per forward pass).
     fn qkv(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        if ctx.int8 && !ctx.train {
+        if ctx.low_precision() {
             let l = match self.qkv_int8.get() {
                 Some(l) => l,
                 None => {

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::kernels::bf16::{self, BWeight};
 use crate::kernels::int8::{self, QWeight};
 use crate::kernels::par::with_f32;
 use crate::kernels::{embedding, fused, linear};
@@ -27,6 +28,8 @@ pub struct Linear {
     pub q: OnceLock<QWeight>,
     /// Loaded from a quantized model: no f32 weights, int8 inference only.
     pub int8_only: bool,
+    /// The bf16 weights, made from `w` at the first bf16 inference (see [`Ctx::bf16`]).
+    pub bw: OnceLock<BWeight>,
 }
 
 impl Linear {
@@ -38,6 +41,7 @@ impl Linear {
             group,
             q: OnceLock::new(),
             int8_only: false,
+            bw: OnceLock::new(),
         }
     }
 
@@ -53,6 +57,7 @@ impl Linear {
             group,
             q: cell,
             int8_only: true,
+            bw: OnceLock::new(),
         })
     }
 
@@ -100,10 +105,42 @@ impl Linear {
         Ok(Some(Tensor::from_vec(y, (m, q.out), x.device())?))
     }
 
+    /// `x Wᵀ + b` in bf16 with f32 sums (inference): `None` where the layer cannot (not
+    /// 2-D f32 on the CPU, or int8 weights only).
+    fn forward_bf16(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (m, k) = match x.dims() {
+            &[m, k] if x.dtype() == DType::F32 && x.device().is_cpu() && !self.int8_only => (m, k),
+            _ => return Ok(None),
+        };
+        let w = self.w.as_tensor();
+        let (out, inp) = w.dims2()?;
+        if inp != k {
+            return Ok(None);
+        }
+        let bw = match self.bw.get() {
+            Some(bw) => bw,
+            None => {
+                let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                let _ = self.bw.set(BWeight::pack(&wv, out, inp));
+                self.bw.get().expect("set above")
+            }
+        };
+        let y = with_f32(x, |xv| {
+            with_f32(self.b.as_tensor(), |bv| {
+                bf16::linear_bf16(xv, m, bw, Some(bv), true, bf16::Kernel::best())
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(y, (m, out), x.device())?))
+    }
+
     /// `x Wᵀ + b`.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         if ctx.int8 && !ctx.train {
             if let Some(y) = self.forward_int8(x)? {
+                return Ok(y);
+            }
+        } else if ctx.bf16 && !ctx.train {
+            if let Some(y) = self.forward_bf16(x)? {
                 return Ok(y);
             }
         }
@@ -122,8 +159,8 @@ impl Linear {
     /// `act(x Wᵀ + b)`; the exact GELU runs inside the fused linear op.
     pub fn forward_act(&self, ctx: &Ctx, x: &Tensor, act: Activation) -> Result<Tensor> {
         match act {
-            // int8: the integer GEMM, then the fused (vectorised) GELU.
-            Activation::Gelu if ctx.int8 && !ctx.train && ctx.fused() => {
+            // int8 or bf16: that GEMM, then the fused (vectorised) GELU.
+            Activation::Gelu if ctx.low_precision() && ctx.fused() => {
                 fused::gelu_erf(&self.forward(ctx, x)?)
             }
             Activation::Gelu if ctx.fused() && !self.int8_only => {
@@ -322,6 +359,7 @@ mod tests {
             frozen: &frozen,
             rng: None,
             int8: false,
+            bf16: false,
         };
         let y = norm.forward(&ctx, &x).unwrap();
         // The formula, in f64.

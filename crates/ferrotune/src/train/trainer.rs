@@ -31,6 +31,7 @@ use crate::loss::LossConfig;
 use crate::nn::{Ctx, ParamStore};
 use crate::optim::schedule::{warmup_from_ratio, LrSchedule};
 use crate::optim::{clip_factor, grad_norm, AdamW, AdamWConfig, Optimizer, Sgd};
+use crate::precision::Precision;
 use crate::tasks::{Evaluation, TargetData, Task};
 use crate::train::checkpoint::{self, Checkpoint, EpochMetrics, RunState, Snapshot};
 use crate::train::groups::{frozen_groups, group_learning_rates, log_groups};
@@ -70,9 +71,15 @@ pub fn evaluate(
     device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<(Evaluation, Vec<Vec<f32>>)> {
-    let logits = infer_logits(model, encoder, items, batch_size, device, false, |n| {
-        progress.advance(n as u64)
-    })?;
+    let logits = infer_logits(
+        model,
+        encoder,
+        items,
+        batch_size,
+        device,
+        Precision::F32,
+        |n| progress.advance(n as u64),
+    )?;
     Ok((task.evaluate(&logits, targets, loss, threshold)?, logits))
 }
 
@@ -663,6 +670,7 @@ impl Run {
                 frozen: &self.frozen,
                 rng: Some(&mut self.dropout_rng),
                 int8: false,
+                bf16: false,
             };
             // The window's first batch overwrites the buffers kept from the last step,
             // the others add to them.
