@@ -848,20 +848,96 @@ fn a_quantized_model_predicts_as_int8_and_precision_errors_are_one_line() {
     let (code, _, stderr) = predict(qs, &[]);
     assert_eq!(code, 2);
     assert_clean_error(code, &stderr, &["model.safetensors", &scale, "missing"]);
-    // Training: int8 is refused before anything is loaded; bf16 too (on a CPU without it
-    // it would be slower than f32; bf16 training is not written yet).
+    // Training: int8 is refused before anything is loaded; bf16 too on a CPU without a
+    // bf16 dot product (it would be slower than f32).
     let recipe = write_recipe(t.path(), "precision = \"int8\"\n");
     let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe]);
     assert_eq!(code, 2);
     assert_clean_error(code, &stderr, &["recipe.toml", "precision", "inference"]);
     let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe, "--set", "precision=fp8"]);
     assert_clean_error(code, &stderr, &["precision"]);
-    let (code, _, stderr) = ferrotune(&["train", "--recipe", &recipe, "--set", "precision=bf16"]);
-    assert_eq!(code, 2);
-    let why = if ferrotune::precision::bf16_dot_product() {
-        "f32 only so far"
-    } else {
-        "slower than f32"
-    };
-    assert_clean_error(code, &stderr, &["precision", why]);
+    if !ferrotune::precision::bf16_dot_product() {
+        let (code, _, stderr) =
+            ferrotune(&["train", "--recipe", &recipe, "--set", "precision=bf16"]);
+        assert_eq!(code, 2);
+        assert_clean_error(code, &stderr, &["precision", "slower than f32"]);
+    }
+}
+
+/// The metrics.jsonl lines of a run with an evaluation loss.
+fn eval_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["eval_loss"].as_f64())
+        .collect()
+}
+
+/// bf16 mixed-precision training (emulated where the CPU has no bf16 dot product) runs
+/// end to end, says so, and tracks the f32 run of the same recipe; bf16 inference too.
+#[test]
+fn bf16_training_tracks_f32() {
+    let t = tempfile::tempdir().unwrap();
+    let f32_model = trained(t.path(), "");
+    let f32_losses = eval_losses(&t.path().join("out"));
+    let t2 = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(t2.path(), "precision = \"bf16\"\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["train", "--recipe", &recipe])
+        .env("FERROTUNE_EMULATE_BF16", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("bf16 (as asked"), "{stdout}");
+    let run = t2.path().join("out");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(first["precision"], "bf16", "{first}");
+    let bf16_losses = eval_losses(&run);
+    assert_eq!(bf16_losses.len(), f32_losses.len());
+    for (a, b) in bf16_losses.iter().zip(&f32_losses) {
+        assert!(
+            (a - b).abs() <= 0.02 * b.abs().max(0.1),
+            "bf16 {a} vs f32 {b}"
+        );
+    }
+    // bf16 inference of the f32 model: close to its f32 probabilities.
+    let input = t.path().join("train.csv");
+    let m = f32_model.to_str().unwrap();
+    let args = ["predict", "--model", m, "--input", input.to_str().unwrap()];
+    let bf16 = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(args)
+        .args(["--precision", "bf16"])
+        .env("FERROTUNE_EMULATE_BF16", "1")
+        .output()
+        .unwrap();
+    assert!(
+        bf16.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bf16.stderr)
+    );
+    let (code, f32_out, stderr) = ferrotune(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let (a, b) = (
+        jsonl(&String::from_utf8_lossy(&bf16.stdout)),
+        jsonl(&f32_out),
+    );
+    let mut worst = 0f64;
+    for (x, y) in a.iter().zip(&b) {
+        for label in ["neg", "pos"] {
+            let d =
+                (x["scores"][label].as_f64().unwrap() - y["scores"][label].as_f64().unwrap()).abs();
+            worst = worst.max(d);
+        }
+    }
+    assert!(
+        worst > 0.0 && worst < 0.05,
+        "bf16 probabilities off by {worst}"
+    );
 }

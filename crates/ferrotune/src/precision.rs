@@ -61,6 +61,18 @@ impl Precision {
     }
 }
 
+/// True when `FERROTUNE_EMULATE_BF16=1`: bf16 is allowed on a CPU without a bf16 dot
+/// product and runs the emulated kernel (the same arithmetic, many times slower than f32) —
+/// for checking bf16's accuracy anywhere, and for the tests.
+pub fn bf16_emulation_allowed() -> bool {
+    std::env::var("FERROTUNE_EMULATE_BF16").is_ok_and(|v| v == "1")
+}
+
+/// True when bf16 may run: the CPU has a bf16 dot product, or emulation is allowed.
+fn bf16_runs() -> bool {
+    bf16_dot_product() || bf16_emulation_allowed()
+}
+
 /// True when this CPU has a bf16 dot-product instruction (`avx512_bf16`; AMX CPUs have it
 /// too), checked at run time.
 pub fn bf16_dot_product() -> bool {
@@ -105,18 +117,13 @@ pub fn cpu_features() -> String {
     }
 }
 
-/// Why `bf16` cannot run here (an error message): the CPU lacks it, or (`training`) the
-/// bf16 training kernels are not written yet.
-fn bf16_refusal(training: bool) -> String {
-    if training && bf16_dot_product() {
-        "precision bf16: this CPU has a bf16 dot product (avx512_bf16), but ferrotune trains \
-         in f32 only so far (bf16 is for inference: predict, eval, serve --precision bf16); \
-         use f32 or auto"
-            .into()
-    } else {
+/// Why `bf16` cannot run here (an error message): the CPU lacks a bf16 dot product.
+fn bf16_refusal() -> String {
+    {
         format!(
             "precision bf16: this CPU has no bf16 dot product (avx512_bf16 or amx_bf16; it has {}), \
-             so bf16 would run slower than f32; use f32 or auto",
+             so bf16 would run slower than f32; use f32 or auto (FERROTUNE_EMULATE_BF16=1 runs \
+             it emulated, slowly, to check its accuracy)",
             cpu_features()
         )
     }
@@ -129,7 +136,8 @@ pub fn for_training(requested: Precision) -> Result<(Precision, String)> {
         Precision::Auto => Ok((
             Precision::F32,
             if bf16_dot_product() {
-                "f32 (auto: this CPU has bf16, but ferrotune's bf16 training is not written yet)"
+                "f32 (auto: this CPU has bf16; ask for it with precision = \"bf16\" — not \
+                 picked by auto until measured faster)"
                     .into()
             } else {
                 format!(
@@ -142,7 +150,14 @@ pub fn for_training(requested: Precision) -> Result<(Precision, String)> {
             "precision int8 is for inference (predict, eval, serve), not training; use f32 or auto"
                 .into(),
         )),
-        Precision::Bf16 => Err(Error::Config(bf16_refusal(true))),
+        Precision::Bf16 if bf16_runs() => Ok((
+            Precision::Bf16,
+            format!(
+                "bf16 (as asked; {} kernel)",
+                crate::kernels::bf16::Kernel::best().name()
+            ),
+        )),
+        Precision::Bf16 => Err(Error::Config(bf16_refusal())),
     }
 }
 
@@ -177,8 +192,14 @@ pub fn for_inference(
                     .into()
             },
         )),
-        Precision::Bf16 if bf16_dot_product() => Ok((Precision::Bf16, "bf16 (as asked)".into())),
-        Precision::Bf16 => Err(Error::Config(bf16_refusal(false))),
+        Precision::Bf16 if bf16_runs() => Ok((
+            Precision::Bf16,
+            format!(
+                "bf16 (as asked; {} kernel)",
+                crate::kernels::bf16::Kernel::best().name()
+            ),
+        )),
+        Precision::Bf16 => Err(Error::Config(bf16_refusal())),
     }
 }
 
@@ -210,7 +231,7 @@ mod tests {
         let e = pick(Precision::F32, true, true).unwrap_err().to_string();
         assert!(e.contains("quantized"), "{e}");
         // bf16 where the CPU has it; refused elsewhere, saying why.
-        if bf16_dot_product() {
+        if bf16_runs() {
             assert_eq!(pick(Precision::Bf16, false, true).unwrap(), Precision::Bf16);
         } else {
             let e = pick(Precision::Bf16, false, true).unwrap_err().to_string();
@@ -224,6 +245,6 @@ mod tests {
         assert_eq!(for_training(Precision::F32).unwrap().0, Precision::F32);
         let e = for_training(Precision::Int8).unwrap_err().to_string();
         assert!(e.contains("inference"), "{e}");
-        assert!(for_training(Precision::Bf16).is_err());
+        assert_eq!(for_training(Precision::Bf16).is_ok(), bf16_runs());
     }
 }

@@ -1,5 +1,7 @@
-//! bf16 inference for linear layers: `y = x Wᵀ + b` with `x` and `W` rounded to bf16
-//! (round to nearest even) and the products summed in f32.
+//! bf16 linear layers: `y = x Wᵀ + b` with `x` and `W` rounded to bf16 (round to nearest
+//! even) and the products summed in f32 — for inference on weights packed once
+//! ([`linear_bf16`]), and for mixed-precision training, where [`bgemm`] runs the linear
+//! layer's three GEMMs on operands rounded as they are packed.
 //!
 //! The hardware kernel is AVX-512 BF16's `vdpbf16ps`: each 32-bit lane of the accumulator
 //! gains the two products of a pair of bf16 values, `acc += a₁·b₁; acc += a₀·b₀`, each an
@@ -12,6 +14,8 @@
 //! (where the CPU has `avx512_bf16`; elsewhere that test says it was skipped). It runs
 //! everywhere, but slowly: bf16 is only offered where the CPU has the instruction
 //! ([`crate::precision`]).
+
+use super::gemm::Mat;
 
 /// Output columns per packed block (one 512-bit register of f32 sums).
 const NR: usize = 16;
@@ -52,15 +56,8 @@ impl BWeight {
     /// Rounds a row-major `(out, inp)` f32 matrix to bf16 and packs it.
     pub fn pack(w: &[f32], out: usize, inp: usize) -> BWeight {
         assert_eq!(w.len(), out * inp, "weight size");
-        let kp = inp.div_ceil(2) * 2;
-        let blocks = out.div_ceil(NR);
-        let mut packed = vec![0u16; blocks * NR * kp];
-        for j in 0..out {
-            let (b, c) = (j / NR, j % NR);
-            for k in 0..inp {
-                packed[b * NR * kp + (k / 2) * NR * 2 + c * 2 + k % 2] = to_bf16(w[j * inp + k]);
-            }
-        }
+        // As the right operand of `x · Wᵀ`: element (k, j) is w[j, k].
+        let (packed, kp) = pack_b(inp, out, |k, j| w[j * inp + k]);
         BWeight {
             out,
             inp,
@@ -68,6 +65,22 @@ impl BWeight {
             packed,
         }
     }
+}
+
+/// The right operand `B (k × n)` of a GEMM rounded to bf16 and packed for the kernels:
+/// blocks of [`NR`] columns; in each, for every pair of `k`, [`NR`] × 2 values (column `c`'s
+/// two consecutive values together), zero-padded. Returns it and `k` rounded up to even.
+fn pack_b(k: usize, n: usize, get: impl Fn(usize, usize) -> f32) -> (Vec<u16>, usize) {
+    let kp = k.div_ceil(2) * 2;
+    let blocks = n.div_ceil(NR);
+    let mut packed = vec![0u16; blocks * NR * kp];
+    for j in 0..n {
+        let (b, c) = (j / NR, j % NR);
+        for kk in 0..k {
+            packed[b * NR * kp + (kk / 2) * NR * 2 + c * 2 + kk % 2] = to_bf16(get(kk, j));
+        }
+    }
+    (packed, kp)
 }
 
 /// Which kernel computes the sums.
@@ -106,19 +119,99 @@ impl Kernel {
     }
 }
 
-/// Rows of `x` (`(m, k)` row-major) in bf16 with row stride `kp` (zero padding).
-fn round_rows(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
-    let mut q = vec![0u16; m * kp];
-    for i in 0..m {
-        for (d, &v) in q[i * kp..i * kp + k].iter_mut().zip(&x[i * k..(i + 1) * k]) {
-            *d = to_bf16(v);
-        }
-    }
-    q
-}
-
 /// Rows per task: rounded together, then every column block runs over them.
 const PANEL: usize = 32;
+
+/// What is done with a block's sums `s`: `out = [out +] scale · s [+ bias]`.
+struct Epilogue<'a> {
+    scale: f32,
+    accumulate: bool,
+    bias: Option<&'a [f32]>,
+}
+
+/// The GEMM over packed `B` (`n` columns, `kp` rows): `fill(i0, rows, buf)` writes rows
+/// `i0..i0 + rows` of `A` in bf16 into `buf` (row stride `kp`, zero padding); the result
+/// goes to `dst` (row stride `dst_rs`) through `ep`. Panels of rows on candle's pool when
+/// `parallel`.
+///
+/// # Safety
+/// `dst` must be valid for `m` rows of `n` at stride `dst_rs`, and not read or written by
+/// anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_packed(
+    m: usize,
+    n: usize,
+    kp: usize,
+    fill: &(dyn Fn(usize, usize, &mut [u16]) + Sync),
+    bp: &[u16],
+    dst: *mut f32,
+    dst_rs: usize,
+    ep: &Epilogue,
+    parallel: bool,
+    kernel: Kernel,
+) {
+    let kernel = if kernel.available() {
+        kernel
+    } else {
+        Kernel::Emulated
+    };
+    let dst = SendPtr(dst);
+    let run = |t: usize| {
+        let p0 = t * PANEL;
+        let prows = PANEL.min(m - p0);
+        let mut ab = vec![0u16; prows * kp];
+        fill(p0, prows, &mut ab);
+        for b in 0..n.div_ceil(NR) {
+            let wb = &bp[b * NR * kp..(b + 1) * NR * kp];
+            let (j0, nc) = (b * NR, NR.min(n - b * NR));
+            for r0 in (0..prows).step_by(MR) {
+                let rows = MR.min(prows - r0);
+                let ar = &ab[r0 * kp..(r0 + rows) * kp];
+                let mut acc = [[0f32; NR]; MR];
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // Safety: the CPU has AVX-512 BF16 (`available`); slices hold rows·kp
+                    // and NR·kp values.
+                    Kernel::Avx512Bf16 => unsafe { avx512_block(ar, rows, kp, wb, &mut acc) },
+                    _ => emulated_block(ar, rows, kp, wb, &mut acc),
+                }
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    // Safety: panel `t` writes its own rows of `dst` only.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            dst.get().add((p0 + r0 + r) * dst_rs + j0),
+                            nc,
+                        )
+                    };
+                    for c in 0..nc {
+                        let mut v = ep.scale * acc[c];
+                        if ep.accumulate {
+                            v += row[c];
+                        }
+                        if let Some(b) = ep.bias {
+                            v += b[j0 + c];
+                        }
+                        row[c] = v;
+                    }
+                }
+            }
+        }
+    };
+    let big = m * n * kp >= super::par::PAR_MIN * 16;
+    super::par::par_for(m.div_ceil(PANEL), parallel && big, run);
+}
+
+/// A pointer the panels share (each writes its own rows).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// Safety: see `gemm_packed`: panels write disjoint rows.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// `y (m, out) = x (m, inp) · Wᵀ + b` in bf16 with f32 sums, over panels of rows on
 /// candle's pool when `parallel`, with `kernel` (the emulation where the CPU lacks it).
@@ -130,45 +223,92 @@ pub fn linear_bf16(
     parallel: bool,
     kernel: Kernel,
 ) -> Vec<f32> {
+    assert_eq!(x.len(), m * w.inp, "input size");
     let mut y = vec![0f32; m * w.out];
-    let kernel = if kernel.available() {
-        kernel
-    } else {
-        Kernel::Emulated
-    };
-    let out = super::par::Out::new(&mut y);
-    let run = |t: usize| {
-        let p0 = t * PANEL;
-        let prows = PANEL.min(m - p0);
-        let xb = round_rows(&x[p0 * w.inp..(p0 + prows) * w.inp], prows, w.inp, w.kp);
-        // Safety: panel `t` writes rows p0..p0+prows only.
-        let yp = unsafe { out.part(p0 * w.out, prows * w.out) };
-        for b in 0..w.out.div_ceil(NR) {
-            let wb = &w.packed[b * NR * w.kp..(b + 1) * NR * w.kp];
-            let (j0, nc) = (b * NR, NR.min(w.out - b * NR));
-            for r0 in (0..prows).step_by(MR) {
-                let rows = MR.min(prows - r0);
-                let xr = &xb[r0 * w.kp..(r0 + rows) * w.kp];
-                let mut acc = [[0f32; NR]; MR];
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    // Safety: the CPU has AVX-512 BF16 (`available`); slices hold rows·kp
-                    // and NR·kp values.
-                    Kernel::Avx512Bf16 => unsafe { avx512_block(xr, rows, w.kp, wb, &mut acc) },
-                    _ => emulated_block(xr, rows, w.kp, wb, &mut acc),
-                }
-                for (r, acc) in acc.iter().enumerate().take(rows) {
-                    let yr = &mut yp[(r0 + r) * w.out + j0..(r0 + r) * w.out + j0 + nc];
-                    for c in 0..nc {
-                        yr[c] = acc[c] + bias.map_or(0.0, |b| b[j0 + c]);
-                    }
-                }
+    let (inp, kp) = (w.inp, w.kp);
+    let fill = |i0: usize, rows: usize, buf: &mut [u16]| {
+        for r in 0..rows {
+            for (d, &v) in buf[r * kp..r * kp + inp]
+                .iter_mut()
+                .zip(&x[(i0 + r) * inp..(i0 + r + 1) * inp])
+            {
+                *d = to_bf16(v);
             }
         }
     };
-    let big = m * w.out * w.inp >= super::par::PAR_MIN * 16;
-    super::par::par_for(m.div_ceil(PANEL), parallel && big, run);
+    let ep = Epilogue {
+        scale: 1.0,
+        accumulate: false,
+        bias,
+    };
+    // Safety: y holds m rows of w.out.
+    unsafe {
+        gemm_packed(
+            m,
+            w.out,
+            kp,
+            &fill,
+            &w.packed,
+            y.as_mut_ptr(),
+            w.out,
+            &ep,
+            parallel,
+            kernel,
+        )
+    };
     y
+}
+
+/// [`super::gemm::sgemm`]'s contract in bf16: `dst (m×n) = [dst +] scale · a (m×k) ·
+/// b (k×n)` with both operands rounded to bf16 (to nearest even) as they are packed and
+/// the products summed in f32 ([`Kernel::best`]). The mixed-precision linear layer's three
+/// GEMMs (forward, input and weight gradients) run through it.
+///
+/// # Safety
+/// As `sgemm`: every pointer valid for the elements the strides reach; `dst` overlapping
+/// neither operand nor another GEMM running at the same time.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn bgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    parallel: bool,
+) {
+    // Safety: the caller's contract covers every (row, column) read here.
+    let (bp, kp) = pack_b(k, n, |kk, j| unsafe { *b.p.add(kk * b.rs + j * b.cs) });
+    // Captured whole (a `Sync` view), not its raw pointer field.
+    let a = &a;
+    let fill = |i0: usize, rows: usize, buf: &mut [u16]| {
+        for r in 0..rows {
+            for kk in 0..k {
+                // Safety: as above.
+                buf[r * kp + kk] = to_bf16(unsafe { *a.p.add((i0 + r) * a.rs + kk * a.cs) });
+            }
+        }
+    };
+    let ep = Epilogue {
+        scale,
+        accumulate,
+        bias: None,
+    };
+    gemm_packed(
+        m,
+        n,
+        kp,
+        &fill,
+        &bp,
+        dst,
+        dst_rs,
+        &ep,
+        parallel,
+        Kernel::best(),
+    )
 }
 
 /// A bf16 value as `vdpbf16ps` reads it: denormals as zero.

@@ -21,8 +21,10 @@ pub struct Ctx<'a> {
     /// Inference only: linear layers run through int8 weights and activations
     /// ([`crate::kernels::int8`]); ignored when `train`.
     pub int8: bool,
-    /// Inference only: linear layers run in bf16 with f32 sums
-    /// ([`crate::kernels::bf16`]); ignored when `train` or `int8`.
+    /// Linear layers in bf16 with f32 sums ([`crate::kernels::bf16`]): in inference on
+    /// weights converted once, in training (mixed precision) on operands rounded per GEMM,
+    /// forward and backward, with f32 master weights, gradients and optimizer state.
+    /// Ignored with `int8`.
     pub bf16: bool,
 }
 

@@ -193,7 +193,7 @@ impl EncoderLayer {
         // parameters' own buffers.
         let w = grad_sink::concat(&ws.each_ref())?;
         let b = grad_sink::concat(&bs.each_ref())?;
-        linear::linear(x, &w, &b)
+        linear::linear_mixed(x, &w, &b, ctx.bf16 && ctx.train)
     }
 }
 

@@ -150,7 +150,7 @@ impl Linear {
         let w = ctx.w(&self.w, self.group);
         let b = ctx.w(&self.b, self.group);
         if ctx.fused() {
-            linear::linear(x, &w, &b)
+            linear::linear_mixed(x, &w, &b, ctx.bf16 && ctx.train)
         } else {
             linear::linear_composed(x, &w, &b)
         }
@@ -166,7 +166,7 @@ impl Linear {
             Activation::Gelu if ctx.fused() && !self.int8_only => {
                 let w = ctx.w(&self.w, self.group);
                 let b = ctx.w(&self.b, self.group);
-                linear::linear_gelu(x, &w, &b)
+                linear::linear_gelu_mixed(x, &w, &b, ctx.bf16 && ctx.train)
             }
             act => act.apply(&self.forward(ctx, x)?),
         }

@@ -670,7 +670,8 @@ impl Run {
                 frozen: &self.frozen,
                 rng: Some(&mut self.dropout_rng),
                 int8: false,
-                bf16: false,
+                // Mixed precision: validated (`precision::for_training`) when loaded.
+                bf16: self.cfg.precision == Precision::Bf16,
             };
             // The window's first batch overwrites the buffers kept from the last step,
             // the others add to them.
