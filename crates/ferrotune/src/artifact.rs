@@ -54,8 +54,11 @@ pub fn inspect(dir: &Path) -> Result<String> {
     let cfg = HfConfig::from_dir(dir)?;
     let fam = families::family(&cfg)?;
     let shapes = safetensors_shapes(&dir.join("model.safetensors"))?;
+    let quantized = cfg.raw.get(crate::precision::QUANTIZATION_CONFIG);
+    // A quantized model's scales are not parameters.
     let params: usize = shapes
         .iter()
+        .filter(|(n, _)| quantized.is_none() || !n.ends_with(crate::nn::builder::SCALE_SUFFIX))
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
     let arch = cfg.architecture().unwrap_or("(none: a base model)");
@@ -84,6 +87,19 @@ pub fn inspect(dir: &Path) -> Result<String> {
     }
     if let Some(p) = ft.and_then(|f| f.get("pooling")).and_then(|p| p.as_str()) {
         s.push_str(&format!("pooling:      {p}\n"));
+    }
+    if let Some(q) = quantized {
+        let layers = q
+            .get("quantized_layers")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        let method = q
+            .get("quant_method")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?");
+        s.push_str(&format!(
+            "quantized:    {method}: {layers} linear layers hold int8 weights (runs in int8)\n"
+        ));
     }
     Ok(s.trim_end().to_string())
 }

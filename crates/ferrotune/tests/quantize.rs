@@ -246,3 +246,51 @@ fn a_damaged_quantized_model_is_refused_naming_the_tensor() {
         "{e}"
     );
 }
+
+#[test]
+fn a_quantized_model_embeds_in_int8_and_inspect_says_it_is_quantized() {
+    let t = tempfile::tempdir().unwrap();
+    let (model, q) = quantized(t.path(), "bert");
+    let dev = candle_core::Device::Cpu;
+    let embed = |dir: &Path, ctx_int8: bool| {
+        let (m, enc) = ferrotune::infer::load_embedder(dir, None, &dev).unwrap();
+        use ferrotune::data::InputEncoder;
+        let items = enc.encode(&examples()).unwrap();
+        if ctx_int8 {
+            // The f32 model through int8: what the quantized one must give.
+            let batch = enc
+                .collate(&items.iter().collect::<Vec<_>>(), &dev)
+                .unwrap();
+            let h = m
+                .hidden_states(&mut ferrotune::nn::Ctx::eval_int8(), &batch)
+                .unwrap();
+            return h.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        }
+        let batch = enc
+            .collate(&items.iter().collect::<Vec<_>>(), &dev)
+            .unwrap();
+        let h = m
+            .hidden_states(&mut ferrotune::nn::Ctx::eval(), &batch)
+            .unwrap();
+        h.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    // Its head (3 labels) is not the embedder's (1): read as a new head, not an error.
+    assert_eq!(embed(&q, false), embed(&model, true));
+    let text = ferrotune::artifact::inspect(&q).unwrap();
+    assert!(
+        text.contains("quantized:    ferrotune-int8: 14 linear layers"),
+        "{text}"
+    );
+    let f32_text = ferrotune::artifact::inspect(&model).unwrap();
+    let params = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("parameters:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(params(&text), params(&f32_text));
+    assert!(!f32_text.contains("quantized"));
+}

@@ -401,7 +401,17 @@ impl<'a> Builder<'a> {
     ) -> Result<(Linear, bool)> {
         let ckpt_w = format!("{ckpt}.weight");
         self.store.linear_weights.push(format!("{export}.weight"));
-        if let Some(q) = self.weights.int8_weight(&ckpt_w, out, inp)? {
+        // An int8 head of another size is a new head, as an f32 one is.
+        let fits = match self.weights {
+            Weights::File { int8, .. } => int8.get(&ckpt_w).is_none_or(|t| t.shape == [out, inp]),
+            Weights::Random => true,
+        };
+        let quantized = if fits {
+            self.weights.int8_weight(&ckpt_w, out, inp)?
+        } else {
+            None
+        };
+        if let Some(q) = quantized {
             let (b, new) = self.optional(
                 &format!("{ckpt}.bias"),
                 &format!("{export}.bias"),

@@ -161,7 +161,7 @@ impl EncoderLayer {
     /// GEMM over the concatenated weights (the input is read once; the weights, a few
     /// hundred KiB, are concatenated per forward pass).
     fn qkv(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        if ctx.low_precision() {
+        if ctx.low_precision() || (self.q.int8_only && !ctx.train) {
             let l = match self.qkv_int8.get() {
                 Some(l) => l,
                 None => {

@@ -61,11 +61,11 @@ impl Linear {
         })
     }
 
-    /// The error of an int8-only layer asked to run otherwise.
+    /// The error of an int8-only layer asked to train.
     pub fn int8_only_error() -> Error {
         Error::Msg(
-            "this model is quantized (int8 weights only): it runs int8 inference only \
-             (--precision int8), not f32 or training; use the f32 model for those"
+            "this model is quantized (int8 weights only): it runs inference only, in int8; \
+             train the f32 model it was quantized from"
                 .into(),
         )
     }
@@ -133,9 +133,9 @@ impl Linear {
         Ok(Some(Tensor::from_vec(y, (m, out), x.device())?))
     }
 
-    /// `x Wᵀ + b`.
+    /// `x Wᵀ + b`. An int8-only layer (a quantized model) runs int8 in any inference.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        if ctx.int8 && !ctx.train {
+        if (ctx.int8 || self.int8_only) && !ctx.train {
             if let Some(y) = self.forward_int8(x)? {
                 return Ok(y);
             }
@@ -159,8 +159,11 @@ impl Linear {
     /// `act(x Wᵀ + b)`; the exact GELU runs inside the fused linear op.
     pub fn forward_act(&self, ctx: &Ctx, x: &Tensor, act: Activation) -> Result<Tensor> {
         match act {
-            // int8 or bf16: that GEMM, then the fused (vectorised) GELU.
-            Activation::Gelu if ctx.low_precision() && ctx.fused() => {
+            // int8 or bf16 (or a quantized layer in inference): that GEMM, then the fused
+            // (vectorised) GELU.
+            Activation::Gelu
+                if (ctx.low_precision() || (self.int8_only && !ctx.train)) && ctx.fused() =>
+            {
                 fused::gelu_erf(&self.forward(ctx, x)?)
             }
             Activation::Gelu if ctx.fused() && !self.int8_only => {
