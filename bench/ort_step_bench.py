@@ -8,19 +8,15 @@ f32 graph instead.
 Usage: python ort_step_bench.py infer --preset PRESET --batch B --seq S --steps N --threads T
        [--precision int8|f32]
 """
-import json
 import os
-import resource
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from torch_step_bench import build_model, flops, parse_args
+from torch_step_bench import build_model, parse_args, report, time_steps
 
 
 def main():
@@ -46,18 +42,7 @@ def main():
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     feed = {"input_ids": ids.numpy().astype(np.int64), "attention_mask": mask.numpy().astype(np.int64)}
-    times = []
-    for step in range(a.steps + 2):
-        t0 = time.perf_counter()
-        sess.run(["logits"], feed)
-        ms = (time.perf_counter() - t0) * 1000
-        if step >= 2:
-            times.append(ms)
-    med = statistics.median(times)
-    print(json.dumps({"median_ms": med, "min_ms": min(times), "gflops": flops(a) / (med / 1000) / 1e9,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "threads": a.threads, "onnxruntime": ort.__version__}))
-
+    report(a, time_steps(lambda: sess.run(["logits"], feed), a.steps), onnxruntime=ort.__version__)
 
 if __name__ == "__main__":
     main()

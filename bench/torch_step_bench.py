@@ -63,6 +63,25 @@ def flops(a):
     return f * (3 if a.mode == "train" else 1)
 
 
+def time_steps(step, steps):
+    """Milliseconds of each of `steps` calls of `step`, after 2 warm-up calls."""
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        step()
+        if i >= 2:
+            times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def report(a, times, **extra):
+    """The JSON line `ferrotune bench` prints: median and min ms, GFLOP/s, peak RSS."""
+    med = statistics.median(times)
+    print(json.dumps({"median_ms": med, "min_ms": min(times), "gflops": flops(a) / (med / 1000) / 1e9,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "threads": a.threads, **extra}))
+
+
 def main():
     a = parse_args()
     torch.set_num_threads(a.threads)
@@ -75,9 +94,8 @@ def main():
     mask = torch.ones_like(ids)
     labels = torch.tensor([k % 2 for k in range(a.batch)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
-    times = []
-    for step in range(a.steps + 2):
-        t0 = time.perf_counter()
+
+    def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
             if a.mode == "train":
                 model.train()
@@ -90,13 +108,8 @@ def main():
                 model.eval()
                 with torch.inference_mode():
                     model(input_ids=ids, attention_mask=mask).logits.float().numpy()
-        ms = (time.perf_counter() - t0) * 1000
-        if step >= 2:
-            times.append(ms)
-    med = statistics.median(times)
-    print(json.dumps({"median_ms": med, "min_ms": min(times), "gflops": flops(a) / (med / 1000) / 1e9,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "threads": a.threads, "torch": torch.__version__}))
+
+    report(a, time_steps(step, a.steps), torch=torch.__version__)
 
 
 if __name__ == "__main__":

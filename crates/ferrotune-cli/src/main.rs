@@ -474,7 +474,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut p = Predictor::load(&model)?;
             let why = p.set_precision(precision.into())?;
-            if p.int8 {
+            if p.precision != ferrotune::precision::Precision::F32 {
                 eprintln!("precision: {why}");
             }
             let mut opts = p.reader_options(true);
@@ -527,7 +527,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             let mut p = Predictor::load(&model)?;
             p.stream_chunk = chunk_size.max(1);
             let why = p.set_precision(precision.into())?;
-            if p.int8 {
+            if p.precision != ferrotune::precision::Precision::F32 {
                 eprintln!("precision: {why}");
             }
             let mut opts = p.reader_options(false);

@@ -76,14 +76,7 @@ fn bf16_runs() -> bool {
 /// True when this CPU has a bf16 dot-product instruction (`avx512_bf16`; AMX CPUs have it
 /// too), checked at run time.
 pub fn bf16_dot_product() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::kernels::bf16::Kernel::Avx512Bf16.available()
 }
 
 /// The CPU features that decide the kernels, as `/proc/cpuinfo` names them (for messages
@@ -129,6 +122,20 @@ fn bf16_refusal() -> String {
     }
 }
 
+/// bf16 where it may run ([`bf16_runs`]), with the kernel named; else why not.
+fn bf16_choice() -> Result<(Precision, String)> {
+    if !bf16_runs() {
+        return Err(Error::Config(bf16_refusal()));
+    }
+    Ok((
+        Precision::Bf16,
+        format!(
+            "bf16 (as asked; {} kernel)",
+            crate::kernels::bf16::Kernel::best().name()
+        ),
+    ))
+}
+
 /// What a training run uses for `requested`, and why; an error for what cannot run here.
 pub fn for_training(requested: Precision) -> Result<(Precision, String)> {
     match requested {
@@ -150,14 +157,7 @@ pub fn for_training(requested: Precision) -> Result<(Precision, String)> {
             "precision int8 is for inference (predict, eval, serve), not training; use f32 or auto"
                 .into(),
         )),
-        Precision::Bf16 if bf16_runs() => Ok((
-            Precision::Bf16,
-            format!(
-                "bf16 (as asked; {} kernel)",
-                crate::kernels::bf16::Kernel::best().name()
-            ),
-        )),
-        Precision::Bf16 => Err(Error::Config(bf16_refusal())),
+        Precision::Bf16 => bf16_choice(),
     }
 }
 
@@ -192,14 +192,7 @@ pub fn for_inference(
                     .into()
             },
         )),
-        Precision::Bf16 if bf16_runs() => Ok((
-            Precision::Bf16,
-            format!(
-                "bf16 (as asked; {} kernel)",
-                crate::kernels::bf16::Kernel::best().name()
-            ),
-        )),
-        Precision::Bf16 => Err(Error::Config(bf16_refusal())),
+        Precision::Bf16 => bf16_choice(),
     }
 }
 

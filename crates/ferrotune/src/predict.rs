@@ -54,13 +54,11 @@ pub struct Predictor {
     pub batch_size: usize,
     /// Examples per chunk of the streaming methods (default [`STREAM_CHUNK`]).
     pub stream_chunk: usize,
-    /// Linear layers in int8 (weights quantized per output channel at first use,
-    /// activations per row; [`crate::kernels::int8`]). Default off: f32, except for a
-    /// quantized model. Set it through [`Predictor::set_precision`].
-    pub int8: bool,
-    /// Linear layers in bf16 with f32 sums ([`crate::kernels::bf16`]); only where the CPU
-    /// has a bf16 dot product. Set it through [`Predictor::set_precision`].
-    pub bf16: bool,
+    /// The number format of the linear layers: f32, int8 (weights quantized per output
+    /// channel at first use, activations per row; [`crate::kernels::int8`]) or bf16 (f32
+    /// sums; [`crate::kernels::bf16`]). f32 by default, int8 for a quantized model; set it
+    /// through [`Predictor::set_precision`], which checks what can run.
+    pub precision: Precision,
     /// Loaded from a quantized directory (`ferrotune quantize`): int8 weights only, so
     /// int8 inference only.
     pub quantized: bool,
@@ -176,32 +174,24 @@ impl Predictor {
             dir: dir.to_path_buf(),
             batch_size: 32,
             stream_chunk: STREAM_CHUNK,
-            int8: quantized,
-            bf16: false,
+            precision: if quantized {
+                Precision::Int8
+            } else {
+                Precision::F32
+            },
             quantized,
             device,
         };
         Ok((predictor, loaded.params))
     }
 
-    /// Chooses the number format ([`precision::for_inference`]): sets [`Predictor::int8`]
-    /// and returns what runs and why, or says why `requested` cannot run.
+    /// Chooses the number format ([`precision::for_inference`]): sets
+    /// [`Predictor::precision`] and returns what runs and why, or says why `requested`
+    /// cannot run.
     pub fn set_precision(&mut self, requested: Precision) -> Result<String> {
         let (p, why) = precision::for_inference(requested, self.quantized, self.device.is_cpu())?;
-        self.int8 = p == Precision::Int8;
-        self.bf16 = p == Precision::Bf16;
+        self.precision = p;
         Ok(why)
-    }
-
-    /// The number format the linear layers run in.
-    pub fn precision(&self) -> Precision {
-        if self.int8 {
-            Precision::Int8
-        } else if self.bf16 {
-            Precision::Bf16
-        } else {
-            Precision::F32
-        }
     }
 
     /// How to read input for this model: the columns, header and pair of its training
@@ -338,7 +328,7 @@ impl Predictor {
             feats,
             self.batch_size,
             &self.device,
-            self.precision(),
+            self.precision,
             on_batch,
         )
     }

@@ -48,7 +48,11 @@ fn a_quantized_model_predicts_as_int8_of_its_f32_model_in_every_family() {
         f32_model.set_precision(Precision::Int8).unwrap();
         let on_the_fly = f32_model.predict_probs(&examples(), |_| {}).unwrap();
         let (mut p, params) = Predictor::load_with_params(&q).unwrap();
-        assert!(p.quantized && p.int8, "{}", family.name());
+        assert!(
+            p.quantized && p.precision == Precision::Int8,
+            "{}",
+            family.name()
+        );
         // Every linear layer's weights are int8 only: none of them is an f32 parameter.
         assert_eq!(params.int8_layers, params.linear_weights.len());
         assert!(params.int8_layers > 0);

@@ -188,7 +188,7 @@ fn short_real_fine_tune_learns_the_topics() {
     let path = assets.join("bbc-news");
     let a = f32_model.evaluate(&eval, &path, "label").unwrap().metrics["accuracy"];
     let quantized = ferrotune::predict::Predictor::load(&q).unwrap();
-    assert!(quantized.int8);
+    assert_eq!(quantized.precision, ferrotune::precision::Precision::Int8);
     let b = quantized.evaluate(&eval, &path, "label").unwrap().metrics["accuracy"];
     eprintln!("held-out accuracy: f32 {a:.4}, int8 {b:.4}; non-embedding size {ratio:.3}x");
     assert!((a - b).abs() <= 0.005 + 1e-9, "f32 {a} vs int8 {b}");

@@ -650,7 +650,7 @@ fn sigterm_drains_requests_in_flight_then_stops() {
 async fn an_int8_server_answers_as_the_int8_library() {
     let f = fixture();
     let mut p = Predictor::load(&f.model).unwrap();
-    p.int8 = true;
+    p.precision = Precision::Int8;
     let s = server(
         &f,
         ServeConfig {
@@ -664,7 +664,7 @@ async fn an_int8_server_answers_as_the_int8_library() {
     let want = p.predict_probs(&[example(&t, None)], |_| {}).unwrap();
     assert_close(&by_label(&a.json(), &p.labels), &want[0]);
     // And not as the f32 one, exactly (the int8 path ran).
-    p.int8 = false;
+    p.precision = Precision::F32;
     let f32_probs = p.predict_probs(&[example(&t, None)], |_| {}).unwrap();
     assert_ne!(by_label(&a.json(), &p.labels), f32_probs[0]);
 }

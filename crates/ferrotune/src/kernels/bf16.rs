@@ -106,7 +106,7 @@ impl Kernel {
     pub fn available(self) -> bool {
         match self {
             Kernel::Emulated => true,
-            Kernel::Avx512Bf16 => crate::precision::bf16_dot_product(),
+            Kernel::Avx512Bf16 => avx512_bf16(),
         }
     }
 
@@ -116,6 +116,18 @@ impl Kernel {
             Kernel::Emulated => "emulated",
             Kernel::Avx512Bf16 => "avx512_bf16",
         }
+    }
+}
+
+/// True when the CPU has AVX-512 BF16 (checked at run time).
+fn avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 

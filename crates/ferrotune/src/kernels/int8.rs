@@ -426,11 +426,7 @@ unsafe fn avx2_block_out(
     vnni: bool,
 ) {
     use std::arch::x86_64::*;
-    let s = if vnni {
-        vnni_sums(xb, rows, kp, wb)
-    } else {
-        avx2_sums(xb, rows, kp, wb)
-    };
+    let s = sums(xb, rows, kp, wb, vnni);
     let c128 = _mm256_set1_epi32(128);
     let half = |h: usize| {
         (
@@ -464,15 +460,30 @@ unsafe fn avx2_block(
     vnni: bool,
 ) {
     use std::arch::x86_64::*;
-    let s = if vnni {
-        vnni_sums(xb, rows, kp, wb)
-    } else {
-        avx2_sums(xb, rows, kp, wb)
-    };
+    let s = sums(xb, rows, kp, wb, vnni);
     for (r, sr) in s.iter().enumerate().take(rows) {
         let a = acc[r].as_mut_ptr();
         _mm256_storeu_si256(a as *mut __m256i, sr[0]);
         _mm256_storeu_si256(a.add(8) as *mut __m256i, sr[1]);
+    }
+}
+
+/// The integer sums of a block by VNNI when `vnni` (the caller checked the CPU has it),
+/// else by AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn sums(
+    xb: &[u8],
+    rows: usize,
+    kp: usize,
+    wb: &[i8],
+    vnni: bool,
+) -> [[std::arch::x86_64::__m256i; 2]; MR] {
+    if vnni {
+        vnni_sums(xb, rows, kp, wb)
+    } else {
+        avx2_sums(xb, rows, kp, wb)
     }
 }
 

@@ -153,7 +153,7 @@ pub struct EncoderLayer {
     out: Linear,
     ln2: LayerNorm,
     /// int8 or bf16 inference: the three projections as one layer, made at first use.
-    qkv_int8: OnceLock<Linear>,
+    qkv_low: OnceLock<Linear>,
 }
 
 impl EncoderLayer {
@@ -162,7 +162,7 @@ impl EncoderLayer {
     /// hundred KiB, are concatenated per forward pass).
     fn qkv(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         if ctx.low_precision() || (self.q.int8_only && !ctx.train) {
-            let l = match self.qkv_int8.get() {
+            let l = match self.qkv_low.get() {
                 Some(l) => l,
                 None => {
                     let cat = |f: fn(&Linear) -> &Var| -> Result<Var> {
@@ -178,8 +178,8 @@ impl EncoderLayer {
                         )?,
                         _ => Linear::new(cat(|l| &l.w)?, cat(|l| &l.b)?, self.q.group),
                     };
-                    let _ = self.qkv_int8.set(l);
-                    self.qkv_int8.get().expect("set above")
+                    let _ = self.qkv_low.set(l);
+                    self.qkv_low.get().expect("set above")
                 }
             };
             return l.forward(ctx, x);
@@ -259,7 +259,7 @@ impl Encoder {
                 inter: b.linear(&n(names.inter), i, h, g)?,
                 out: b.linear(&n(names.out), h, i, g)?,
                 ln2: b.layer_norm(&n(names.ln2), h, eps, g)?,
-                qkv_int8: OnceLock::new(),
+                qkv_low: OnceLock::new(),
             });
         }
         Ok(Encoder {

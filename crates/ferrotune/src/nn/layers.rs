@@ -45,8 +45,8 @@ impl Linear {
         }
     }
 
-    /// A layer of int8 weights only (from a quantized model): it runs in int8 inference
-    /// and refuses anything else.
+    /// A layer of int8 weights only (from a quantized model): it runs int8 in any
+    /// inference and refuses training.
     pub fn quantized(q: QWeight, b: Var, group: usize) -> Result<Linear> {
         let w = Var::from_tensor(&Tensor::zeros((q.out, 0), DType::F32, b.device())?)?;
         let cell = OnceLock::new();
@@ -70,25 +70,43 @@ impl Linear {
         )
     }
 
+    /// `(rows, inputs)` of `x` when the int8 and bf16 kernels take it: 2-D f32 on the CPU.
+    fn cpu_rows(x: &Tensor) -> Option<(usize, usize)> {
+        match x.dims() {
+            &[m, k] if x.dtype() == DType::F32 && x.device().is_cpu() => Some((m, k)),
+            _ => None,
+        }
+    }
+
+    /// The weights converted by `make` (int8 or bf16) from `w`, once, kept in `cell`;
+    /// `None` when `w` does not take `k` inputs.
+    fn converted<'a, T>(
+        &self,
+        cell: &'a OnceLock<T>,
+        k: usize,
+        make: fn(&[f32], usize, usize) -> T,
+    ) -> Result<Option<&'a T>> {
+        if let Some(t) = cell.get() {
+            return Ok(Some(t));
+        }
+        let w = self.w.as_tensor();
+        let (out, inp) = w.dims2()?;
+        if inp != k {
+            return Ok(None);
+        }
+        let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let _ = cell.set(make(&wv, out, inp));
+        Ok(cell.get())
+    }
+
     /// `x Wᵀ + b` through int8 (inference): `None` where the layer cannot (not 2-D f32 on
     /// the CPU).
     fn forward_int8(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let (m, k) = match x.dims() {
-            &[m, k] if x.dtype() == DType::F32 && x.device().is_cpu() => (m, k),
-            _ => return Ok(None),
+        let Some((m, k)) = Linear::cpu_rows(x) else {
+            return Ok(None);
         };
-        let q = match self.q.get() {
-            Some(q) => q,
-            None => {
-                let w = self.w.as_tensor();
-                let (out, inp) = w.dims2()?;
-                if inp != k {
-                    return Ok(None);
-                }
-                let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
-                let _ = self.q.set(QWeight::quantize(&wv, out, inp));
-                self.q.get().expect("set above")
-            }
+        let Some(q) = self.converted(&self.q, k, QWeight::quantize)? else {
+            return Ok(None);
         };
         if q.inp != k {
             return Err(Error::Msg(format!(
@@ -108,29 +126,18 @@ impl Linear {
     /// `x Wᵀ + b` in bf16 with f32 sums (inference): `None` where the layer cannot (not
     /// 2-D f32 on the CPU, or int8 weights only).
     fn forward_bf16(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let (m, k) = match x.dims() {
-            &[m, k] if x.dtype() == DType::F32 && x.device().is_cpu() && !self.int8_only => (m, k),
-            _ => return Ok(None),
-        };
-        let w = self.w.as_tensor();
-        let (out, inp) = w.dims2()?;
-        if inp != k {
+        let Some((m, k)) = Linear::cpu_rows(x).filter(|_| !self.int8_only) else {
             return Ok(None);
-        }
-        let bw = match self.bw.get() {
-            Some(bw) => bw,
-            None => {
-                let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
-                let _ = self.bw.set(BWeight::pack(&wv, out, inp));
-                self.bw.get().expect("set above")
-            }
+        };
+        let Some(bw) = self.converted(&self.bw, k, BWeight::pack)? else {
+            return Ok(None);
         };
         let y = with_f32(x, |xv| {
             with_f32(self.b.as_tensor(), |bv| {
                 bf16::linear_bf16(xv, m, bw, Some(bv), true, bf16::Kernel::best())
             })
         })??;
-        Ok(Some(Tensor::from_vec(y, (m, out), x.device())?))
+        Ok(Some(Tensor::from_vec(y, (m, bw.out), x.device())?))
     }
 
     /// `x Wᵀ + b`. An int8-only layer (a quantized model) runs int8 in any inference.
