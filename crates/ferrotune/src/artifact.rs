@@ -37,6 +37,24 @@ pub struct ExportInfo {
     pub column_names: Option<Vec<String>>,
 }
 
+impl ExportInfo {
+    /// The settings of a model trained on a `text` column with a `label` column (CSV with
+    /// a header, threshold 0.5): what a directory without a `ferrotune` key is read as.
+    pub fn defaults(pooling: Pooling, max_seq_length: usize) -> ExportInfo {
+        ExportInfo {
+            pooling,
+            max_seq_length,
+            text_column: "text".into(),
+            text_pair_column: None,
+            label_column: "label".into(),
+            threshold: 0.5,
+            label_separator: None,
+            header: true,
+            column_names: None,
+        }
+    }
+}
+
 fn half() -> f64 {
     0.5
 }

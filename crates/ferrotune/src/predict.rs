@@ -90,17 +90,7 @@ impl Predictor {
         let info: ExportInfo = match cfg.raw.get("ferrotune") {
             Some(v) => serde_json::from_value(v.clone())
                 .map_err(|e| Error::at(&cfg_path, None, Some("ferrotune"), format!("{e}")))?,
-            None => ExportInfo {
-                pooling: family.poolings()[0],
-                max_seq_length: max_tokens.min(512),
-                text_column: "text".into(),
-                text_pair_column: None,
-                label_column: "label".into(),
-                threshold: 0.5,
-                label_separator: None,
-                header: true,
-                column_names: None,
-            },
+            None => ExportInfo::defaults(family.poolings()[0], max_tokens.min(512)),
         };
         if info.max_seq_length > max_tokens {
             return Err(Error::at(

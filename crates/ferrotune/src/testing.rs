@@ -267,17 +267,7 @@ pub fn write_tiny_classifier(
             tokenizer: &tok,
             labels: &labels,
             problem_type,
-            info: ExportInfo {
-                pooling: loaded.model.pooling(),
-                max_seq_length: max_len,
-                text_column: "text".into(),
-                text_pair_column: None,
-                label_column: "label".into(),
-                threshold: 0.5,
-                label_separator: None,
-                header: true,
-                column_names: None,
-            },
+            info: ExportInfo::defaults(loaded.model.pooling(), max_len),
             card: None,
         },
     )?;
