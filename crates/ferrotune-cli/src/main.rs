@@ -16,10 +16,20 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+/// `ferrotune --version`: the version, and whether this build trains over MPI.
+const VERSION: &str = if ferrotune::dist::MPI_BUILT_IN {
+    concat!(env!("CARGO_PKG_VERSION"), " (mpi: built in)")
+} else {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (mpi: not built in; cargo feature `mpi`)"
+    )
+};
+
 #[derive(Parser)]
 #[command(
     name = "ferrotune",
-    version,
+    version = VERSION,
     about = "Fine-tune pretrained transformers on your own data"
 )]
 struct Cli {
@@ -398,55 +408,125 @@ fn reader_for(text_column: String, label_column: Option<String>) -> ReaderOption
     }
 }
 
+/// `ferrotune train`'s arguments.
+struct TrainArgs {
+    recipe: PathBuf,
+    set: Vec<String>,
+    output_dir: Option<PathBuf>,
+    resume: Option<String>,
+    overwrite_output_dir: bool,
+}
+
+/// `ferrotune train` as rank `world.rank()` of `world.size()` (one process, or one of the
+/// ranks `mpirun` started): rank 0 alone shows progress and writes the run's files.
+fn train_cmd(
+    a: TrainArgs,
+    world: ferrotune::dist::World,
+    user_threads: bool,
+) -> anyhow::Result<()> {
+    let TrainArgs {
+        recipe,
+        mut set,
+        output_dir,
+        resume,
+        overwrite_output_dir,
+    } = a;
+    if let Some(d) = &output_dir {
+        set.push(format!("output_dir={}", toml_string(&d.to_string_lossy())));
+    }
+    let cfg = TrainConfig::load(&recipe, &set)?;
+    match cfg.threads {
+        // Ranks on one host share its cores (unless the launcher already bound each to
+        // its own, which `num_threads` sees).
+        None if world.is_distributed() && !user_threads => set_threads(Some(
+            ferrotune::dist::threads_per_rank(ferrotune::num_threads()),
+        )),
+        t => set_threads(t),
+    }
+    let main = world.is_main();
+    let control = Control {
+        resume,
+        stop: stop_on_signals(),
+        overwrite_output_dir,
+        world,
+    };
+    let mut silent = ferrotune::train::Silent;
+    let mut shown = bars();
+    let progress: &mut dyn Progress = if main { &mut shown } else { &mut silent };
+    match ferrotune::train::train_with(&cfg, progress, &control) {
+        Err(e @ Error::Interrupted { .. }) if STDOUT_CLOSED.load(Ordering::SeqCst) => {
+            eprintln!("standard output was closed; {e}");
+            Err(StdoutClosed.into())
+        }
+        Err(Error::Interrupted { .. }) if !main => Err(Interrupted.into()),
+        Err(e @ Error::Interrupted { .. }) => {
+            let mut again = format!("ferrotune train --recipe {}", recipe.display());
+            for s in &set {
+                if !s.starts_with("output_dir=") {
+                    again.push_str(&format!(" --set '{s}'"));
+                }
+            }
+            if let Some(d) = &output_dir {
+                again.push_str(&format!(" --output-dir {}", d.display()));
+            }
+            if control.world.is_distributed() {
+                again = format!("mpirun -n {} {again}", control.world.size());
+            }
+            eprintln!("{e}");
+            eprintln!("to continue: {again} --resume latest");
+            Err(Interrupted.into())
+        }
+        r => {
+            r?;
+            // The run is done; a report that cannot be written is worth a warning,
+            // not a failed run (`ferrotune report` writes it again).
+            if main {
+                if let Err(e) = write_report(&cfg.output_dir, None) {
+                    eprintln!("warning: the run's report was not written: {e}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
 fn try_main(cli: Cli) -> anyhow::Result<()> {
+    // Threads the user chose for every command (RAYON_NUM_THREADS) are kept as they are.
+    let user_threads = std::env::var_os("RAYON_NUM_THREADS").is_some();
     // The thread count, fixed before any pool starts (commands with `--threads` or a
     // recipe's `threads` override it below).
     set_threads(None);
     match cli.cmd {
         Cmd::Train {
             recipe,
-            mut set,
+            set,
             output_dir,
             resume,
             overwrite_output_dir,
         } => {
-            if let Some(d) = &output_dir {
-                set.push(format!("output_dir={}", toml_string(&d.to_string_lossy())));
-            }
-            let cfg = TrainConfig::load(&recipe, &set)?;
-            set_threads(cfg.threads);
-            let control = Control {
+            let world = ferrotune::dist::World::from_launcher()?;
+            let args = TrainArgs {
+                recipe,
+                set,
+                output_dir,
                 resume,
-                stop: stop_on_signals(),
                 overwrite_output_dir,
             };
-            match ferrotune::train::train_with(&cfg, &mut bars(), &control) {
-                Err(e @ Error::Interrupted { .. }) if STDOUT_CLOSED.load(Ordering::SeqCst) => {
-                    eprintln!("standard output was closed; {e}");
-                    return Err(StdoutClosed.into());
+            if !world.is_distributed() {
+                return train_cmd(args, world, user_threads);
+            }
+            match train_cmd(args, world.clone(), user_threads) {
+                Err(e)
+                    if e.downcast_ref::<Interrupted>().is_none()
+                        && e.downcast_ref::<StdoutClosed>().is_none() =>
+                {
+                    // One rank failed: say which, and end every rank now (the others
+                    // may be waiting for it in a collective).
+                    let bad = matches!(e.downcast_ref::<Error>(), Some(e) if e.is_bad_input());
+                    eprintln!("error ({}): {e}", world.who());
+                    world.comm().abort(if bad { 2 } else { 1 });
                 }
-                Err(e @ Error::Interrupted { .. }) => {
-                    let mut again = format!("ferrotune train --recipe {}", recipe.display());
-                    for s in &set {
-                        if !s.starts_with("output_dir=") {
-                            again.push_str(&format!(" --set '{s}'"));
-                        }
-                    }
-                    if let Some(d) = &output_dir {
-                        again.push_str(&format!(" --output-dir {}", d.display()));
-                    }
-                    eprintln!("{e}");
-                    eprintln!("to continue: {again} --resume latest");
-                    return Err(Interrupted.into());
-                }
-                r => {
-                    r?;
-                    // The run is done; a report that cannot be written is worth a warning,
-                    // not a failed run (`ferrotune report` writes it again).
-                    if let Err(e) = write_report(&cfg.output_dir, None) {
-                        eprintln!("warning: the run's report was not written: {e}");
-                    }
-                }
+                r => r?,
             }
         }
         Cmd::Report { run_dir, output } => write_report(&run_dir, output.as_deref())?,

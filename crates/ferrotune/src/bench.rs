@@ -181,6 +181,8 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
                 rng: Some(&mut rng),
                 int8: false,
                 bf16: false,
+                row0: 0,
+                tokens: (0, 0),
             };
             // As the trainer: gradient buffers kept from step to step.
             loss_and_grads_into(

@@ -32,6 +32,7 @@ pub mod bench;
 pub mod card;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;

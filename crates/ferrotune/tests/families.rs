@@ -84,6 +84,8 @@ fn train_ctx<'a>(frozen: &'a [bool], rng: &'a mut ChaCha8Rng) -> Ctx<'a> {
         rng: Some(rng),
         int8: false,
         bf16: false,
+        row0: 0,
+        tokens: (0, 0),
     }
 }
 
@@ -405,6 +407,8 @@ fn dropout_is_seeded_and_only_in_training() {
                 rng: Some(&mut rng),
                 int8: false,
                 bf16: false,
+                row0: 0,
+                tokens: (0, 0),
             };
             m.forward(&mut ctx, &x).unwrap().to_vec2::<f32>().unwrap()
         };

@@ -15,7 +15,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Tensor};
 
-use super::fused::{dropout_mask, dropout_multipliers};
+use super::fused::{dropout_mask, fill_multipliers, Dropout};
 use super::gemm::{sgemm, Mat};
 use super::par::{f32_data, filled, fusable, par_for, with_f32, Out};
 use super::simd;
@@ -41,7 +41,7 @@ pub fn attention(
     qkv: &Tensor,
     key_bias: &Tensor,
     pos_bias: Option<&Tensor>,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<Dropout>,
     heads: usize,
 ) -> Result<Tensor> {
     attend(qkv, key_bias, pos_bias, dropout, heads, false)
@@ -55,7 +55,7 @@ pub fn attention_first_query(
     qkv: &Tensor,
     key_bias: &Tensor,
     pos_bias: Option<&Tensor>,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<Dropout>,
     heads: usize,
 ) -> Result<Tensor> {
     attend(qkv, key_bias, pos_bias, dropout, heads, true)
@@ -67,7 +67,7 @@ fn attend(
     qkv: &Tensor,
     key_bias: &Tensor,
     pos_bias: Option<&Tensor>,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<Dropout>,
     heads: usize,
     first_only: bool,
 ) -> Result<Tensor> {
@@ -113,7 +113,7 @@ pub fn attention_composed(
     qkv: &Tensor,
     key_bias: &Tensor,
     pos_bias: Option<&Tensor>,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<Dropout>,
     heads: usize,
 ) -> Result<Tensor> {
     let (batch, seq) = key_bias.dims2()?;
@@ -132,9 +132,9 @@ pub fn attention_composed(
         scores = scores.broadcast_add(&pb.unsqueeze(0)?)?;
     }
     let mut probs = super::fused::softmax_last_composed(&scores)?;
-    if let Some((p, seed)) = dropout {
+    if let Some(d) = dropout {
         let shape = [batch, heads, seq, seq];
-        let mask = dropout_mask(&shape, seq * seq, p, seed)?.to_device(qkv.device())?;
+        let mask = dropout_mask(&shape, d)?.to_device(qkv.device())?;
         probs = (probs * mask)?;
     }
     Ok(probs
@@ -177,7 +177,7 @@ impl Dims {
 
 struct AttentionOp {
     shape: Dims,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<Dropout>,
     /// Query rows per sequence: `seq` (every token), or 1 (the first token only; the
     /// output then has one row per sequence).
     queries: usize,
@@ -240,9 +240,13 @@ impl AttentionOp {
     /// first rows of the `seq × seq` mask), if any.
     fn drop_mask(&self, t: usize, d: &mut Vec<f32>) -> bool {
         match self.dropout {
-            Some((p, seed)) => {
-                d.resize(self.queries * self.shape.seq, 0.0);
-                dropout_multipliers(seed, t as u64, p, d);
+            Some(drop) => {
+                // Rows t·seq.. of the (batch, heads, seq, seq) probabilities.
+                let Dims {
+                    batch, heads, seq, ..
+                } = self.shape;
+                d.resize(self.queries * seq, 0.0);
+                fill_multipliers(drop, &[batch, heads, seq, seq], t * seq * seq, d);
                 true
             }
             None => false,
@@ -560,13 +564,18 @@ mod tests {
     fn inputs(
         (batch, seq, heads, dh, dropout): (usize, usize, usize, usize, bool),
         seed: u64,
-    ) -> (Var, Tensor, Option<(f32, u64)>) {
+    ) -> (Var, Tensor, Option<Dropout>) {
         let h = heads * dh;
         let qkv = (randn(&[batch * seq, 3 * h], seed) * 0.5).unwrap();
         (
             Var::from_tensor(&qkv).unwrap(),
             key_bias(batch, seq),
-            dropout.then_some((0.2, seed + 1)),
+            dropout.then_some(Dropout {
+                p: 0.2,
+                seed: seed + 1,
+                row0: 0,
+                tokens: (0, 0),
+            }),
         )
     }
 

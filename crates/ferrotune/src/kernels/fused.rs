@@ -262,7 +262,7 @@ pub fn residual_layer_norm(
     g: &Tensor,
     b: &Tensor,
     eps: f64,
-    drop: Option<(f32, u64)>,
+    drop: Option<Dropout>,
 ) -> Result<Tensor> {
     if fusable(&[h, r, g, b])
         && enabled()
@@ -275,13 +275,14 @@ pub fn residual_layer_norm(
         let op = ResidualLayerNormOp {
             eps: eps as f32,
             drop,
+            dims: h.dims().to_vec(),
             grad_gb: gb.track_op() || grad_sink::holds(&gb),
             sum: Mutex::new(Vec::new()),
         };
         return Ok(h.contiguous()?.apply_op3(&r.contiguous()?, &gb, op)?);
     }
     let h = match drop {
-        Some((p, seed)) => dropout(h, p, seed)?,
+        Some(d) => dropout(h, d)?,
         None => h.clone(),
     };
     layer_norm(&(h + r)?, g, b, eps)
@@ -289,7 +290,9 @@ pub fn residual_layer_norm(
 
 struct ResidualLayerNormOp {
     eps: f32,
-    drop: Option<(f32, u64)>,
+    drop: Option<Dropout>,
+    /// `h`'s shape (the dropout's rows).
+    dims: Vec<usize>,
     /// Whether the weights (`g` and `b`, concatenated) want a gradient.
     grad_gb: bool,
     /// The forward pass's `r + dropout(h)`, for the backward pass.
@@ -317,10 +320,11 @@ impl CustomOp3 for ResidualLayerNormOp {
         }
         // r + dropout(h), in the dropout's streams: the multipliers first, as `dropout`
         // computes them, then times h plus r (two roundings, as the separate operations).
-        let sum = map_parts(h, DROPOUT_CHUNK, |i, hs, o| {
-            let rs = &r[i * DROPOUT_CHUNK..i * DROPOUT_CHUNK + o.len()];
-            if let Some((p, seed)) = self.drop {
-                dropout_multipliers(seed, i as u64, p, o);
+        let chunk = rows_chunk(&self.dims);
+        let sum = map_parts(h, chunk, |i, hs, o| {
+            let rs = &r[i * chunk..i * chunk + o.len()];
+            if let Some(d) = self.drop {
+                fill_multipliers(d, &self.dims, i * chunk, o);
                 for ((o, &h), &r) in o.iter_mut().zip(hs).zip(rs) {
                     *o = *o * h + r;
                 }
@@ -353,8 +357,12 @@ impl CustomOp3 for ResidualLayerNormOp {
         })???;
         let dev = h.device();
         let dh = match self.drop {
-            Some((p, seed)) => Some(Tensor::from_vec(
-                DropoutOp { p, seed }.apply(&ds),
+            Some(d) => Some(Tensor::from_vec(
+                DropoutOp {
+                    d,
+                    dims: self.dims.clone(),
+                }
+                .apply(&ds),
                 h.shape(),
                 dev,
             )?),
@@ -483,9 +491,78 @@ impl CustomOp1 for SoftmaxLastOp {
 // ---------------------------------------------------------------------------------------
 // Dropout
 
-/// Elements per random stream of [`dropout`] (the mask of element `e` comes from stream
-/// `e / DROPOUT_CHUNK` of the seed, so it does not depend on the thread count).
-pub const DROPOUT_CHUNK: usize = 4096;
+/// One dropout of a forward pass: its probability, its seed (one draw from the run's
+/// generator), and the index, in the whole global batch, of this batch's first sequence
+/// (`row0`: nonzero on the ranks after the first of a distributed run).
+///
+/// Every row of a tensor (its last dimension) draws its mask from its own stream, named by
+/// the row's sequence (`row0` + its index along the first dimension) and its indices along
+/// the dimensions between ([`row_stream`]). A sequence's masks therefore do not depend on
+/// which other sequences share its batch, where the batch was split between ranks, or how
+/// far it was padded: 2 ranks × 8 sequences draw exactly the masks of 1 × 16.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    /// Probability of dropping an element.
+    pub p: f32,
+    /// The masks' seed.
+    pub seed: u64,
+    /// Index of the batch's first sequence in the global batch.
+    pub row0: u64,
+    /// The batch's sequences and tokens per sequence, when known: a 2-D tensor of
+    /// `batch·seq` rows (the encoder's flattened hidden states) then counts tokens along
+    /// its first dimension, and draws the streams of its `(batch, seq, hidden)` view.
+    pub tokens: (usize, usize),
+}
+
+/// Elements per parallel part of [`dropout`] (whole rows of at least this many).
+const DROPOUT_PART: usize = 4096;
+
+/// The stream of row `row` (row-major over all dimensions but the last) of a tensor of
+/// shape `dims` under dropout `d`: its sequence `row0 + i₀` in the high 32 bits; its indices along the
+/// dimensions between the first and the last (for `(batch, seq, hidden)`: the token; for
+/// attention probabilities `(batch, heads, query, key)`: head and query) 16 bits each in
+/// the low ones (mixed in beyond two such dimensions).
+pub fn row_stream(dims: &[usize], row: usize, d: &Dropout) -> u64 {
+    let (batch, seq) = d.tokens;
+    let flat = [batch, seq, dims.last().copied().unwrap_or(1)];
+    let dims = if dims.len() == 2 && seq > 1 && dims[0] == batch * seq {
+        &flat[..]
+    } else {
+        dims
+    };
+    let mids = if dims.len() > 2 {
+        &dims[1..dims.len() - 1]
+    } else {
+        &[][..]
+    };
+    let (mut rest, mut low) = (row, 0u64);
+    for (k, &m) in mids.iter().rev().enumerate() {
+        let m = m.max(1);
+        let j = (rest % m) as u64;
+        rest /= m;
+        low = if k < 2 {
+            low | (j << (16 * k))
+        } else {
+            low.rotate_left(7) ^ j.wrapping_mul(0x9e37_79b9)
+        };
+    }
+    ((rest as u64).wrapping_add(d.row0) << 32) | (low & 0xffff_ffff)
+}
+
+/// Elements per part of whole rows of a tensor of shape `dims`, for [`map_parts`].
+fn rows_chunk(dims: &[usize]) -> usize {
+    let w = dims.last().copied().unwrap_or(1).max(1);
+    w * DROPOUT_PART.div_ceil(w)
+}
+
+/// The multipliers of dropout `d` for the elements of a tensor of shape `dims` from flat
+/// index `start` (the start of a row) into `out` (whole rows, the last maybe cut).
+pub fn fill_multipliers(d: Dropout, dims: &[usize], start: usize, out: &mut [f32]) {
+    let w = dims.last().copied().unwrap_or(1).max(1);
+    for (k, o) in out.chunks_mut(w).enumerate() {
+        dropout_multipliers(d.seed, row_stream(dims, start / w + k, &d), d.p, o);
+    }
+}
 
 /// Writes inverted-dropout multipliers (0 with probability `p`, else `1/(1-p)`) into
 /// `out`, from stream `stream` of `seed` ([`simd::dropout_keep`]: a hash of the element's
@@ -507,40 +584,45 @@ pub fn dropout_multipliers(seed: u64, stream: u64, p: f32, out: &mut [f32]) {
     );
 }
 
-/// The full multiplier tensor [`dropout`] applies for `seed`, with streams of `chunk`
-/// elements (the composed reference path, and the attention's probabilities whose streams
-/// are one (sequence, head) each).
-pub fn dropout_mask(shape: &[usize], chunk: usize, p: f32, seed: u64) -> Result<Tensor> {
+/// The full multiplier tensor of dropout `d` on a tensor of `shape` (the composed
+/// reference path, and the attention's probabilities).
+pub fn dropout_mask(shape: &[usize], d: Dropout) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let mut m = vec![0f32; n];
+    let chunk = rows_chunk(shape);
     let o = Out::new(&mut m);
     par_for(n.div_ceil(chunk), n >= PAR_MIN, |i| {
-        // Safety: stream i alone writes its chunk.
-        dropout_multipliers(seed, i as u64, p, unsafe { o.part(i * chunk, chunk) })
+        // Safety: part i alone writes its rows.
+        fill_multipliers(d, shape, i * chunk, unsafe { o.part(i * chunk, chunk) })
     });
     Ok(Tensor::from_vec(m, shape, &candle_core::Device::Cpu)?)
 }
 
-/// Inverted dropout with probability `p` and mask seed `seed`: one pass forward, and one
-/// backward that regenerates the mask instead of storing it. Differentiable.
-pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+/// Inverted dropout `d`: one pass forward, and one backward that regenerates the mask
+/// instead of storing it. Differentiable.
+pub fn dropout(x: &Tensor, d: Dropout) -> Result<Tensor> {
     if fusable(&[x]) && enabled() {
-        return Ok(x.contiguous()?.apply_op1(DropoutOp { p, seed })?);
+        let op = DropoutOp {
+            d,
+            dims: x.dims().to_vec(),
+        };
+        return Ok(x.contiguous()?.apply_op1(op)?);
     }
-    let mask = dropout_mask(x.dims(), DROPOUT_CHUNK, p, seed)?.to_device(x.device())?;
+    let mask = dropout_mask(x.dims(), d)?.to_device(x.device())?;
     Ok((x * mask.to_dtype(x.dtype())?)?)
 }
 
 struct DropoutOp {
-    p: f32,
-    seed: u64,
+    d: Dropout,
+    dims: Vec<usize>,
 }
 
 impl DropoutOp {
     fn apply(&self, src: &[f32]) -> Vec<f32> {
         // The multipliers fill each part, then scale the input into it.
-        map_parts(src, DROPOUT_CHUNK, |i, s, o| {
-            dropout_multipliers(self.seed, i as u64, self.p, o);
+        let chunk = rows_chunk(&self.dims);
+        map_parts(src, chunk, |i, s, o| {
+            fill_multipliers(self.d, &self.dims, i * chunk, o);
             o.iter_mut().zip(s).for_each(|(o, s)| *o *= s);
         })
     }
@@ -660,11 +742,17 @@ pub(crate) mod tests {
             let g = Var::from_tensor(&randn(&[n], 100 + k)).unwrap();
             let b = Var::from_tensor(&randn(&[n], 200 + k)).unwrap();
             let w = randn(&shape, 300 + k);
-            for drop in [None, Some((0.25f32, 11 + k))] {
+            let d = Dropout {
+                p: 0.25,
+                seed: 11 + k,
+                row0: k,
+                tokens: (0, 0),
+            };
+            for drop in [None, Some(d)] {
                 let parts = |on: bool| {
                     with_enabled(on, || {
                         let hd = match drop {
-                            Some((p, seed)) => dropout(&h, p, seed).unwrap(),
+                            Some(d) => dropout(&h, d).unwrap(),
                             None => h.as_tensor().clone(),
                         };
                         let x = (hd + r.as_tensor()).unwrap();
@@ -820,11 +908,17 @@ pub(crate) mod tests {
     /// keeps about 1 - p and does not depend on the thread split.
     #[test]
     fn dropout_matches_its_mask() {
-        for &n in &[1usize, 1000, 3 * DROPOUT_CHUNK + 17] {
+        let d = |seed| Dropout {
+            p: 0.25,
+            seed,
+            row0: 0,
+            tokens: (0, 0),
+        };
+        for &n in &[1usize, 1000, 3 * DROPOUT_PART + 17] {
             let x = Var::from_tensor(&randn(&[n], 3)).unwrap();
             let w = randn(&[n], 4);
-            let y = dropout(&x, 0.25, 99).unwrap();
-            let mask = dropout_mask(&[n], DROPOUT_CHUNK, 0.25, 99).unwrap();
+            let y = dropout(&x, d(99)).unwrap();
+            let mask = dropout_mask(&[n], d(99)).unwrap();
             let r = (x.as_tensor() * &mask).unwrap();
             assert_eq!(max_diff(&y, &r), 0.0);
             let g = grads_of(y, &w);
@@ -841,14 +935,49 @@ pub(crate) mod tests {
             }
         }
         assert_ne!(
-            dropout_mask(&[64], 64, 0.5, 1)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-            dropout_mask(&[64], 64, 0.5, 2)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
+            dropout_mask(&[64], d(1)).unwrap().to_vec1::<f32>().unwrap(),
+            dropout_mask(&[64], d(2)).unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+
+    /// A sequence's mask depends on its index in the global batch, not on the batch it
+    /// is in or its padding: the second half of a batch of 4 (row0 0) has the masks of a
+    /// batch of 2 with row0 2, also padded to a shorter length.
+    #[test]
+    fn masks_follow_the_sequence_not_the_batch_split_or_the_padding() {
+        let d = |row0| Dropout {
+            p: 0.5,
+            seed: 7,
+            row0,
+            tokens: (0, 0),
+        };
+        // (batch, seq, hidden)
+        let whole = dropout_mask(&[4, 6, 5], d(0)).unwrap();
+        let half = dropout_mask(&[2, 4, 5], d(2)).unwrap();
+        let want = whole.narrow(0, 2, 2).unwrap().narrow(1, 0, 4).unwrap();
+        assert_eq!(max_diff(&half, &want), 0.0);
+        // The same rows flattened to (batch·seq, hidden), when the batch's shape is known.
+        let flat = |row0, tokens| Dropout { tokens, ..d(row0) };
+        let half_flat = dropout_mask(&[8, 5], flat(2, (2, 4))).unwrap();
+        assert_eq!(max_diff(&half_flat, &half.reshape((8, 5)).unwrap()), 0.0);
+        // (batch, heads, query, key)
+        let whole = dropout_mask(&[4, 3, 6, 6], d(0)).unwrap();
+        let half = dropout_mask(&[2, 3, 4, 4], d(2)).unwrap();
+        let want = whole
+            .narrow(0, 2, 2)
+            .unwrap()
+            .narrow(2, 0, 4)
+            .unwrap()
+            .narrow(3, 0, 4)
+            .unwrap();
+        assert_eq!(max_diff(&half, &want), 0.0);
+        // Different sequences, tokens and heads draw different masks.
+        let m = dropout_mask(&[2, 2, 2, 64], d(0)).unwrap();
+        let rows: Vec<Vec<f32>> = m.reshape((8, 64)).unwrap().to_vec2().unwrap();
+        for i in 0..8 {
+            for j in i + 1..8 {
+                assert_ne!(rows[i], rows[j], "rows {i} and {j}");
+            }
+        }
     }
 }

@@ -26,6 +26,13 @@ pub struct Ctx<'a> {
     /// forward and backward, with f32 master weights, gradients and optimizer state.
     /// Ignored with `int8`.
     pub bf16: bool,
+    /// Index, in the global batch, of this batch's first sequence: where a rank's part
+    /// of a distributed step begins (0 otherwise). Dropout masks follow the sequence
+    /// ([`fused::Dropout`]), so a step splits over ranks without changing them.
+    pub row0: u64,
+    /// The batch's sequences and padded length, when known (see [`fused::Dropout`]);
+    /// `(0, 0)` otherwise.
+    pub tokens: (usize, usize),
 }
 
 impl Ctx<'_> {
@@ -44,6 +51,8 @@ impl Ctx<'_> {
             rng: None,
             int8: false,
             bf16: false,
+            row0: 0,
+            tokens: (0, 0),
         }
     }
 
@@ -92,18 +101,23 @@ impl Ctx<'_> {
     /// generator ([`fused::dropout`]).
     pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
         match self.dropout_seed(p) {
-            Some((p, seed)) => fused::dropout(x, p, seed),
+            Some(d) => fused::dropout(x, d),
             None => Ok(x.clone()),
         }
     }
 
-    /// `(p, seed)` for a dropout with probability `p` (one draw from the context's
-    /// generator), or `None` when there is no dropout (inference, or `p = 0`).
-    pub fn dropout_seed(&mut self, p: f64) -> Option<(f32, u64)> {
+    /// A dropout with probability `p` (its seed one draw from the context's generator),
+    /// or `None` when there is no dropout (inference, or `p = 0`).
+    pub fn dropout_seed(&mut self, p: f64) -> Option<fused::Dropout> {
         if !self.train || p <= 0.0 {
             return None;
         }
         let rng = self.rng.as_deref_mut()?;
-        Some((p as f32, rng.random::<u64>()))
+        Some(fused::Dropout {
+            p: p as f32,
+            seed: rng.random::<u64>(),
+            row0: self.row0,
+            tokens: self.tokens,
+        })
     }
 }

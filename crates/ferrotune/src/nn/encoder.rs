@@ -328,8 +328,8 @@ impl Encoder {
                 }
                 let probs = fused::softmax_last_composed(&scores)?;
                 let probs = match ctx.dropout_seed(d.attention) {
-                    Some((p, seed)) => {
-                        let mask = fused::dropout_mask(&[bsz, nh, seq, seq], seq * seq, p, seed)?;
+                    Some(drop) => {
+                        let mask = fused::dropout_mask(&[bsz, nh, seq, seq], drop)?;
                         (probs * mask.to_device(x.device())?)?
                     }
                     None => probs,

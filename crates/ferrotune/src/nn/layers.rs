@@ -370,6 +370,8 @@ mod tests {
             rng: None,
             int8: false,
             bf16: false,
+            row0: 0,
+            tokens: (0, 0),
         };
         let y = norm.forward(&ctx, &x).unwrap();
         // The formula, in f64.

@@ -76,6 +76,13 @@ pub struct RunState {
     /// Non-finite steps in all.
     #[serde(default)]
     pub bad_total: usize,
+    /// Ranks that trained together (`mpirun -n`); 1 for one process.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for RunState {
@@ -97,6 +104,7 @@ impl Default for RunState {
             stopped_early: false,
             bad_in_row: 0,
             bad_total: 0,
+            world_size: 1,
         }
     }
 }

@@ -29,7 +29,8 @@ impl Progress for Silent {}
 /// each line's numbers also go to an event file as scalars (see [`scalars_of`]), so the
 /// two always agree.
 pub struct MetricsLog {
-    file: File,
+    /// `None`: lines are dropped (a rank other than 0 of a distributed run).
+    file: Option<File>,
     path: PathBuf,
     tensorboard: Option<EventWriter>,
 }
@@ -73,7 +74,7 @@ impl MetricsLog {
     pub fn create(path: PathBuf) -> Result<Self> {
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         Ok(MetricsLog {
-            file,
+            file: Some(file),
             path,
             tensorboard: None,
         })
@@ -91,10 +92,19 @@ impl MetricsLog {
         file.seek(std::io::SeekFrom::End(0))
             .map_err(|e| Error::io(&path, e))?;
         Ok(MetricsLog {
-            file,
+            file: Some(file),
             path,
             tensorboard: None,
         })
+    }
+
+    /// A log that writes nothing: ranks other than 0 of a distributed run.
+    pub fn discard() -> Self {
+        MetricsLog {
+            file: None,
+            path: PathBuf::new(),
+            tensorboard: None,
+        }
     }
 
     /// Also writes every line to a new TensorBoard event file in `dir`, which starts with
@@ -114,15 +124,20 @@ impl MetricsLog {
     }
     /// Bytes written so far.
     pub fn bytes_written(&self) -> Result<u64> {
-        self.file
-            .metadata()
+        let Some(file) = &self.file else {
+            return Ok(0);
+        };
+        file.metadata()
             .map(|m| m.len())
             .map_err(|e| Error::io(&self.path, e))
     }
     /// Appends one line.
     pub fn line(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}")
-            .and_then(|_| self.file.flush())
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
+        writeln!(file, "{v}")
+            .and_then(|_| file.flush())
             .map_err(|e| Error::io(&self.path, e))?;
         if let (Some(w), Some((step, scalars))) = (&mut self.tensorboard, scalars_of(&v)) {
             w.scalars(step, &scalars)?;

@@ -286,7 +286,20 @@ pub fn prepare(
     device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<Prepared> {
-    ensure_writable(&cfg.output_dir)?;
+    prepare_for(cfg, device, progress, true)
+}
+
+/// [`prepare`]; with `writes` false (the ranks other than 0 of a distributed run) nothing
+/// is written to the output directory (`skipped_rows.jsonl`, `split.json`).
+pub fn prepare_for(
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &mut dyn Progress,
+    writes: bool,
+) -> Result<Prepared> {
+    if writes {
+        ensure_writable(&cfg.output_dir)?;
+    }
     let opts = reader_options(cfg);
     let task = cfg.problem_type.task();
     let sep = cfg.label_separator.as_deref();
@@ -327,7 +340,9 @@ pub fn prepare(
         all_train = deduplicate(all_train, &mut skipped.notes);
     }
     // The rows left out are worth seeing even when the run then stops on bad input.
-    skipped.write(&cfg.output_dir)?;
+    if writes {
+        skipped.write(&cfg.output_dir)?;
+    }
     // split.json is written once the data and the model have been checked.
     let mut split = None;
     let (mut train, mut eval, eval_path) = match (&cfg.validation_file, eval_file) {
@@ -423,7 +438,7 @@ pub fn prepare(
     }
     let train_f = encode(&encoder, &train, "tokenize train", progress)?;
     let eval_f = encode(&encoder, &eval, "tokenize eval", progress)?;
-    if let Some(text) = split {
+    if let Some(text) = split.filter(|_| writes) {
         let p = cfg.output_dir.join("split.json");
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
     }

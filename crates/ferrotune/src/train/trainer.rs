@@ -22,6 +22,7 @@ use crate::config::{OptimizerKind, TrainConfig};
 use crate::data::batch::{group_by_length, Features};
 use crate::data::labels::LabelMap;
 use crate::data::InputEncoder;
+use crate::dist::{GradReducer, World};
 use crate::error::{Error, Result};
 use crate::export::{export_model, ExportSpec};
 use crate::families::{Family, HfConfig, Model};
@@ -37,7 +38,7 @@ use crate::train::checkpoint::{self, Checkpoint, EpochMetrics, RunState, Snapsho
 use crate::train::groups::{frozen_groups, group_learning_rates, log_groups};
 use crate::train::held_out::{predictions_jsonl, HeldOut};
 use crate::train::log::{MetricsLog, Progress, Silent};
-use crate::train::prepare::{prepare, Prepared};
+use crate::train::prepare::{prepare_for, Prepared};
 use crate::train::step::{add_penalties, loss_and_grads_into};
 
 /// The outcome of a run.
@@ -55,6 +56,20 @@ pub struct TrainSummary {
     pub steps: usize,
     /// True when early stopping ended the run.
     pub stopped_early: bool,
+}
+
+impl TrainSummary {
+    /// The summary of a finished run's state.
+    fn of(st: RunState, best_epoch: usize, model_dir: PathBuf) -> Self {
+        TrainSummary {
+            epochs: st.epochs,
+            best_epoch,
+            model_dir,
+            train_seconds: st.train_seconds,
+            steps: st.step,
+            stopped_early: st.stopped_early,
+        }
+    }
 }
 
 /// Evaluates `model` on encoded examples under the task's metrics; also returns the
@@ -101,6 +116,8 @@ pub struct Control {
     /// Replace a previous run in the output directory (transformers'
     /// `overwrite_output_dir`): without it, such a directory is refused.
     pub overwrite_output_dir: bool,
+    /// The ranks training together ([`crate::dist`]); one process by default.
+    pub world: World,
 }
 
 impl Control {
@@ -116,14 +133,19 @@ pub fn train_with(
     control: &Control,
 ) -> Result<TrainSummary> {
     let device = crate::nn::device();
+    let world = &control.world;
+    // Before anything is read or written: every rank must run the same recipe.
+    world.check_same("recipes", cfg.to_toml().as_bytes())?;
     match &control.resume {
         // Fail before loading anything when there is nothing to resume from.
         Some(which) => {
             checkpoint::resolve(&cfg.output_dir, which)?;
         }
-        None => claim_output_dir(&cfg.output_dir, control.overwrite_output_dir)?,
+        // Rank 0 alone writes to the output directory.
+        None if world.is_main() => claim_output_dir(&cfg.output_dir, control.overwrite_output_dir)?,
+        None => {}
     }
-    let prep = prepare(cfg, &device, progress)?;
+    let prep = prepare_for(cfg, &device, progress, world.is_main())?;
     for n in &prep.notes {
         if n.starts_with("warning:") {
             progress.message(n);
@@ -216,7 +238,8 @@ pub fn claim_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
 /// A test hook: `FERROTUNE_FAILPOINT=name=N` makes the trainer fail at step N in the named
 /// way (`abort_after_step`: the process aborts after that step, as if killed;
 /// `checkpoint_write_fail`: the checkpoint of that step fails after its first file, as on a
-/// full disk).
+/// full disk; `sleep_ms_per_step`: every step then sleeps N ms, so a signal finds a tiny
+/// run still training).
 fn failpoint(name: &str) -> Option<usize> {
     let v = std::env::var("FERROTUNE_FAILPOINT").ok()?;
     let (n, step) = v.split_once('=')?;
@@ -244,7 +267,8 @@ pub fn run(
         run.evaluate_epoch(epoch, progress)?;
         let dir = run.checkpoint()?;
         let last = epoch == run.cfg.num_train_epochs || run.st.stopped_early;
-        if control.stopping() && !last {
+        // Every rank stops after the same epoch.
+        if run.world.any(control.stopping()) && !last {
             return Err(Error::Interrupted {
                 step: run.st.step,
                 checkpoint: dir,
@@ -293,6 +317,14 @@ pub struct Run {
     grads: Vec<Option<Vec<f32>>>,
     /// Examples and tokens trained on since `speed_since`, for the throughput line.
     speed: (Instant, usize, usize),
+    /// The ranks training together.
+    world: World,
+    /// Sums the gradients over the ranks (and counts the cost).
+    reducer: GradReducer,
+    /// The bytes and seconds of `reducer` at the last throughput line.
+    reduced_at: (u64, f64),
+    /// Some rank was asked to stop during the last step (agreed by all ranks).
+    stop_agreed: bool,
 }
 
 impl Run {
@@ -323,22 +355,52 @@ impl Run {
         } = prep;
         let out = cfg.output_dir.clone();
         let recipe = cfg.to_toml();
+        let world = control.world.clone();
+        // The same recipe is not enough: each host reads its own copy of the data.
+        if world.is_distributed() {
+            let mut data: Vec<u8> = train_ids.join("\n").into_bytes();
+            data.extend(labels.labels().join("\n").bytes());
+            for f in train.0.iter().chain(&eval.0) {
+                data.extend(
+                    f.ids
+                        .iter()
+                        .chain(&f.type_ids)
+                        .flat_map(|i| i.to_le_bytes()),
+                );
+                data.push(b'\n');
+            }
+            world.check_same("training and evaluation data", &data)?;
+        }
         let resume = match &control.resume {
-            Some(which) => Some(load_resume(&out, which, &recipe, params.params.len())?),
+            Some(which) => Some(load_resume(
+                &out,
+                which,
+                &recipe,
+                params.params.len(),
+                world.size(),
+            )?),
             None => None,
         };
-        let rp = out.join("recipe.resolved.toml");
-        std::fs::write(&rp, &recipe).map_err(|e| Error::io(&rp, e))?;
+        let main = world.is_main();
+        if main {
+            let rp = out.join("recipe.resolved.toml");
+            std::fs::write(&rp, &recipe).map_err(|e| Error::io(&rp, e))?;
+        }
         let mut log = match &resume {
+            _ if !main => MetricsLog::discard(),
             Some(ck) => MetricsLog::resume(out.join("metrics.jsonl"), ck.state.metrics_len)?,
             None => MetricsLog::create(out.join("metrics.jsonl"))?,
         };
-        if let Some(dir) = cfg.tensorboard_dir() {
+        if let Some(dir) = cfg.tensorboard_dir().filter(|_| main) {
             let resumed_at = resume.as_ref().map(|ck| ck.state.step as u64);
             log = log.with_tensorboard(&dir, resumed_at, &recipe)?;
         }
         let task = cfg.problem_type.task();
-        let batches = train.0.len().div_ceil(cfg.per_device_train_batch_size);
+        // A global batch is `per_device_train_batch_size` on every rank.
+        let batches = train
+            .0
+            .len()
+            .div_ceil(cfg.per_device_train_batch_size * world.size());
         let steps_per_epoch = batches.div_ceil(cfg.gradient_accumulation_steps);
         let total_steps = steps_per_epoch * cfg.num_train_epochs;
         let warmup = if cfg.warmup_steps > 0 {
@@ -368,9 +430,16 @@ impl Run {
                 Optimizer::Sgd(Sgd::new(cfg.momentum, cfg.nesterov, cfg.weight_decay, n))
             }
         };
+        // The same generator on every rank: each dropout's seed is shared, and each rank
+        // draws the masks of its own sequences (`Ctx::row0`).
+        let dropout_rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1));
         let mut run = Run {
             group_lr: group_learning_rates(&cfg, &params.groups),
-            dropout_rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1)),
+            dropout_rng,
+            world,
+            reducer: GradReducer::default(),
+            reduced_at: (0, 0.0),
+            stop_agreed: false,
             threads: candle_core::utils::get_num_threads(),
             frozen: Vec::new(),
             grads: vec![None; n],
@@ -422,9 +491,16 @@ impl Run {
         let (train_n, eval_n) = (self.train.0.len(), self.eval.0.len());
         let (total, warmup) = (self.schedule.total_steps, self.schedule.warmup_steps);
         let (precision, why) = crate::precision::for_training(self.cfg.precision)?;
+        let hosts = self.world.hosts();
+        let transport = self.world.comm().transport();
         self.log.line(json!({
             "split": "run",
             "threads": self.threads,
+            "world_size": self.world.size(),
+            "hosts": hosts,
+            "mpi": crate::dist::MPI_BUILT_IN,
+            "transport": transport,
+            "global_batch_size": self.cfg.per_device_train_batch_size * self.world.size(),
             "precision": precision.name(),
             "precision_reason": why,
             "cpu_features": crate::precision::cpu_features(),
@@ -453,6 +529,22 @@ impl Run {
             self.threads,
             why
         ));
+        if self.world.is_distributed() {
+            let mut distinct = hosts.clone();
+            distinct.dedup();
+            progress.message(&format!(
+                "{} ranks × {} threads over {} on {}; global batch {} ({} per rank)",
+                self.world.size(),
+                self.threads,
+                transport.unwrap_or_default(),
+                distinct.join(", "),
+                self.cfg.per_device_train_batch_size * self.world.size(),
+                self.cfg.per_device_train_batch_size
+            ));
+            if let Some(note) = crate::dist::signal_note() {
+                progress.message(&format!("note: {note}"));
+            }
+        }
         Ok(())
     }
 
@@ -483,6 +575,11 @@ impl Run {
         st.metrics_len = self.log.bytes_written()?;
         st.optimizer_steps = opt_steps;
         st.best = self.best.as_ref().map(|(s, e, ..)| (*s, *e));
+        st.world_size = self.world.size();
+        if !self.world.is_main() {
+            // Every rank holds the same state; rank 0 writes it.
+            return Ok(checkpoint::checkpoints_dir(&self.out));
+        }
         let snap = Snapshot {
             state: st,
             weights: self
@@ -522,14 +619,16 @@ impl Run {
                 .wrapping_mul(1_000_003)
                 .wrapping_add(epoch as u64),
         ));
+        // Global batches: `bs` examples for every rank (split in `window_gradients`).
+        let global_bs = bs * self.world.size();
         if self.cfg.group_by_length {
-            order = group_by_length(&order, &self.train_costs, bs);
+            order = group_by_length(&order, &self.train_costs, global_bs);
         }
         let epochs = self.cfg.num_train_epochs;
         progress.start(&format!("train epoch {epoch}/{epochs}"), n as u64);
         let t0 = Instant::now();
         self.speed = (t0, 0, 0);
-        let batches: Vec<&[usize]> = order.chunks(bs).collect();
+        let batches: Vec<&[usize]> = order.chunks(global_bs).collect();
         let windows: Vec<&[&[usize]]> = batches.chunks(accum).collect();
         // A resumed run skips the windows its checkpoint had done.
         let skip = if epoch == self.st.epoch {
@@ -546,10 +645,15 @@ impl Run {
             progress.advance(done as u64);
         }
         for (wi, window) in windows.iter().enumerate().skip(skip) {
-            self.train_window(epoch, window, progress)?;
+            self.train_window(epoch, window, progress, control)?;
             let step = self.st.step;
             let last_window = wi + 1 == windows.len();
-            let interrupted = control.stopping();
+            // Ranks agree on stopping within the step's gradient sum.
+            let interrupted = if self.world.is_distributed() {
+                self.stop_agreed
+            } else {
+                control.stopping()
+            };
             let periodic = self.cfg.save_steps.is_some_and(|k| step.is_multiple_of(k));
             if (interrupted || periodic) && !last_window {
                 self.st.epoch = epoch;
@@ -569,6 +673,9 @@ impl Run {
             if failpoint("abort_after_step") == Some(step) {
                 std::process::abort();
             }
+            if let Some(ms) = failpoint("sleep_ms_per_step") {
+                std::thread::sleep(std::time::Duration::from_millis(ms as u64));
+            }
         }
         self.st.train_seconds += t0.elapsed().as_secs_f64();
         progress.finish();
@@ -583,6 +690,7 @@ impl Run {
         epoch: usize,
         window: &[&[usize]],
         progress: &mut dyn Progress,
+        control: &Control,
     ) -> Result<()> {
         let step = self.st.step;
         let now = frozen_groups(&self.cfg, &self.params.groups, epoch, step);
@@ -597,7 +705,7 @@ impl Run {
                 progress,
             )?;
         }
-        let (loss, bad) = self.window_gradients(window, progress)?;
+        let (loss, bad) = self.window_gradients(window, progress, control)?;
         let norm = grad_norm(&self.grads);
         let bad = bad.or_else(|| (!norm.is_finite()).then(|| format!("gradient norm {norm}")));
         let factor = self.schedule.factor(step);
@@ -634,6 +742,19 @@ impl Run {
                 "tokens_per_second": self.speed.2 as f64 / secs,
             }))?;
             self.speed = (Instant::now(), 0, 0);
+            if self.world.is_distributed() {
+                // What the gradient sums cost per step since the last such line.
+                let (bytes, comm) = (self.reducer.bytes, self.reducer.seconds);
+                let k = self.cfg.logging_steps as f64;
+                self.log.line(json!({
+                    "split": "allreduce",
+                    "step": step,
+                    "bytes_per_step": (bytes - self.reduced_at.0) as f64 / k,
+                    "seconds_per_step": (comm - self.reduced_at.1) / k,
+                    "step_seconds": secs / k,
+                }))?;
+                self.reduced_at = (bytes, comm);
+            }
             self.log.line(json!({
                 "split": "train",
                 "step": step,
@@ -656,15 +777,28 @@ impl Run {
         &mut self,
         window: &[&[usize]],
         progress: &mut dyn Progress,
+        control: &Control,
     ) -> Result<(f64, Option<String>)> {
         let window_n: usize = window.iter().map(|c| c.len()).sum();
         let mut bad = None;
         let mut loss = 0.0f64;
-        for (ci, chunk) in window.iter().enumerate() {
-            let items: Vec<&Features> = chunk.iter().map(|&i| &self.train.0[i]).collect();
+        let mut first = true;
+        for chunk in window {
+            // This rank's part of the global batch; weighted by its share of the whole
+            // window, the ranks' gradients sum to that of the window's mean loss.
+            let mine = self.world.part(chunk);
+            progress.advance(chunk.len() as u64);
+            if mine.is_empty() {
+                continue;
+            }
+            let items: Vec<&Features> = mine.iter().map(|&i| &self.train.0[i]).collect();
             let batch = self.encoder.collate(&items, &self.device)?;
-            let y = self.train.1.select(chunk, &self.device)?;
-            let share = chunk.len() as f64 / window_n as f64;
+            let y = self.train.1.select(mine, &self.device)?;
+            let share = mine.len() as f64 / window_n as f64;
+            // Where this rank's part begins in the global batch (the dropout masks
+            // follow the sequence: the same as one process's).
+            let row0 = crate::dist::part_range(chunk.len(), self.world.rank(), self.world.size())
+                .start as u64;
             let ctx = Ctx {
                 train: true,
                 frozen: &self.frozen,
@@ -672,6 +806,12 @@ impl Run {
                 int8: false,
                 // Mixed precision: validated (`precision::for_training`) when loaded.
                 bf16: self.cfg.precision == Precision::Bf16,
+                row0,
+                tokens: batch
+                    .tokens()
+                    .ok()
+                    .and_then(|t| t.input_ids.dims2().ok())
+                    .unwrap_or((0, 0)),
             };
             // The window's first batch overwrites the buffers kept from the last step,
             // the others add to them.
@@ -684,13 +824,47 @@ impl Run {
                 share,
                 ctx,
                 &mut self.grads,
-                ci > 0,
+                !first,
             )?;
+            first = false;
             if !l.is_finite() && bad.is_none() {
                 bad = Some(format!("loss {l}"));
             }
             loss += l as f64 * share;
-            progress.advance(chunk.len() as u64);
+        }
+        if self.world.is_distributed() {
+            if first {
+                // No example here this step: no gradient (zeros in the sum).
+                self.grads.iter_mut().for_each(|g| *g = None);
+            }
+            let sizes: Vec<Option<usize>> = self
+                .params
+                .params
+                .iter()
+                .map(|p| {
+                    let frozen = self.frozen.get(p.group).copied().unwrap_or(false);
+                    (!frozen).then(|| p.var.as_tensor().elem_count())
+                })
+                .collect();
+            let mut scalars = [
+                loss,
+                bad.is_some() as u8 as f64,
+                control.stopping() as u8 as f64,
+            ];
+            self.reducer
+                .reduce(&self.world, &sizes, &mut self.grads, &mut scalars);
+            loss = scalars[0];
+            if bad.is_none() && scalars[1] > 0.0 {
+                bad = Some(format!("non-finite loss on {} rank(s)", scalars[1]));
+            }
+            self.stop_agreed = scalars[2] > 0.0;
+            // A rank that had no example drew no dropout masks: all continue from the
+            // furthest position, so the generators stay in step (and a checkpoint's one
+            // position holds for every rank).
+            if window.iter().any(|c| c.len() < self.world.size()) {
+                let pos = self.world.max_u64(self.dropout_rng.get_word_pos() as u64);
+                self.dropout_rng.set_word_pos(pos as u128);
+            }
         }
         let (l1, l2) = (self.cfg.l1_penalty, self.cfg.l2_penalty);
         loss += add_penalties(&self.params, &mut self.grads, l1, l2)?;
@@ -739,6 +913,9 @@ impl Run {
 
     /// The evaluation of the model as it is now, and its logits.
     fn evaluate(&self, progress: &mut dyn Progress) -> Result<(Evaluation, Vec<Vec<f32>>)> {
+        if self.world.is_distributed() {
+            return self.evaluate_shared(progress);
+        }
         evaluate(
             self.model.as_ref(),
             self.encoder.as_ref(),
@@ -750,6 +927,40 @@ impl Run {
             &self.device,
             progress,
         )
+    }
+
+    /// [`Run::evaluate`] over several ranks: each infers its part of the evaluation set,
+    /// the logits are gathered on every rank (in order), and each computes the same
+    /// metrics from them, so that all agree on the best epoch and on early stopping.
+    fn evaluate_shared(&self, progress: &mut dyn Progress) -> Result<(Evaluation, Vec<Vec<f32>>)> {
+        let items = &self.eval.0;
+        let mine = self.world.part(items);
+        let logits = infer_logits(
+            self.model.as_ref(),
+            self.encoder.as_ref(),
+            mine,
+            self.cfg.per_device_eval_batch_size,
+            &self.device,
+            Precision::F32,
+            |n| progress.advance(n as u64),
+        )?;
+        let width = self
+            .world
+            .max_u64(logits.first().map_or(0, |l| l.len()) as u64) as usize;
+        let flat: Vec<f32> = logits.concat();
+        let counts: Vec<usize> = self
+            .world
+            .part_counts(items.len())
+            .iter()
+            .map(|c| c * width)
+            .collect();
+        let all = self.world.comm().gather_f32(&flat, &counts);
+        progress.advance((items.len() - mine.len()) as u64);
+        let logits: Vec<Vec<f32>> = all.chunks(width.max(1)).map(<[f32]>::to_vec).collect();
+        let ev = self
+            .task
+            .evaluate(&logits, &self.eval.1, &self.loss, self.cfg.threshold)?;
+        Ok((ev, logits))
     }
 
     /// The evaluation after an epoch: logged and printed; the best epoch's weights kept;
@@ -821,6 +1032,14 @@ impl Run {
             Some(ev) => ev,
             None => self.evaluate(&mut Silent)?,
         };
+        if !self.world.is_main() {
+            // Rank 0 writes the report, predictions and model.
+            return Ok(TrainSummary::of(
+                self.st,
+                best_epoch,
+                self.out.join("model"),
+            ));
+        }
         self.log.line(
             json!({"split": "best", "epoch": best_epoch, "metric": best_name, "value": best_score}),
         )?;
@@ -866,14 +1085,7 @@ impl Run {
             "best epoch {best_epoch} (eval_{best_name} {best_score:.4}); model written to {}",
             model_dir.display()
         ));
-        Ok(TrainSummary {
-            epochs: st.epochs,
-            best_epoch,
-            model_dir,
-            train_seconds: st.train_seconds,
-            steps: st.step,
-            stopped_early: st.stopped_early,
-        })
+        Ok(TrainSummary::of(st, best_epoch, model_dir))
     }
 
     /// Writes the model as it is now to `dir` (a Hugging Face directory).
@@ -984,9 +1196,31 @@ impl Run {
 }
 
 /// The checkpoint `which` of the run in `out`, checked to be of the same recipe.
-fn load_resume(out: &Path, which: &str, recipe: &str, n_params: usize) -> Result<Checkpoint> {
+fn load_resume(
+    out: &Path,
+    which: &str,
+    recipe: &str,
+    n_params: usize,
+    world_size: usize,
+) -> Result<Checkpoint> {
     let dir = checkpoint::resolve(out, which)?;
     let ck = checkpoint::load(&dir, n_params)?;
+    if ck.state.world_size != world_size {
+        let n = ck.state.world_size;
+        return Err(Error::file(
+            dir.join("state.json"),
+            format!(
+                "the checkpoint was written by a run of {n} rank(s) and this run has \
+                 {world_size}: the global batch and the data order depend on it; resume \
+                 with {}",
+                if n == 1 {
+                    "a single process (no mpirun)".to_string()
+                } else {
+                    format!("mpirun -n {n}")
+                }
+            ),
+        ));
+    }
     let rp = dir.join("recipe.resolved.toml");
     let theirs = std::fs::read_to_string(&rp).map_err(|e| Error::io(&rp, e))?;
     if theirs != recipe {
