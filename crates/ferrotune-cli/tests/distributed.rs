@@ -135,7 +135,15 @@ fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f32, f32) {
             .zip(vb)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
-        if na.ends_with("attention.self.key.bias") {
+        // BERT/RoBERTa, DistilBERT, MPNet names of the key projection's bias.
+        if [
+            "attention.self.key.bias",
+            "attention.k_lin.bias",
+            "attention.attn.k.bias",
+        ]
+        .iter()
+        .any(|k| na.ends_with(k))
+        {
             key_bias = key_bias.max(d);
         } else {
             m = m.max(d);
@@ -221,6 +229,77 @@ fn two_ranks_of_8_train_as_one_rank_of_16_with_and_without_accumulation() {
         v["eval_loss"].as_f64().unwrap()
     };
     assert!((eval(&one) - eval(&two)).abs() < 1e-4);
+}
+
+#[test]
+fn every_family_and_regression_train_on_two_ranks_as_on_one_process() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), 160, "");
+    for family in ["roberta", "distilbert", "mpnet"] {
+        let model = dir.path().join(family);
+        write_tiny_model(&model, &TinySpec::of(family)).unwrap();
+        let m = format!("model_name_or_path={:?}", model.to_str().unwrap());
+        let go = |ranks: usize, bs: &str| -> PathBuf {
+            let out = dir.path().join(format!("{family}-{ranks}"));
+            let sets = [
+                m.as_str(),
+                bs,
+                "hidden_dropout_prob=0.1",
+                "attention_probs_dropout_prob=0.1",
+            ];
+            let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+            ok(train(ranks, &recipe, &out, &args));
+            out
+        };
+        let one = go(0, "per_device_train_batch_size=16");
+        let two = go(2, "per_device_train_batch_size=8");
+        let (d, k) = max_diff(&weights(&one), &weights(&two));
+        eprintln!("{family}: max |Δw| 2 ranks × 8 against 1 × 16: {d:e}; key biases {k:e}");
+        assert!(d < 1e-5, "{family}: 2 ranks × 8 differ from 1 × 16 by {d}");
+        assert!(k < 2.0 * 1e-3 * 8.0, "{family}: key biases {k}");
+    }
+    // Another task: regression (MSE) on scores derived from the same texts.
+    let text = std::fs::read_to_string(dir.path().join("train.csv")).unwrap();
+    let scored: String = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| match i {
+            0 => "text,label\n".to_string(),
+            _ => {
+                let (t, label) = l.rsplit_once(',').unwrap();
+                let y = if label == "pos" { 0.8 } else { -0.3 } + (i % 7) as f64 * 0.05;
+                format!("{t},{y}\n")
+            }
+        })
+        .collect();
+    let csv = dir.path().join("scores.csv");
+    std::fs::write(&csv, scored).unwrap();
+    let f = format!("train_file={:?}", csv.to_str().unwrap());
+    let go = |ranks: usize, bs: &str| -> PathBuf {
+        let out = dir.path().join(format!("regression-{ranks}"));
+        let sets = [
+            f.as_str(),
+            "problem_type=\"regression\"",
+            bs,
+            "hidden_dropout_prob=0.1",
+        ];
+        let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+        ok(train(ranks, &recipe, &out, &args));
+        out
+    };
+    let one = go(0, "per_device_train_batch_size=16");
+    let two = go(2, "per_device_train_batch_size=8");
+    let log = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"problem_type\":\"regression\""), "{log}");
+    let (d, k) = max_diff(&weights(&one), &weights(&two));
+    eprintln!("regression: max |Δw| 2 ranks × 8 against 1 × 16: {d:e}; key biases {k:e}");
+    assert!(
+        d < 1e-5,
+        "regression: 2 ranks × 8 differ from 1 × 16 by {d}"
+    );
 }
 
 /// A rank's pid, from the ranks `mpirun` started for output directory `out`.
