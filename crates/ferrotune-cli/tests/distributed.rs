@@ -58,23 +58,24 @@ fn setup(dir: &Path, rows: usize, extra: &str) -> PathBuf {
     recipe
 }
 
+/// `mpirun` as the tests run it: as root if need be, TCP between ranks, unbound
+/// (the ranks' `threads = 1` share this machine's cores).
+fn mpirun() -> Command {
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl", "self,tcp")
+        .args(["--oversubscribe", "--bind-to", "none"]);
+    c
+}
+
 /// `ferrotune train` under `mpirun -n ranks` (or alone when `ranks` is 0).
 fn train(ranks: usize, recipe: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = if ranks == 0 {
         Command::new(BIN)
     } else {
-        let mut c = Command::new("mpirun");
-        c.args([
-            "-n",
-            &ranks.to_string(),
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-        ])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl", "self,tcp")
-        .arg(BIN);
+        let mut c = mpirun();
+        c.args(["-n", &ranks.to_string(), BIN]);
         c
     };
     c.args(["train", "--recipe", recipe.to_str().unwrap()])
@@ -418,20 +419,9 @@ fn another_world_size_or_another_recipe_is_a_one_line_error() {
     )
     .unwrap();
     let out2 = dir.path().join("out2");
-    let mut c = Command::new("mpirun");
+    let mut c = mpirun();
     let o = out2.to_str().unwrap();
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl", "self,tcp")
-        .args([
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-            "-n",
-            "1",
-            BIN,
-            "train",
-        ])
+    c.args(["-n", "1", BIN, "train"])
         .args(["--recipe", recipe.to_str().unwrap(), "--output-dir", o])
         .args([":", "-n", "1", BIN, "train"])
         .args(["--recipe", other.to_str().unwrap(), "--output-dir", o])
@@ -461,12 +451,8 @@ fn another_world_size_or_another_recipe_is_a_one_line_error() {
     .unwrap();
     let out3 = dir.path().join("out3");
     let (r, o) = (rel.to_str().unwrap(), out3.to_str().unwrap());
-    let mut c = Command::new("mpirun");
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl", "self,tcp")
-        .args(["--oversubscribe", "--bind-to", "none"])
-        .args(["-n", "1", "-wdir", a.to_str().unwrap(), BIN, "train"])
+    let mut c = mpirun();
+    c.args(["-n", "1", "-wdir", a.to_str().unwrap(), BIN, "train"])
         .args(["--recipe", r, "--output-dir", o])
         .args([":", "-n", "1", "-wdir", b.to_str().unwrap(), BIN, "train"])
         .args(["--recipe", r, "--output-dir", o])
@@ -519,8 +505,9 @@ fn sigterm_on_mpirun_checkpoints_once_and_the_run_resumes() {
         err.contains("to continue: mpirun -n 2 ferrotune train"),
         "{err}"
     );
-    // One checkpoint for the signal, of the step every rank stopped after (besides those
-    // of finished epochs: 1600 training rows / global batch 4 = 400 steps each).
+    // One checkpoint for the signal, of the step every rank stopped after, and the newest
+    // (besides it only those of finished epochs: 1600 training rows / global batch 4 =
+    // 400 steps each; on a loaded machine the signal may arrive at an epoch's end).
     let step: usize = err
         .split("interrupted after step ")
         .nth(1)
@@ -534,10 +521,10 @@ fn sigterm_on_mpirun_checkpoints_once_and_the_run_resumes() {
             let n = e.file_name().to_string_lossy().into_owned();
             n.strip_prefix("checkpoint-")?.parse().ok()
         })
-        .filter(|s| s % 400 != 0)
         .collect();
     cks.sort();
-    assert_eq!(cks, vec![step], "{err}");
+    assert_eq!(cks.last(), Some(&step), "{cks:?} {err}");
+    assert!(cks[..cks.len() - 1].iter().all(|s| s % 400 == 0), "{cks:?}");
     let (code, err) = run(train(
         2,
         &recipe,
