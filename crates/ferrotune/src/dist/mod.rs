@@ -123,14 +123,10 @@ impl World {
         if n > 1 || std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() {
             return Ok(World(Rc::new(mpi::Mpi::init()?)));
         }
-        if n > 1 {
-            return Err(Error::Msg(format!(
-                "started by a launcher as one of {n} ranks, but this ferrotune was built \
-                 without MPI: build it with `cargo build --release --features mpi` (needs \
-                 Open MPI: apt-get install libopenmpi-dev openmpi-bin libclang-dev)"
-            )));
+        match without_mpi(n) {
+            Some(e) => Err(e),
+            None => Ok(World::default()),
         }
-        Ok(World::default())
     }
 
     /// This process's rank.
@@ -229,8 +225,12 @@ impl World {
     /// This rank's part of `items`, split into `size` contiguous parts whose lengths
     /// differ by at most one (the first parts the longer).
     pub fn part<'a, T>(&self, items: &'a [T]) -> &'a [T] {
-        let r = part_range(items.len(), self.rank(), self.size());
-        &items[r]
+        &items[self.range(items.len())]
+    }
+
+    /// Where this rank's [`part`](Self::part) of `n` items lies.
+    pub fn range(&self, n: usize) -> std::ops::Range<usize> {
+        part_range(n, self.rank(), self.size())
     }
 
     /// The lengths of every rank's [`part`](Self::part) of `n` items.
@@ -278,6 +278,18 @@ pub fn signal_note() -> Option<String> {
             "mpirun kills the ranks {secs} s after Ctrl-C/SIGTERM, before they can \
              checkpoint; add `--mca odls_base_sigkill_timeout 60` to stop with a checkpoint"
         )
+    })
+}
+
+/// The error of a build without MPI started as one of `n` ranks (`None` for one): the
+/// ranks would otherwise each train alone into the same output directory.
+fn without_mpi(n: usize) -> Option<Error> {
+    (n > 1).then(|| {
+        Error::Msg(format!(
+            "started by a launcher as one of {n} ranks, but this ferrotune was built without \
+             MPI: build it with `cargo build --release -p ferrotune-cli --features mpi` \
+             (needs Open MPI: apt-get install libopenmpi-dev openmpi-bin libclang-dev)"
+        ))
     })
 }
 
@@ -534,6 +546,17 @@ mod tests {
         let total = 5 + big + 3;
         assert_eq!(r.bytes, 4 * total as u64);
         assert_eq!(*scaled.calls.borrow(), 2);
+    }
+
+    #[test]
+    fn a_build_without_mpi_refuses_several_ranks_in_one_line() {
+        assert!(without_mpi(1).is_none());
+        let e = without_mpi(2).unwrap().to_string();
+        assert!(
+            e.contains("one of 2 ranks") && e.contains("--features mpi"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
     }
 
     #[test]

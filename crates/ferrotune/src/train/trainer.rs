@@ -786,7 +786,8 @@ impl Run {
         for chunk in window {
             // This rank's part of the global batch; weighted by its share of the whole
             // window, the ranks' gradients sum to that of the window's mean loss.
-            let mine = self.world.part(chunk);
+            let part = self.world.range(chunk.len());
+            let mine = &chunk[part.clone()];
             progress.advance(chunk.len() as u64);
             if mine.is_empty() {
                 continue;
@@ -797,8 +798,7 @@ impl Run {
             let share = mine.len() as f64 / window_n as f64;
             // Where this rank's part begins in the global batch (the dropout masks
             // follow the sequence: the same as one process's).
-            let row0 = crate::dist::part_range(chunk.len(), self.world.rank(), self.world.size())
-                .start as u64;
+            let row0 = part.start as u64;
             let ctx = Ctx {
                 train: true,
                 frozen: &self.frozen,
