@@ -374,17 +374,17 @@ impl GradReducer {
         let mut done = 0;
         while done < total {
             let len = cap.min(total - done);
-            let start = at;
-            walk(grads, &mut at, len, |g, dst_at, n| {
-                self.send[dst_at..dst_at + n].copy_from_slice(g);
-            });
+            let pieces = bucket(grads, &mut at, len);
+            for &(i, off, n, b) in &pieces {
+                let g = grads[i].as_deref().unwrap_or_default();
+                self.send[b..b + n].copy_from_slice(&g[off..off + n]);
+            }
             comm.sum_f32(&self.send[..len], &mut self.recv[..len]);
-            let mut back = start;
-            let recv = &self.recv;
-            walk_mut(grads, &mut back, len, |g, src_at| {
-                let n = g.len();
-                g.copy_from_slice(&recv[src_at..src_at + n]);
-            });
+            for &(i, off, n, b) in &pieces {
+                if let Some(g) = &mut grads[i] {
+                    g[off..off + n].copy_from_slice(&self.recv[b..b + n]);
+                }
+            }
             self.bytes += 4 * len as u64;
             done += len;
         }
@@ -392,56 +392,30 @@ impl GradReducer {
     }
 }
 
-/// Calls `f(slice, bucket_offset, len)` over the next `len` floats of the gradient
-/// stream from `at`, and moves `at` past them.
-fn walk(
+/// The pieces of the next bucket of `len` floats of the gradient stream from `at`, as
+/// (parameter, offset in it, length, offset in the bucket); moves `at` past them.
+fn bucket(
     grads: &[Option<Vec<f32>>],
     at: &mut (usize, usize),
     len: usize,
-    mut f: impl FnMut(&[f32], usize, usize),
-) {
+) -> Vec<(usize, usize, usize, usize)> {
+    let mut pieces = Vec::new();
     let mut filled = 0;
     while filled < len {
         let (i, off) = *at;
-        let Some(g) = &grads[i] else {
-            *at = (i + 1, 0);
-            continue;
-        };
-        let n = (g.len() - off).min(len - filled);
-        f(&g[off..off + n], filled, n);
+        let size = grads[i].as_ref().map_or(0, Vec::len);
+        let n = (size - off).min(len - filled);
+        if n > 0 {
+            pieces.push((i, off, n, filled));
+        }
         filled += n;
-        *at = if off + n == g.len() {
+        *at = if off + n == size {
             (i + 1, 0)
         } else {
             (i, off + n)
         };
     }
-}
-
-/// [`walk`] over mutable slices: `f(slice, bucket_offset)`.
-fn walk_mut(
-    grads: &mut [Option<Vec<f32>>],
-    at: &mut (usize, usize),
-    len: usize,
-    mut f: impl FnMut(&mut [f32], usize),
-) {
-    let mut filled = 0;
-    while filled < len {
-        let (i, off) = *at;
-        let Some(g) = &mut grads[i] else {
-            *at = (i + 1, 0);
-            continue;
-        };
-        let n = (g.len() - off).min(len - filled);
-        let glen = g.len();
-        f(&mut g[off..off + n], filled);
-        filled += n;
-        *at = if off + n == glen {
-            (i + 1, 0)
-        } else {
-            (i, off + n)
-        };
-    }
+    pieces
 }
 
 #[cfg(test)]
