@@ -171,7 +171,7 @@ fn bad_recipe_and_data_give_one_line_errors() {
 /// names the family), embed, and a benchmark step of its preset shape.
 #[test]
 fn every_family_trains_predicts_evaluates_inspects_and_embeds() {
-    for family in ferrotune::families::FAMILIES {
+    for family in ferrotune::families::text_families() {
         let t = tempfile::tempdir().unwrap();
         let model = t.path().join("base");
         write_tiny_model(&model, &TinySpec::of(family.model_type())).unwrap();

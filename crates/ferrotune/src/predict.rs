@@ -288,9 +288,11 @@ impl Predictor {
         self.problem_type.task()
     }
 
-    /// The tokenizer.
-    pub fn tokenizer(&self) -> &Tokenizer {
-        self.encoder.tokenizer()
+    /// The tokenizer; an error for a model that reads images.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.encoder
+            .tokenizer()
+            .ok_or_else(|| Error::Msg(format!("{} reads images, not text", self.dir.display())))
     }
 
     /// The head's raw outputs (logits, or regression values) for each example, in input

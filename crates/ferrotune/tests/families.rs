@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use ferrotune::data::batch::Features;
 use ferrotune::data::reader::Example;
 use ferrotune::data::{InputEncoder, TextEncoder};
-use ferrotune::families::{self, HeadSpec, Loaded, FAMILIES};
+use ferrotune::families::{self, HeadSpec, Loaded};
 use ferrotune::kernels::{fused, grad_sink::GradSink};
 use ferrotune::loss::{compute, LossConfig, Targets};
 use ferrotune::nn::{Batch, Ctx, GroupKind, ParamStore, Pooling};
@@ -20,9 +20,12 @@ use ferrotune::train::step::{loss_and_grads, loss_and_grads_into};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-/// Every registered family's `model_type`.
+/// Every registered text family's `model_type` (image families: tests/images.rs).
 fn model_types() -> Vec<&'static str> {
-    FAMILIES.iter().map(|f| f.model_type()).collect()
+    families::text_families()
+        .iter()
+        .map(|f| f.model_type())
+        .collect()
 }
 
 /// A tiny random checkpoint of `family` in a temporary directory.
@@ -531,7 +534,7 @@ fn weights_of_another_family_are_named() {
 /// configuration error naming the ones it does.
 #[test]
 fn a_pooling_the_head_does_not_read_is_refused() {
-    for family in FAMILIES {
+    for family in families::text_families() {
         if family.poolings().contains(&Pooling::Pooler) {
             continue;
         }

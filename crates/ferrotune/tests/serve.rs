@@ -236,7 +236,7 @@ async fn multi_label_and_regression_scores_are_the_librarys() {
 /// included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_family_serves_the_librarys_predictions() {
-    for family in families::FAMILIES {
+    for family in families::text_families() {
         for problem_type in [
             "single_label_classification",
             "multi_label_classification",

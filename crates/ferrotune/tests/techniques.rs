@@ -344,7 +344,7 @@ fn data_errors_come_before_the_model_is_loaded() {
 /// class weights, SGD — and exports a model its predictor reloads.
 #[test]
 fn every_family_runs_every_task_and_technique() {
-    for family in ferrotune::families::FAMILIES {
+    for family in ferrotune::families::text_families() {
         let t = tempfile::tempdir().unwrap();
         let model = t.path().join("model");
         write_tiny_model(&model, &TinySpec::of(family.model_type())).unwrap();

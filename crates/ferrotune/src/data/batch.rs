@@ -15,6 +15,8 @@ pub struct Features {
     pub ids: Vec<u32>,
     /// Segment ids.
     pub type_ids: Vec<u32>,
+    /// The decoded image, for image models (no tokens then).
+    pub image: Option<crate::data::image::Image>,
 }
 
 /// Tokenizes the texts (and text pairs) of `examples`.
@@ -30,6 +32,7 @@ pub fn tokenize(tok: &Tokenizer, examples: &[Example]) -> Result<Vec<Features>> 
         .map(|e| Features {
             ids: e.get_ids().to_vec(),
             type_ids: e.get_type_ids().to_vec(),
+            image: None,
         })
         .collect())
 }
@@ -204,10 +207,12 @@ mod tests {
         let a = Features {
             ids: vec![101, 7, 102],
             type_ids: vec![0, 0, 0],
+            image: None,
         };
         let b = Features {
             ids: vec![101, 102],
             type_ids: vec![0, 0],
+            image: None,
         };
         let batch = make_batch(&[&a, &b], 0, &Device::Cpu).unwrap();
         let batch = batch.tokens().unwrap();

@@ -27,8 +27,9 @@ pub trait InputEncoder: Send + Sync {
     /// The longest input, in tokens.
     fn max_len(&self) -> usize;
 
-    /// The tokenizer, for the export and for telling a client its input's length.
-    fn tokenizer(&self) -> &Tokenizer;
+    /// The tokenizer, for the export and for telling a client its input's length; `None`
+    /// for an encoder of images.
+    fn tokenizer(&self) -> Option<&Tokenizer>;
 }
 
 /// Text through a Hugging Face tokenizer: every text family's encoder.
@@ -72,7 +73,130 @@ impl InputEncoder for TextEncoder {
         self.max_len
     }
 
-    fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        Some(&self.tokenizer)
+    }
+}
+
+/// Images through a transform pipeline: every image family's encoder. An example's text
+/// is its image file's path; images are decoded once, up front (in parallel), and kept
+/// in memory; each batch runs the evaluation pipeline (training batches: the training
+/// pipeline, seeded per batch by [`ImageEncoder::collate_seeded`]).
+pub struct ImageEncoder {
+    /// What evaluation, prediction and serving run.
+    pub eval: crate::data::image::Pipeline,
+    /// What training runs.
+    pub train: crate::data::image::Pipeline,
+}
+
+impl ImageEncoder {
+    /// timm's pipelines for a checkpoint's preprocessing: evaluation resizes to
+    /// `size / crop_pct` and crops the centre; training takes a random resized crop and
+    /// flips half the images.
+    pub fn timm(p: &crate::families::ImagePreprocessing) -> ImageEncoder {
+        use crate::data::image::{Interpolation, Pipeline};
+        let interp = Interpolation::from_timm(&p.interpolation);
+        ImageEncoder {
+            eval: Pipeline::timm_eval(p.size.0, p.crop_pct, interp, p.mean, p.std),
+            train: Pipeline::timm_train(p.size.0, interp, p.mean, p.std),
+        }
+    }
+
+    /// A batch of `items` through `pipeline`, item `i` seeded by `seed + i`.
+    fn batch(
+        pipeline: &crate::data::image::Pipeline,
+        items: &[&Features],
+        seed: u64,
+        device: &Device,
+    ) -> Result<Batch> {
+        use crate::error::Error;
+        let mut size = None;
+        let mut data = Vec::new();
+        for (i, f) in items.iter().enumerate() {
+            let img = f.image.as_ref().ok_or_else(|| {
+                Error::Msg("an image model was given an item without an image".into())
+            })?;
+            let (h, w) = pipeline.out_size(img.height() as usize, img.width() as usize);
+            if *size.get_or_insert((h, w)) != (h, w) {
+                return Err(Error::Msg(format!(
+                    "images of a batch come out of the transforms at different sizes ({:?} and \
+                     {:?}); end the pipeline with a crop",
+                    size.unwrap_or_default(),
+                    (h, w)
+                )));
+            }
+            let at = data.len();
+            data.resize(at + h * w * 3, 0f32);
+            pipeline.apply_into(img, seed.wrapping_add(i as u64), &mut data[at..])?;
+        }
+        let (h, w) = size.unwrap_or((0, 0));
+        let pixels = candle_core::Tensor::from_vec(data, (items.len(), h, w, 3), device)?;
+        Ok(Batch::Pixels(crate::nn::PixelBatch { pixels }))
+    }
+
+    /// A training batch: the training pipeline, its random draws seeded by `seed`.
+    pub fn collate_seeded(&self, items: &[&Features], seed: u64, device: &Device) -> Result<Batch> {
+        Self::batch(&self.train, items, seed, device)
+    }
+}
+
+impl InputEncoder for ImageEncoder {
+    fn encode(&self, examples: &[Example]) -> Result<Vec<Features>> {
+        let paths: Vec<&std::path::Path> = examples
+            .iter()
+            .map(|e| std::path::Path::new(e.text.as_str()))
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = paths.len().div_ceil(threads.max(1)).max(1);
+        let parts: Vec<Result<Vec<Features>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = paths
+                .chunks(per)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|p| {
+                                Ok(Features {
+                                    ids: Vec::new(),
+                                    type_ids: Vec::new(),
+                                    image: Some(crate::data::image::decode_file(p)?),
+                                })
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(crate::error::Error::Msg("image decoding failed".into()))
+                    })
+                })
+                .collect()
+        });
+        let mut out = Vec::with_capacity(examples.len());
+        for p in parts {
+            out.extend(p?);
+        }
+        Ok(out)
+    }
+
+    fn collate(&self, items: &[&Features], device: &Device) -> Result<Batch> {
+        Self::batch(&self.eval, items, 0, device)
+    }
+
+    /// Every image costs the same.
+    fn cost(&self, _item: &Features) -> usize {
+        1
+    }
+
+    /// The side of the model's input.
+    fn max_len(&self) -> usize {
+        self.eval.out_size(1, 1).0
+    }
+
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        None
     }
 }

@@ -18,15 +18,18 @@
 //! 4. [`encoder`]: the [`InputEncoder`] that turns examples into model input —
 //!    [`TextEncoder`]: the model's tokenizer ([`tokenizer`]), tokenization once up front
 //!    and batches padded to their own longest sequence ([`batch`]).
+//!
+//! [`image`] decodes images and IDX files and runs torchvision-style transforms.
 
 pub mod batch;
 pub mod encoder;
+pub mod image;
 pub mod labels;
 pub mod reader;
 pub mod split;
 pub mod tokenizer;
 
-pub use encoder::{InputEncoder, TextEncoder};
+pub use encoder::{ImageEncoder, InputEncoder, TextEncoder};
 pub use labels::LabelMap;
 pub use reader::{read_examples, EncodingErrors, Example, RawLabel, ReaderOptions};
 pub use split::{fmix64, fnv1a64, split_key, stratified_split};

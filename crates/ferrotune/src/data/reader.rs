@@ -537,6 +537,19 @@ fn class_dir_rows(root: &Path, opts: &ReaderOptions) -> Result<impl Iterator<Ite
     let mode = opts.encoding_errors;
     let labelled = opts.label_column.is_some();
     Ok(files.into_iter().map(move |(class, name, file)| {
+        // An image's example holds its path; the model's encoder decodes it.
+        if crate::data::image::is_image_path(&file) {
+            return Ok((
+                Example {
+                    id: format!("{class}/{name}"),
+                    line: 0,
+                    text: file.display().to_string(),
+                    text_pair: None,
+                    label: labelled.then_some(RawLabel::Text(class)),
+                },
+                0,
+            ));
+        }
         let bytes = read_file(&file).map_err(|e| RowError::fatal(0, e))?;
         let text = decode(&bytes, mode).map_err(|bad| {
             let line = 1 + bytes[..bad.offset].iter().filter(|&&b| b == b'\n').count();

@@ -47,10 +47,22 @@ impl HfConfig {
         raw: serde_json::Map<String, serde_json::Value>,
         path: &Path,
     ) -> Result<Self> {
-        let model_type = match raw.get("model_type") {
-            Some(serde_json::Value::String(t)) => t.clone(),
-            Some(_) => return Err(Error::at(path, None, Some("model_type"), "not a string")),
-            None => return Err(Error::at(path, None, Some("model_type"), "missing")),
+        // timm's hub configs name the model by `architecture` and have no `model_type`.
+        let model_type = match (raw.get("model_type"), raw.get("architecture")) {
+            (Some(serde_json::Value::String(t)), _) => t.clone(),
+            (Some(_), _) => return Err(Error::at(path, None, Some("model_type"), "not a string")),
+            (None, Some(serde_json::Value::String(a))) => a.clone(),
+            (None, Some(_)) => {
+                return Err(Error::at(path, None, Some("architecture"), "not a string"))
+            }
+            (None, None) => {
+                return Err(Error::at(
+                    path,
+                    None,
+                    Some("model_type"),
+                    "missing (and no timm `architecture`)",
+                ))
+            }
         };
         let field = |k: &str| -> Result<Option<serde_json::Value>> {
             match raw.get(k) {
@@ -98,6 +110,16 @@ impl HfConfig {
 
     /// The labels of a fine-tuned checkpoint, in id order, if it has them.
     pub fn labels(&self) -> Option<Vec<String>> {
+        // timm writes `label_names`, a list in class order.
+        if let Some(names) = self.raw.get("label_names").and_then(|v| v.as_array()) {
+            let names: Option<Vec<String>> = names
+                .iter()
+                .map(|n| n.as_str().map(str::to_string))
+                .collect();
+            if let Some(names) = names.filter(|n| !n.is_empty()) {
+                return Some(names);
+            }
+        }
         let map = self.id2label.as_ref()?;
         let mut pairs: Vec<(usize, String)> = map
             .iter()

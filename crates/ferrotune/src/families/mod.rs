@@ -13,10 +13,12 @@
 //! | `roberta` | [`roberta`] | `RobertaForSequenceClassification` |
 //! | `distilbert` | [`distilbert`] | `DistilBertForSequenceClassification` |
 //! | `mpnet` | [`mpnet`] | `MPNetForSequenceClassification` |
+//! | `efficientnet_lite0`, `tf_efficientnet_lite0` (timm `architecture`) | [`efficientnet`] | timm's model of that name |
 
 pub mod bert;
 pub mod config;
 pub mod distilbert;
+pub mod efficientnet;
 pub mod encoder;
 pub mod mpnet;
 pub mod roberta;
@@ -36,7 +38,41 @@ pub static FAMILIES: &[&dyn Family] = &[
     &roberta::Roberta,
     &distilbert::DistilBert,
     &mpnet::MpNet,
+    &efficientnet::EfficientNetLite,
 ];
+
+/// What a family's models read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// Text, through the model's tokenizer.
+    Text,
+    /// Images.
+    Image,
+}
+
+/// How an image model's checkpoint expects its input (timm's `pretrained_cfg`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImagePreprocessing {
+    /// `(height, width)` of the input.
+    pub size: (usize, usize),
+    /// Per-channel mean of pixels scaled to 0..1.
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation.
+    pub std: [f32; 3],
+    /// Fraction of the resized image the evaluation crop keeps.
+    pub crop_pct: f64,
+    /// Resize interpolation (`bicubic`, `bilinear`, `nearest`).
+    pub interpolation: String,
+}
+
+/// The registered families whose models read text (what the text-only tests loop over).
+pub fn text_families() -> Vec<&'static dyn Family> {
+    FAMILIES
+        .iter()
+        .copied()
+        .filter(|f| f.input() == InputKind::Text)
+        .collect()
+}
 
 /// What the task asks of the model: the head, and the recipe's dropout overrides.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -138,6 +174,22 @@ pub trait Family: Sync {
     /// `config.json`'s `model_type`.
     fn model_type(&self) -> &'static str;
 
+    /// Other names in a config's `model_type` (or timm's `architecture`) this family
+    /// loads (`tf_efficientnet_lite0` beside `efficientnet_lite0`).
+    fn aliases(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// What the family's models read.
+    fn input(&self) -> InputKind {
+        InputKind::Text
+    }
+
+    /// An image family's input size and normalisation for `cfg`; `None` for text.
+    fn image_preprocessing(&self, _cfg: &HfConfig) -> Result<Option<ImagePreprocessing>> {
+        Ok(None)
+    }
+
     /// The family's name for people (`BERT`).
     fn name(&self) -> &'static str;
 
@@ -190,7 +242,7 @@ pub fn by_model_type(model_type: &str) -> Option<&'static dyn Family> {
     FAMILIES
         .iter()
         .copied()
-        .find(|f| f.model_type() == model_type)
+        .find(|f| f.model_type() == model_type || f.aliases().contains(&model_type))
 }
 
 /// The family of `cfg`'s `model_type`; an error listing the ones that exist otherwise.
@@ -254,6 +306,27 @@ pub fn pooling(fam: &dyn Family, head: &HeadSpec) -> Result<Pooling> {
                 .join(", ")
         ))),
     }
+}
+
+/// The weights of file `path`: safetensors, or a PyTorch file (`.pth`, `.bin`, `.pt`)
+/// through the safe pickle reader (no code in the file is run).
+pub fn weights_file(path: &Path, device: &Device) -> Result<Weights> {
+    let torch = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e, "pth" | "pt" | "bin"));
+    if !torch {
+        return Weights::safetensors(path, device);
+    }
+    let tensors = crate::formats::pickle::read_torch_file(path)?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(device)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    Ok(Weights::File {
+        path: path.to_path_buf(),
+        tensors,
+        int8: std::collections::HashMap::new(),
+    })
 }
 
 /// A model read from directory `dir` (`config.json`, `model.safetensors`) with a head of

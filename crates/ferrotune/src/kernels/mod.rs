@@ -8,6 +8,7 @@
 //! - [`linear`]: `x Wᵀ + b` (and with GELU) in one GEMM.
 //! - [`attention`]: multi-head self-attention over a fused QKV projection.
 //! - [`embedding`]: the embedding lookup whose table gradient goes to the sink.
+//! - [`conv`]: channels-last convolution (im2col, depthwise), batch norm: image models.
 //! - [`int8`]: int8 weights and the integer GEMM of int8 inference (`par` only).
 //! - [`bf16`]: bf16 weights and the bf16 GEMM (f32 sums) of bf16 inference (`par` only).
 //!
@@ -16,6 +17,7 @@
 
 pub mod attention;
 pub mod bf16;
+pub mod conv;
 pub mod embedding;
 pub mod fused;
 pub mod gemm;

@@ -15,12 +15,21 @@ pub struct TokenBatch {
     pub attention_mask: Tensor,
 }
 
-/// One batch of model input. Text families take [`Batch::Tokens`]; image families will
-/// take pixels, in a variant of their own.
+/// A batch of images, transformed and normalised, channels last.
+#[derive(Debug, Clone)]
+pub struct PixelBatch {
+    /// `(batch, height, width, channels)` f32.
+    pub pixels: Tensor,
+}
+
+/// One batch of model input. Text families take [`Batch::Tokens`], image families
+/// [`Batch::Pixels`].
 #[derive(Debug, Clone)]
 pub enum Batch {
     /// Token ids with their segments and padding mask.
     Tokens(TokenBatch),
+    /// Images.
+    Pixels(PixelBatch),
 }
 
 impl Batch {
@@ -28,6 +37,19 @@ impl Batch {
     pub fn tokens(&self) -> Result<&TokenBatch> {
         match self {
             Batch::Tokens(t) => Ok(t),
+            Batch::Pixels(_) => Err(crate::error::Error::Msg(
+                "this model reads text, and was given images".into(),
+            )),
+        }
+    }
+
+    /// The image batch, or an error for a model that reads images given something else.
+    pub fn pixels(&self) -> Result<&PixelBatch> {
+        match self {
+            Batch::Pixels(p) => Ok(p),
+            Batch::Tokens(_) => Err(crate::error::Error::Msg(
+                "this model reads images, and was given text".into(),
+            )),
         }
     }
 
@@ -35,6 +57,7 @@ impl Batch {
     pub fn len(&self) -> Result<usize> {
         match self {
             Batch::Tokens(t) => Ok(t.input_ids.dim(0)?),
+            Batch::Pixels(p) => Ok(p.pixels.dim(0)?),
         }
     }
 

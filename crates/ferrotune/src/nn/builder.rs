@@ -279,6 +279,16 @@ impl<'a> Builder<'a> {
         self.push(export, t, group, no_decay)
     }
 
+    /// A buffer (batch norm's running statistics) of layer group `group` (frozen with
+    /// it): read like [`Builder::need`], kept
+    /// among [`ParamStore::buffers`], never trained.
+    pub fn buffer(&mut self, name: &str, shape: &[usize], group: usize, init: Init) -> Result<Var> {
+        let var = self.need(name, shape, group, init, true)?;
+        let p = self.store.params.pop().expect("need pushed the tensor");
+        self.store.buffers.push(p);
+        Ok(var)
+    }
+
     /// A tensor outside the backbone (pooler, head): loaded when the checkpoint has it
     /// under `ckpt_name` with this shape, else initialised. Returns the variable and
     /// whether it was newly initialised.

@@ -3,6 +3,7 @@
 //! - [`ctx`]: the per-forward context (training or inference, frozen groups, dropout).
 //! - [`batch`]: the model input.
 //! - [`layers`]: linear, layer norm, RMS norm, embedding, activations.
+//! - [`conv`]: convolution, batch norm, ReLU6, pooling (image models, channels last).
 //! - [`encoder`]: the post-layer-norm transformer encoder of BERT-style families.
 //! - [`head`]: pooling and the sequence-classification heads.
 //! - [`builder`]: loading a model's parameters by name from a checkpoint (or at random).
@@ -10,13 +11,14 @@
 
 pub mod batch;
 pub mod builder;
+pub mod conv;
 pub mod ctx;
 pub mod encoder;
 pub mod head;
 pub mod layers;
 pub mod params;
 
-pub use batch::{Batch, TokenBatch};
+pub use batch::{Batch, PixelBatch, TokenBatch};
 pub use builder::{Builder, Init, Weights};
 pub use ctx::Ctx;
 pub use head::Pooling;

@@ -70,6 +70,10 @@ pub struct ParamStore {
     /// Linear layers loaded as int8 weights only (from a quantized model); their weights
     /// are not among `params`.
     pub int8_layers: usize,
+    /// State that is not trained but saved with the weights: batch norm's running mean
+    /// and variance, updated by the forward pass in training. Exported, checkpointed and
+    /// restored with the parameters; never given a gradient or an optimizer step.
+    pub buffers: Vec<Param>,
 }
 
 impl ParamStore {
@@ -116,18 +120,40 @@ impl ParamStore {
             .sum()
     }
 
-    /// A copy of every parameter's current value (for keeping the best epoch).
+    /// The parameters, then the buffers: everything a checkpoint holds, in its order.
+    pub fn state(&self) -> impl Iterator<Item = &Param> {
+        self.params.iter().chain(&self.buffers)
+    }
+
+    /// Number of tensors a checkpoint holds (parameters and buffers).
+    pub fn state_len(&self) -> usize {
+        self.params.len() + self.buffers.len()
+    }
+
+    /// Every parameter's and buffer's current value, shared (for writing a checkpoint).
+    pub fn current(&self) -> Vec<Tensor> {
+        self.state().map(|p| p.var.as_tensor().clone()).collect()
+    }
+
+    /// A copy of every parameter's and buffer's current value (for keeping the best
+    /// epoch).
     pub fn snapshot(&self) -> Result<Vec<Tensor>> {
         Ok(self
-            .params
-            .iter()
+            .state()
             .map(|p| p.var.as_tensor().copy())
             .collect::<candle_core::Result<_>>()?)
     }
 
-    /// Sets every parameter from a [`ParamStore::snapshot`].
+    /// Sets every parameter and buffer from a [`ParamStore::snapshot`].
     pub fn restore(&self, snap: &[Tensor]) -> Result<()> {
-        for (p, t) in self.params.iter().zip(snap) {
+        if snap.len() != self.state_len() {
+            return Err(crate::error::Error::Msg(format!(
+                "{} saved tensors for a model of {} parameters and buffers",
+                snap.len(),
+                self.state_len()
+            )));
+        }
+        for (p, t) in self.state().zip(snap) {
             p.var.set(t)?;
         }
         Ok(())
@@ -135,8 +161,7 @@ impl ParamStore {
 
     /// The tensors under their export names.
     pub fn named_tensors(&self) -> HashMap<String, Tensor> {
-        self.params
-            .iter()
+        self.state()
             .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
             .collect()
     }

@@ -152,7 +152,7 @@ impl Server {
         cfg.validate()?;
         predictor.batch_size = usize::MAX;
         predictor.set_precision(cfg.precision)?;
-        let mut untruncated = predictor.tokenizer().clone();
+        let mut untruncated = predictor.tokenizer()?.clone();
         untruncated
             .with_truncation(None)
             .map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
@@ -547,8 +547,13 @@ impl Shared {
         };
         let max = self.predictor.info.max_seq_length;
         let mut out = Vec::with_capacity(inputs.len());
+        // The server refuses at start a model without a tokenizer.
+        let tok = self
+            .predictor
+            .tokenizer()
+            .map_err(|e| ApiError::unprocessable(e.to_string()))?;
         for (i, inp) in inputs.iter().enumerate() {
-            let enc = encode(self.predictor.tokenizer(), i, inp)?;
+            let enc = encode(tok, i, inp)?;
             if !truncate && !enc.get_overflowing().is_empty() {
                 let full = encode(&self.untruncated, i, inp)?.len();
                 return Err(ApiError::too_large(format!(
@@ -559,6 +564,7 @@ impl Shared {
             out.push(Features {
                 ids: enc.get_ids().to_vec(),
                 type_ids: enc.get_type_ids().to_vec(),
+                image: None,
             });
         }
         Ok(out)

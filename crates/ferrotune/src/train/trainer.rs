@@ -376,7 +376,7 @@ impl Run {
                 &out,
                 which,
                 &recipe,
-                params.params.len(),
+                params.state_len(),
                 world.size(),
             )?),
             None => None,
@@ -582,12 +582,7 @@ impl Run {
         }
         let snap = Snapshot {
             state: st,
-            weights: self
-                .params
-                .params
-                .iter()
-                .map(|p| p.var.as_tensor().clone())
-                .collect(),
+            weights: self.params.current(),
             optimizer: opt_tensors,
             best: self.best.as_ref().map(|(_, _, w, _)| w.as_slice()),
             recipe: self.recipe.clone(),
@@ -1099,7 +1094,9 @@ impl Run {
                 family: self.family,
                 source_dir: &cfg.model_name_or_path,
                 params: &self.params,
-                tokenizer: self.encoder.tokenizer(),
+                tokenizer: self.encoder.tokenizer().ok_or_else(|| {
+                    Error::Msg("exporting a model that reads images: not supported yet".into())
+                })?,
                 labels: self.labels.labels(),
                 problem_type: self.task.name(),
                 info: ExportInfo {

@@ -1,0 +1,735 @@
+//! The convolution, batch normalisation and pooling of image models, channels-last
+//! (`(batch, height, width, channels)`), as candle custom ops with backward passes.
+//!
+//! Channels-last makes a 1×1 convolution a plain GEMM over `batch·height·width` rows (the
+//! families call a matmul for it), a k×k convolution a GEMM over the rows [`im2col`] lays
+//! out, and the depthwise convolution and batch norm loops run along contiguous channels,
+//! which the compiler vectorises. The padding of each side is explicit, so TensorFlow's
+//! "same" padding (more at the end) and PyTorch's symmetric padding are both
+//! [`Padding`]s.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+use super::par::{f32_data, filled, par_for, with_f32, Out, PAR_MIN};
+use crate::error::Result;
+
+/// Zero padding of a convolution or pooling window, per side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Padding {
+    /// Rows above.
+    pub top: usize,
+    /// Rows below.
+    pub bottom: usize,
+    /// Columns left.
+    pub left: usize,
+    /// Columns right.
+    pub right: usize,
+}
+
+impl Padding {
+    /// PyTorch's `padding = p` on every side.
+    pub fn symmetric(p: usize) -> Padding {
+        Padding {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+
+    /// TensorFlow's "SAME" padding for an input of `h × w`, a `k × k` window and `stride`:
+    /// the output is `ceil(size / stride)`, the padding split with the odd one at the end.
+    pub fn same(h: usize, w: usize, k: usize, stride: usize) -> Padding {
+        let total = |n: usize| ((n.div_ceil(stride) - 1) * stride + k).saturating_sub(n);
+        let (th, tw) = (total(h), total(w));
+        Padding {
+            top: th / 2,
+            bottom: th - th / 2,
+            left: tw / 2,
+            right: tw - tw / 2,
+        }
+    }
+
+    /// Output size of a window `k` with `stride` over `n` (plus this padding's `a + b`).
+    fn out(n: usize, a: usize, b: usize, k: usize, stride: usize) -> usize {
+        (n + a + b).saturating_sub(k) / stride + 1
+    }
+}
+
+/// The geometry of one convolution: window, stride, padding and input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geom {
+    b: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: Padding,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(dims: &[usize], kh: usize, kw: usize, stride: usize, pad: Padding) -> Result<Geom> {
+        let &[b, h, w, c] = dims else {
+            return Err(crate::error::Error::Msg(format!(
+                "convolution: expected a (batch, height, width, channels) input, got {dims:?}"
+            )));
+        };
+        if h + pad.top + pad.bottom < kh || w + pad.left + pad.right < kw || stride == 0 {
+            return Err(crate::error::Error::Msg(format!(
+                "convolution: a {kh}×{kw} window (stride {stride}) does not fit a {h}×{w} input"
+            )));
+        }
+        Ok(Geom {
+            b,
+            h,
+            w,
+            c,
+            kh,
+            kw,
+            stride,
+            pad,
+            ho: Padding::out(h, pad.top, pad.bottom, kh, stride),
+            wo: Padding::out(w, pad.left, pad.right, kw, stride),
+        })
+    }
+
+    /// The input row and column of output `(oy, ox)` under window tap `(ky, kx)`, if
+    /// inside the image.
+    #[inline]
+    fn src(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
+        let iy = (oy * self.stride + ky).checked_sub(self.pad.top)?;
+        let ix = (ox * self.stride + kx).checked_sub(self.pad.left)?;
+        (iy < self.h && ix < self.w).then_some((iy, ix))
+    }
+}
+
+/// The patches of a k×k convolution as rows: `(batch·out_h·out_w, kh·kw·channels)` from a
+/// `(batch, h, w, channels)` input, zeros where the window hangs over the padding. A k×k
+/// convolution is then this times the weight laid out `(out, kh, kw, in)`. Differentiable
+/// (the backward adds each patch's gradient back into the image).
+pub fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, pad: Padding) -> Result<Tensor> {
+    let g = Geom::new(x.dims(), kh, kw, stride, pad)?;
+    Ok(x.contiguous()?.apply_op1(Im2Col(g))?)
+}
+
+/// The output size `(out_h, out_w)` of a window over a `(batch, h, w, c)` input.
+pub fn out_size(
+    dims: &[usize],
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: Padding,
+) -> Result<(usize, usize)> {
+    let g = Geom::new(dims, kh, kw, stride, pad)?;
+    Ok((g.ho, g.wo))
+}
+
+struct Im2Col(Geom);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "ferrotune-im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = f32_data(s, l)?;
+        let row = g.kh * g.kw * g.c;
+        let rows = g.b * g.ho * g.wo;
+        let n = rows * row;
+        // Safety: output row r (one output pixel) is written whole by task (b, oy) only.
+        let out = unsafe {
+            filled(n, |p| {
+                let o = Out(p, n);
+                par_for(g.b * g.ho, n >= PAR_MIN, |t| {
+                    let (b, oy) = (t / g.ho, t % g.ho);
+                    let dst = o.part(t * g.wo * row, g.wo * row);
+                    for ox in 0..g.wo {
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let at = ox * row + (ky * g.kw + kx) * g.c;
+                                let d = &mut dst[at..at + g.c];
+                                match g.src(oy, ox, ky, kx) {
+                                    Some((iy, ix)) => {
+                                        let s = ((b * g.h + iy) * g.w + ix) * g.c;
+                                        d.copy_from_slice(&x[s..s + g.c]);
+                                    }
+                                    None => d.fill(0.0),
+                                }
+                            }
+                        }
+                    }
+                });
+            })
+        };
+        Ok((CpuStorage::F32(out), Shape::from((rows, row))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = self.0;
+        let row = g.kh * g.kw * g.c;
+        let img = g.h * g.w * g.c;
+        let dx = with_f32(grad, |dy| {
+            let mut dx = vec![0f32; g.b * img];
+            let o = Out::new(&mut dx);
+            // Each image's gradient is summed by one task, patches in a fixed order.
+            par_for(g.b, g.b * img >= PAR_MIN / 4, |b| {
+                // Safety: image b's part is written by this task only.
+                let d = unsafe { o.part(b * img, img) };
+                for oy in 0..g.ho {
+                    for ox in 0..g.wo {
+                        let r = ((b * g.ho + oy) * g.wo + ox) * row;
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                if let Some((iy, ix)) = g.src(oy, ox, ky, kx) {
+                                    let s = r + (ky * g.kw + kx) * g.c;
+                                    let t = (iy * g.w + ix) * g.c;
+                                    d[t..t + g.c]
+                                        .iter_mut()
+                                        .zip(&dy[s..s + g.c])
+                                        .for_each(|(a, b)| *a += b);
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Depthwise convolution (one k×k filter per channel, PyTorch's `groups = channels`):
+/// `x` `(batch, h, w, c)`, `w` `(kh·kw, c)` (tap-major: row `ky·kw + kx` holds every
+/// channel's weight at that tap) → `(batch, out_h, out_w, c)`. Differentiable in both.
+pub fn depthwise(
+    x: &Tensor,
+    w: &Tensor,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: Padding,
+) -> Result<Tensor> {
+    let g = Geom::new(x.dims(), kh, kw, stride, pad)?;
+    if w.dims() != [kh * kw, g.c] {
+        return Err(crate::error::Error::Msg(format!(
+            "depthwise convolution: weight {:?} for a {kh}×{kw} window over {} channels",
+            w.dims(),
+            g.c
+        )));
+    }
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Depthwise(g))?)
+}
+
+struct Depthwise(Geom);
+
+impl CustomOp2 for Depthwise {
+    fn name(&self) -> &'static str {
+        "ferrotune-depthwise-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (x, w) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
+        let n = g.b * g.ho * g.wo * g.c;
+        // Safety: output row (b, oy) is written whole by its task only.
+        let out = unsafe {
+            filled(n, |p| {
+                let o = Out(p, n);
+                par_for(g.b * g.ho, n >= PAR_MIN, |t| {
+                    let (b, oy) = (t / g.ho, t % g.ho);
+                    let dst = o.part(t * g.wo * g.c, g.wo * g.c);
+                    dst.fill(0.0);
+                    for ox in 0..g.wo {
+                        let d = &mut dst[ox * g.c..(ox + 1) * g.c];
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                if let Some((iy, ix)) = g.src(oy, ox, ky, kx) {
+                                    let s = ((b * g.h + iy) * g.w + ix) * g.c;
+                                    let k = (ky * g.kw + kx) * g.c;
+                                    d.iter_mut()
+                                        .zip(&x[s..s + g.c])
+                                        .zip(&w[k..k + g.c])
+                                        .for_each(|((d, x), w)| *d += x * w);
+                                }
+                            }
+                        }
+                    }
+                });
+            })
+        };
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.ho, g.wo, g.c))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.0;
+        let taps = g.kh * g.kw;
+        let img = g.h * g.w * g.c;
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let (dx, dw) = with_f32(grad, |dy| {
+            let mut dx = vec![0f32; g.b * img];
+            // One weight gradient per image, summed in image order afterwards (repeatable).
+            let mut dws = vec![0f32; g.b * taps * g.c];
+            let (ox_, ow_) = (Out::new(&mut dx), Out::new(&mut dws));
+            par_for(g.b, g.b * img >= PAR_MIN / 4, |b| {
+                // Safety: image b's parts are written by this task only.
+                let (d, dwb) =
+                    unsafe { (ox_.part(b * img, img), ow_.part(b * taps * g.c, taps * g.c)) };
+                for oy in 0..g.ho {
+                    for ox in 0..g.wo {
+                        let r = ((b * g.ho + oy) * g.wo + ox) * g.c;
+                        let gy = &dy[r..r + g.c];
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                if let Some((iy, ix)) = g.src(oy, ox, ky, kx) {
+                                    let t = (iy * g.w + ix) * g.c;
+                                    let k = (ky * g.kw + kx) * g.c;
+                                    let xs = &xv[b * img + t..b * img + t + g.c];
+                                    let dxs = &mut d[t..t + g.c];
+                                    let ws = &wv[k..k + g.c];
+                                    let dwk = &mut dwb[k..k + g.c];
+                                    for c in 0..g.c {
+                                        dxs[c] += gy[c] * ws[c];
+                                        dwk[c] += gy[c] * xs[c];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+            let mut dw = vec![0f32; taps * g.c];
+            for part in dws.chunks(taps * g.c) {
+                dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            }
+            (dx, dw)
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+        ))
+    }
+}
+
+/// Per-channel mean and variance (biased, as batch norm normalises with) of `x`'s rows
+/// (`(rows, channels)` or any shape whose last dimension is the channels), summed in f64.
+pub fn channel_stats(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+    let c = *x.dims().last().unwrap_or(&1);
+    Ok(with_f32(x, |v| {
+        let rows = v.len() / c.max(1);
+        let mut sum = vec![0f64; c];
+        for r in v.chunks(c) {
+            sum.iter_mut().zip(r).for_each(|(s, &x)| *s += x as f64);
+        }
+        let mean: Vec<f64> = sum.iter().map(|s| s / rows.max(1) as f64).collect();
+        let mut sq = vec![0f64; c];
+        for r in v.chunks(c) {
+            for ((s, &x), m) in sq.iter_mut().zip(r).zip(&mean) {
+                let d = x as f64 - m;
+                *s += d * d;
+            }
+        }
+        (
+            mean.iter().map(|&m| m as f32).collect(),
+            sq.iter().map(|s| (s / rows.max(1) as f64) as f32).collect(),
+        )
+    })?)
+}
+
+/// Batch normalisation over the last dimension (channels-last): `(x − mean) / sqrt(var +
+/// eps) · weight + bias`, with `mean` and `var` given (the batch's own, from
+/// [`channel_stats`], in training; the running statistics otherwise). `batch_stats` says
+/// which: the backward then also flows through the batch's mean and variance, as
+/// PyTorch's training-mode batch norm does. Differentiable in `x`, `weight` and `bias`.
+pub fn batch_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    mean: &[f32],
+    var: &[f32],
+    eps: f64,
+    batch_stats: bool,
+) -> Result<Tensor> {
+    let c = *x.dims().last().unwrap_or(&0);
+    if weight.dims() != [c] || bias.dims() != [c] || mean.len() != c || var.len() != c {
+        return Err(crate::error::Error::Msg(format!(
+            "batch norm: {} channels but weight {:?}, bias {:?}, {} statistics",
+            c,
+            weight.dims(),
+            bias.dims(),
+            mean.len()
+        )));
+    }
+    let op = BatchNorm {
+        mean: mean.to_vec(),
+        rstd: var
+            .iter()
+            .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+            .collect(),
+        batch_stats,
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?)
+}
+
+struct BatchNorm {
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    batch_stats: bool,
+}
+
+/// Rows per task of the batch-norm loops.
+const BN_ROWS: usize = 256;
+
+impl CustomOp3 for BatchNorm {
+    fn name(&self) -> &'static str {
+        "ferrotune-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32_data(s1, l1)?, f32_data(s2, l2)?, f32_data(s3, l3)?);
+        let c = w.len();
+        // y = x·scale + shift, per channel.
+        let scale: Vec<f32> = w.iter().zip(&self.rstd).map(|(w, r)| w * r).collect();
+        let shift: Vec<f32> = (0..c).map(|i| b[i] - self.mean[i] * scale[i]).collect();
+        let out = super::par::map_parts(x, BN_ROWS * c, |_, src, dst| {
+            for (s, d) in src.chunks(c).zip(dst.chunks_mut(c)) {
+                for i in 0..c {
+                    d[i] = s[i] * scale[i] + shift[i];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = w.elem_count();
+        let wv = w.to_vec1::<f32>()?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let (dx, dw, db) = with_f32(grad, |dy| {
+            let rows = dy.len() / c.max(1);
+            // Σ dy and Σ dy·x̂ per channel, in f64, rows in order.
+            let mut sdy = vec![0f64; c];
+            let mut sdyx = vec![0f64; c];
+            for (gy, xs) in dy.chunks(c).zip(xv.chunks(c)) {
+                for i in 0..c {
+                    let xh = (xs[i] - self.mean[i]) * self.rstd[i];
+                    sdy[i] += gy[i] as f64;
+                    sdyx[i] += (gy[i] * xh) as f64;
+                }
+            }
+            let scale: Vec<f32> = wv.iter().zip(&self.rstd).map(|(w, r)| w * r).collect();
+            let n = rows.max(1) as f64;
+            let (m_dy, m_dyx): (Vec<f32>, Vec<f32>) = if self.batch_stats {
+                (
+                    sdy.iter().map(|s| (s / n) as f32).collect(),
+                    sdyx.iter().map(|s| (s / n) as f32).collect(),
+                )
+            } else {
+                (vec![0.0; c], vec![0.0; c])
+            };
+            let dx = super::par::map_parts(dy, BN_ROWS * c, |part, src, dst| {
+                let x0 = part * BN_ROWS * c;
+                for (r, (gy, d)) in src.chunks(c).zip(dst.chunks_mut(c)).enumerate() {
+                    let xs = &xv[x0 + r * c..x0 + (r + 1) * c];
+                    for i in 0..c {
+                        let xh = (xs[i] - self.mean[i]) * self.rstd[i];
+                        d[i] = scale[i] * (gy[i] - m_dy[i] - xh * m_dyx[i]);
+                    }
+                }
+            });
+            (
+                dx,
+                sdyx.iter().map(|&s| s as f32).collect::<Vec<_>>(),
+                sdy.iter().map(|&s| s as f32).collect::<Vec<_>>(),
+            )
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::fused::tests::{max_diff, randn};
+    use candle_core::{Device, Var, D};
+
+    /// candle's NCHW convolution of a channels-last input, back to channels-last.
+    fn reference_conv(
+        x: &Tensor,
+        w_oihw: &Tensor,
+        stride: usize,
+        pad: Padding,
+        groups: usize,
+    ) -> Tensor {
+        let x = x
+            .pad_with_zeros(1, pad.top, pad.bottom)
+            .unwrap()
+            .pad_with_zeros(2, pad.left, pad.right)
+            .unwrap();
+        let nchw = x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+        nchw.conv2d(w_oihw, 0, stride, 1, groups)
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
+    /// A k×k convolution as im2col × weight: forward and the input's and weight's
+    /// gradients equal candle's own convolution, on odd shapes, strides and both
+    /// paddings.
+    #[test]
+    fn im2col_convolution_matches_candle() {
+        for (i, &(b, h, w, cin, cout, k, s, same)) in [
+            (1, 5, 7, 3, 4, 3, 1, false),
+            (2, 9, 6, 3, 5, 3, 2, true),
+            (3, 8, 8, 2, 3, 5, 2, false),
+            (2, 7, 11, 4, 2, 1, 2, false),
+            (2, 40, 33, 3, 8, 3, 2, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let pad = if same {
+                Padding::same(h, w, k, s)
+            } else {
+                Padding::symmetric(k / 2)
+            };
+            let x = Var::from_tensor(&randn(&[b, h, w, cin], 10 + i as u64)).unwrap();
+            let wt = Var::from_tensor(&randn(&[cout, cin, k, k], 20 + i as u64)).unwrap();
+            let ours = {
+                let cols = im2col(x.as_tensor(), k, k, s, pad).unwrap();
+                let (ho, wo) = out_size(&[b, h, w, cin], k, k, s, pad).unwrap();
+                let wm = wt
+                    .as_tensor()
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .reshape((cout, k * k * cin))
+                    .unwrap();
+                cols.matmul(&wm.t().unwrap())
+                    .unwrap()
+                    .reshape((b, ho, wo, cout))
+                    .unwrap()
+            };
+            let theirs = reference_conv(x.as_tensor(), wt.as_tensor(), s, pad, 1);
+            assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+            assert!(max_diff(&ours, &theirs) < 1e-4, "case {i}");
+            let probe = randn(ours.dims(), 99);
+            let g1 = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&theirs * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &wt] {
+                let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                assert!(max_diff(a, b) < 1e-3, "case {i}: {}", max_diff(a, b));
+            }
+        }
+    }
+
+    /// The depthwise convolution equals candle's grouped convolution, forward and both
+    /// gradients.
+    #[test]
+    fn depthwise_matches_candle() {
+        for (i, &(b, h, w, c, k, s, same)) in [
+            (1, 5, 5, 3, 3, 1, false),
+            (2, 9, 7, 5, 3, 2, true),
+            (2, 8, 10, 4, 5, 2, true),
+            (3, 6, 6, 7, 5, 1, false),
+            (2, 30, 30, 16, 3, 1, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let pad = if same {
+                Padding::same(h, w, k, s)
+            } else {
+                Padding::symmetric(k / 2)
+            };
+            let x = Var::from_tensor(&randn(&[b, h, w, c], 30 + i as u64)).unwrap();
+            let wt = Var::from_tensor(&randn(&[c, 1, k, k], 40 + i as u64)).unwrap();
+            let taps = wt
+                .as_tensor()
+                .reshape((c, k * k))
+                .unwrap()
+                .t()
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let ours = depthwise(x.as_tensor(), &taps, k, k, s, pad).unwrap();
+            let theirs = reference_conv(x.as_tensor(), wt.as_tensor(), s, pad, c);
+            assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+            assert!(max_diff(&ours, &theirs) < 1e-4, "case {i}");
+            let probe = randn(ours.dims(), 98);
+            let g1 = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&theirs * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &wt] {
+                let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                assert!(max_diff(a, b) < 1e-3, "case {i}: {}", max_diff(a, b));
+            }
+        }
+    }
+
+    /// "Same" padding gives TensorFlow's output sizes and splits (odd one at the end).
+    #[test]
+    fn same_padding_is_tensorflows() {
+        let p = Padding::same(224, 224, 3, 2);
+        assert_eq!((p.top, p.bottom), (0, 1));
+        assert_eq!(out_size(&[1, 224, 224, 3], 3, 3, 2, p).unwrap(), (112, 112));
+        let p = Padding::same(7, 7, 5, 1);
+        assert_eq!((p.top, p.bottom, p.left, p.right), (2, 2, 2, 2));
+        let p = Padding::same(15, 15, 5, 2);
+        assert_eq!((p.top, p.bottom), (2, 2));
+        assert!(im2col(&randn(&[1, 2, 2, 1], 1), 5, 5, 1, Padding::symmetric(0)).is_err());
+    }
+
+    /// Batch norm with the batch's statistics equals the composition of candle ops,
+    /// forward and every gradient; with given (running) statistics the input's gradient
+    /// is the plain scale.
+    #[test]
+    fn batch_norm_matches_the_composition() {
+        for (i, dims) in [vec![4, 3], vec![2, 5, 3, 7], vec![3, 40, 30, 9]]
+            .into_iter()
+            .enumerate()
+        {
+            let c = *dims.last().unwrap();
+            let x = Var::from_tensor(&randn(&dims, 50 + i as u64)).unwrap();
+            let w = Var::from_tensor(&randn(&[c], 60 + i as u64)).unwrap();
+            let bias = Var::from_tensor(&randn(&[c], 70 + i as u64)).unwrap();
+            let eps = 1e-3;
+            let (mean, var) = channel_stats(x.as_tensor()).unwrap();
+            let ours = batch_norm(
+                x.as_tensor(),
+                w.as_tensor(),
+                bias.as_tensor(),
+                &mean,
+                &var,
+                eps,
+                true,
+            )
+            .unwrap();
+            let rows = x.as_tensor().reshape(((), c)).unwrap();
+            let mu = rows.mean_keepdim(0).unwrap();
+            let xc = rows.broadcast_sub(&mu).unwrap();
+            let v = xc.sqr().unwrap().mean_keepdim(0).unwrap();
+            let theirs = xc
+                .broadcast_div(&(v + eps).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(w.as_tensor())
+                .unwrap()
+                .broadcast_add(bias.as_tensor())
+                .unwrap()
+                .reshape(dims.as_slice())
+                .unwrap();
+            assert!(max_diff(&ours, &theirs) < 1e-4, "case {i}");
+            let probe = randn(&dims, 97);
+            let g1 = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&theirs * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for var_ in [&x, &w, &bias] {
+                let (a, b) = (g1.get(var_).unwrap(), g2.get(var_).unwrap());
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(D::Minus1)
+                    .unwrap();
+                let scale = scale.to_scalar::<f32>().unwrap().max(1.0);
+                assert!(
+                    max_diff(a, b) / scale < 1e-4,
+                    "case {i}: {}",
+                    max_diff(a, b)
+                );
+            }
+            // Running statistics: the input's gradient is weight · rstd · dy.
+            let ours = batch_norm(
+                x.as_tensor(),
+                w.as_tensor(),
+                bias.as_tensor(),
+                &mean,
+                &var,
+                eps,
+                false,
+            )
+            .unwrap();
+            let g = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
+            let want = probe
+                .broadcast_mul(
+                    &(w.as_tensor() * Tensor::new(rstd.as_slice(), &Device::Cpu).unwrap()).unwrap(),
+                )
+                .unwrap();
+            assert!(max_diff(g.get(&x).unwrap(), &want) < 1e-4, "case {i}");
+        }
+    }
+}
