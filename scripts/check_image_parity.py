@@ -6,7 +6,6 @@ timm's. Run by scripts/check-image-parity."""
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -17,33 +16,42 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-STAGES = [1, 2, 2, 3, 3, 4, 1]
+from efficientnet_names import timm_name
 
 
-def timm_name(k):
-    m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.*)", k)
-    if m:
-        b, part, leaf = int(m.group(1)), m.group(2), m.group(3)
-        s = 0
-        while b >= STAGES[s]:
-            b -= STAGES[s]
-            s += 1
-        if s == 0:
-            part = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}[part]
-        else:
-            part = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-                    "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}[part]
-        return f"blocks.{s}.{b}.{part}.{leaf}"
-    a, leaf = k.split(".", 1)
-    return {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}[a] + "." + leaf
+def check_export(a):
+    """timm loads the exported directory (its config.json and model.safetensors) and gives
+    ferrotune's logits on the same pixels within 1e-4."""
+    cfg = json.load(open(f"{a.export}/config.json"))
+    model = timm.create_model(cfg["architecture"], pretrained=True, num_classes=cfg["num_classes"],
+                              pretrained_cfg_overlay=dict(file=f"{a.export}/model.safetensors",
+                                                          num_classes=cfg["num_classes"]))
+    model.eval()
+    tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in a.images])
+    with torch.no_grad():
+        want = model(x).numpy()
+    with tempfile.TemporaryDirectory() as d:
+        save_file({"pixels": x.contiguous()}, f"{d}/pixels.safetensors")
+        out = subprocess.run([a.logits, a.export, "--pixels", f"{d}/pixels.safetensors"],
+                             check=True, capture_output=True, text=True).stdout
+    got = np.array([json.loads(l)["logits"] for l in out.splitlines()])
+    diff = float(np.abs(got - want).max())
+    print(f"export {a.export} loaded by timm ({cfg['architecture']}, {cfg['num_classes']} classes, "
+          f"input {list(x.shape[2:])}): max |logit difference| {diff:.2e} (bound 1e-4)")
+    return diff < 1e-4
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pth", required=True)
     ap.add_argument("--logits", required=True, help="the image_logits example binary")
+    ap.add_argument("--export", help="also: a directory ferrotune exported, loaded by timm")
     ap.add_argument("images", nargs="+")
     a = ap.parse_args()
+    ok = True
+    if a.export:
+        ok &= check_export(a)
     torch.set_num_threads(2)
     sd = torch.load(a.pth, map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -62,7 +70,7 @@ def main():
     n = len(a.images)
     got = np.array([r["logits"] for r in rows[:n]])
     diff = float(np.abs(got - want).max())
-    ok = diff < 1e-4
+    ok &= diff < 1e-4
     print(f"same pixels: max |logit difference| {diff:.2e} over {n} images x 1000 classes (bound 1e-4)")
     for p, r, w in zip(a.images, rows[n:], want):
         top = int(np.argmax(w))

@@ -35,6 +35,9 @@ pub struct ExportInfo {
     /// Column names given for the training CSV/TSV, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub column_names: Option<Vec<String>>,
+    /// Image models: the evaluation pipeline of training (what predict and serve run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_eval: Option<crate::data::image::Pipeline>,
 }
 
 impl ExportInfo {
@@ -51,6 +54,7 @@ impl ExportInfo {
             label_separator: None,
             header: true,
             column_names: None,
+            image_eval: None,
         }
     }
 }

@@ -154,6 +154,20 @@ pub struct TrainConfig {
     pub encoding_errors: EncodingErrors,
     /// Longer inputs are truncated to this many tokens (special tokens included).
     pub max_seq_length: usize,
+    /// Image models: the side of the model's input in pixels (default: the checkpoint's
+    /// `pretrained_cfg.input_size`).
+    pub image_size: Option<usize>,
+    /// Image models: the training transforms, torchvision's names and arguments
+    /// (`[[train_transforms]] name = "RandomResizedCrop"`, `size = 64`); default timm's:
+    /// `RandomResizedCrop(image_size)`, `RandomHorizontalFlip()`. `Normalize` follows.
+    pub train_transforms: Option<Vec<crate::data::image::Transform>>,
+    /// Image models: the evaluation transforms; default timm's:
+    /// `Resize(image_size / crop_pct)`, `CenterCrop(image_size)`.
+    pub eval_transforms: Option<Vec<crate::data::image::Transform>>,
+    /// Image models: `Normalize`'s mean (default: the checkpoint's).
+    pub image_mean: Option<[f32; 3]>,
+    /// Image models: `Normalize`'s standard deviation (default: the checkpoint's).
+    pub image_std: Option<[f32; 3]>,
     /// Training batch size (alias `batch_size`).
     #[serde(alias = "batch_size")]
     pub per_device_train_batch_size: usize,
@@ -307,6 +321,11 @@ impl Default for TrainConfig {
             column_names: None,
             encoding_errors: EncodingErrors::Error,
             max_seq_length: 128,
+            image_size: None,
+            train_transforms: None,
+            eval_transforms: None,
+            image_mean: None,
+            image_std: None,
             per_device_train_batch_size: 8,
             per_device_eval_batch_size: 32,
             learning_rate: 5e-5,
@@ -538,6 +557,14 @@ impl TrainConfig {
         }
         if self.train_file.as_os_str().is_empty() {
             return bad("train_file", "is required".into());
+        }
+        if self.image_size == Some(0) {
+            return bad("image_size", "must be at least 1".into());
+        }
+        if let Some(s) = self.image_std {
+            if s.iter().any(|&v| v <= 0.0 || !v.is_finite()) {
+                return bad("image_std", format!("must be positive, got {s:?}"));
+            }
         }
         for r in &self.report_to {
             if !["tensorboard", "all", "none"].contains(&r.as_str()) {

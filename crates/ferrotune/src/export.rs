@@ -32,8 +32,8 @@ pub struct ExportSpec<'a> {
     pub source_dir: &'a Path,
     /// The trained parameters.
     pub params: &'a ParamStore,
-    /// The tokenizer as used in training.
-    pub tokenizer: &'a Tokenizer,
+    /// The tokenizer as used in training (`None` for an image model).
+    pub tokenizer: Option<&'a Tokenizer>,
     /// Label names by id.
     pub labels: &'a [String],
     /// Hugging Face `problem_type`.
@@ -59,11 +59,21 @@ pub fn export_config(spec: &ExportSpec) -> Value {
         .enumerate()
         .map(|(i, l)| (l.clone(), json!(i)))
         .collect();
-    cfg.insert("architectures".into(), json!([spec.family.architecture()]));
+    cfg.extend(spec.family.export_keys(spec.labels));
     cfg.insert("id2label".into(), Value::Object(id2label));
     cfg.insert("label2id".into(), Value::Object(label2id));
     cfg.insert("num_labels".into(), json!(spec.labels.len()));
     cfg.insert("problem_type".into(), json!(spec.problem_type));
+    // An image model: timm's `pretrained_cfg` says the input it was trained on.
+    if let (Some(p), Some(Value::Object(pc))) =
+        (&spec.info.image_eval, cfg.get_mut("pretrained_cfg"))
+    {
+        let (h, w) = p.out_size(1, 1);
+        pc.insert("input_size".into(), json!([3, h, w]));
+        pc.insert("mean".into(), json!(p.mean));
+        pc.insert("std".into(), json!(p.std));
+        pc.insert("num_classes".into(), json!(spec.labels.len()));
+    }
     cfg.insert(
         "ferrotune".into(),
         serde_json::to_value(&spec.info).unwrap_or(Value::Null),
@@ -93,8 +103,22 @@ pub fn export_model(dir: &Path, spec: &ExportSpec) -> Result<()> {
     let st = tmp.join("model.safetensors");
     crate::formats::safetensors::write_safetensors(&spec.params.named_tensors(), &st)?;
 
+    if let Some(tokenizer) = spec.tokenizer {
+        write_tokenizer(&tmp, spec, tokenizer)?;
+    }
+
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    Ok(())
+}
+
+/// `tokenizer.json`, the side files of the pretrained model's tokenizer, and
+/// `tokenizer_config.json` into `tmp`.
+fn write_tokenizer(tmp: &Path, spec: &ExportSpec, tokenizer: &Tokenizer) -> Result<()> {
     let tok = tmp.join("tokenizer.json");
-    spec.tokenizer
+    tokenizer
         .save(&tok, false)
         .map_err(|e| match e.downcast::<std::io::Error>() {
             Ok(io) => Error::io(&tok, *io),
@@ -121,11 +145,5 @@ pub fn export_model(dir: &Path, spec: &ExportSpec) -> Result<()> {
         .entry("tokenizer_class".to_string())
         .or_insert(json!(spec.family.tokenizer_class()));
     let tok_cfg = serde_json::to_string_pretty(&Value::Object(tok_cfg)).unwrap_or_default();
-    write(&tmp.join("tokenizer_config.json"), tok_cfg.as_bytes())?;
-
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-    Ok(())
+    write(&tmp.join("tokenizer_config.json"), tok_cfg.as_bytes())
 }

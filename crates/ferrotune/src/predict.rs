@@ -11,9 +11,9 @@ use crate::artifact::ExportInfo;
 use crate::data::batch::Features;
 use crate::data::labels::LabelMap;
 use crate::data::reader::{Example, Examples, ReaderOptions};
-use crate::data::{InputEncoder, TextEncoder};
+use crate::data::{encoder_for, ImageRecipe, InputEncoder};
 use crate::error::{Error, Result};
-use crate::families::{self, Family, HeadSpec, HfConfig, Model};
+use crate::families::{self, Family, HeadSpec, HfConfig, InputKind, Model};
 use crate::infer::infer_logits;
 use crate::loss::LossConfig;
 use crate::nn::{GroupKind, ParamStore};
@@ -92,7 +92,8 @@ impl Predictor {
                 .map_err(|e| Error::at(&cfg_path, None, Some("ferrotune"), format!("{e}")))?,
             None => ExportInfo::defaults(family.poolings()[0], max_tokens.min(512)),
         };
-        if info.max_seq_length > max_tokens {
+        let images = family.input() == InputKind::Image;
+        if !images && info.max_seq_length > max_tokens {
             return Err(Error::at(
                 &cfg_path,
                 None,
@@ -153,7 +154,15 @@ impl Predictor {
                 },
             ));
         }
-        let encoder = Box::new(TextEncoder::load(dir, info.max_seq_length)?);
+        // An image model runs the evaluation pipeline it was trained with (or, for a
+        // directory ferrotune did not write, its checkpoint's).
+        let image = ImageRecipe {
+            eval: info.image_eval.as_ref().map(|p| p.transforms.clone()),
+            mean: info.image_eval.as_ref().map(|p| p.mean),
+            std: info.image_eval.as_ref().map(|p| p.std),
+            ..ImageRecipe::default()
+        };
+        let encoder = encoder_for(family, &cfg, dir, info.max_seq_length, &image)?;
         let predictor = Predictor {
             problem_type,
             model: loaded.model,
@@ -193,6 +202,14 @@ impl Predictor {
             label_column: labelled.then(|| self.info.label_column.clone()),
             header: self.info.header,
             column_names: self.info.column_names.clone(),
+            file_extensions: if self.encoder.image_eval().is_some() {
+                crate::data::image::IMAGE_EXTENSIONS
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect()
+            } else {
+                ReaderOptions::default().file_extensions
+            },
             ..Default::default()
         }
     }

@@ -6,7 +6,7 @@
 //! any family, so unit tests need no downloaded assets and no network.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
@@ -264,7 +264,7 @@ pub fn write_tiny_classifier(
             family,
             source_dir: &base,
             params: &loaded.params,
-            tokenizer: &tok,
+            tokenizer: Some(&tok),
             labels: &labels,
             problem_type,
             info: ExportInfo::defaults(loaded.model.pooling(), max_len),
@@ -272,4 +272,62 @@ pub fn write_tiny_classifier(
         },
     )?;
     Ok(out)
+}
+
+/// Writes a random pretrained EfficientNet-Lite0 (timm's `tf_efficientnet_lite0`
+/// config.json, `model.safetensors` under timm's names, a 1000-class classifier) to `dir`.
+pub fn write_tiny_image_model(dir: &Path) -> Result<()> {
+    use crate::families::efficientnet::LiteConfig;
+    let serde_json::Value::Object(raw) = LiteConfig::timm(true, 1000).to_json() else {
+        return Err(Error::Msg("a config is an object".into()));
+    };
+    let cfg = crate::families::HfConfig::from_object(raw.clone(), &dir.join("config.json"))?;
+    let fam = crate::families::family(&cfg)?;
+    let loaded = fam.build(
+        &cfg,
+        &Weights::Random,
+        &HeadSpec::new(1000),
+        3,
+        &candle_core::Device::Cpu,
+    )?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let p = dir.join("config.json");
+    std::fs::write(&p, serde_json::Value::Object(raw).to_string()).map_err(|e| Error::io(&p, e))?;
+    crate::formats::safetensors::write_safetensors(
+        &loaded.params.named_tensors(),
+        &dir.join("model.safetensors"),
+    )
+}
+
+/// Writes an IDX pair (`{prefix}-images-idx3-ubyte`, `{prefix}-labels-idx1-ubyte`) of
+/// `n` `side × side` grayscale images of 3 classes a small network can tell apart: class
+/// `k` is bright in horizontal band `k`, plus noise. Returns the images file.
+pub fn write_tiny_idx(dir: &Path, prefix: &str, n: usize, side: usize) -> Result<PathBuf> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(n as u64 * 31 + side as u64);
+    let mut imgs = Vec::new();
+    imgs.extend(0x803u32.to_be_bytes());
+    for d in [n, side, side] {
+        imgs.extend((d as u32).to_be_bytes());
+    }
+    let mut labels = Vec::new();
+    labels.extend(0x801u32.to_be_bytes());
+    labels.extend((n as u32).to_be_bytes());
+    for i in 0..n {
+        let k = i % 3;
+        labels.push(k as u8);
+        for y in 0..side {
+            for _ in 0..side {
+                let band = y * 3 / side == k;
+                let base = if band { 200 } else { 40 };
+                imgs.push((base + rng.random_range(0..40)) as u8);
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let ip = dir.join(format!("{prefix}-images-idx3-ubyte"));
+    let lp = dir.join(format!("{prefix}-labels-idx1-ubyte"));
+    std::fs::write(&ip, imgs).map_err(|e| Error::io(&ip, e))?;
+    std::fs::write(&lp, labels).map_err(|e| Error::io(&lp, e))?;
+    Ok(ip)
 }

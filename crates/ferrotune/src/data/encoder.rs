@@ -19,6 +19,14 @@ pub trait InputEncoder: Send + Sync {
     /// One batch of `items`, padded to the longest (dynamic padding).
     fn collate(&self, items: &[&Features], device: &Device) -> Result<Batch>;
 
+    /// One training batch: as [`InputEncoder::collate`], with the training-time random
+    /// transforms of an image encoder, item `i` seeded by `seed + i` (the trainer derives
+    /// `seed` from the run's seed and step, so a resumed run draws the same).
+    fn collate_train(&self, items: &[&Features], seed: u64, device: &Device) -> Result<Batch> {
+        let _ = seed;
+        self.collate(items, device)
+    }
+
     /// An item's cost (its tokens), for length grouping and the server's batches.
     fn cost(&self, item: &Features) -> usize {
         item.ids.len()
@@ -26,6 +34,11 @@ pub trait InputEncoder: Send + Sync {
 
     /// The longest input, in tokens.
     fn max_len(&self) -> usize;
+
+    /// An image encoder's evaluation pipeline (written to the export); `None` for text.
+    fn image_eval(&self) -> Option<&crate::data::image::Pipeline> {
+        None
+    }
 
     /// The tokenizer, for the export and for telling a client its input's length; `None`
     /// for an encoder of images.
@@ -81,7 +94,8 @@ impl InputEncoder for TextEncoder {
 /// Images through a transform pipeline: every image family's encoder. An example's text
 /// is its image file's path; images are decoded once, up front (in parallel), and kept
 /// in memory; each batch runs the evaluation pipeline (training batches: the training
-/// pipeline, seeded per batch by [`ImageEncoder::collate_seeded`]).
+/// pipeline, seeded per batch by [`InputEncoder::collate_train`]). An example whose text
+/// is `FILE#N` is image `N` of the IDX file `FILE`.
 pub struct ImageEncoder {
     /// What evaluation, prediction and serving run.
     pub eval: crate::data::image::Pipeline,
@@ -133,11 +147,6 @@ impl ImageEncoder {
         let pixels = candle_core::Tensor::from_vec(data, (items.len(), h, w, 3), device)?;
         Ok(Batch::Pixels(crate::nn::PixelBatch { pixels }))
     }
-
-    /// A training batch: the training pipeline, its random draws seeded by `seed`.
-    pub fn collate_seeded(&self, items: &[&Features], seed: u64, device: &Device) -> Result<Batch> {
-        Self::batch(&self.train, items, seed, device)
-    }
 }
 
 impl InputEncoder for ImageEncoder {
@@ -159,7 +168,7 @@ impl InputEncoder for ImageEncoder {
                                 Ok(Features {
                                     ids: Vec::new(),
                                     type_ids: Vec::new(),
-                                    image: Some(crate::data::image::decode_file(p)?),
+                                    image: Some(crate::data::image::load(p)?),
                                 })
                             })
                             .collect()
@@ -186,6 +195,10 @@ impl InputEncoder for ImageEncoder {
         Self::batch(&self.eval, items, 0, device)
     }
 
+    fn collate_train(&self, items: &[&Features], seed: u64, device: &Device) -> Result<Batch> {
+        Self::batch(&self.train, items, seed, device)
+    }
+
     /// Every image costs the same.
     fn cost(&self, _item: &Features) -> usize {
         1
@@ -198,5 +211,65 @@ impl InputEncoder for ImageEncoder {
 
     fn tokenizer(&self) -> Option<&Tokenizer> {
         None
+    }
+
+    fn image_eval(&self) -> Option<&crate::data::image::Pipeline> {
+        Some(&self.eval)
+    }
+}
+
+/// The images' pipelines a recipe asks for: the side, transforms and normalisation it
+/// sets, the checkpoint's preprocessing for the rest (see [`ImageEncoder::timm`]).
+#[derive(Debug, Clone, Default)]
+pub struct ImageRecipe {
+    /// Side of the model's input.
+    pub size: Option<usize>,
+    /// Training transforms.
+    pub train: Option<Vec<crate::data::image::Transform>>,
+    /// Evaluation transforms.
+    pub eval: Option<Vec<crate::data::image::Transform>>,
+    /// Normalisation mean.
+    pub mean: Option<[f32; 3]>,
+    /// Normalisation standard deviation.
+    pub std: Option<[f32; 3]>,
+}
+
+impl ImageEncoder {
+    /// The checkpoint's preprocessing `p` with the recipe's choices `r` over it.
+    pub fn for_recipe(p: &crate::families::ImagePreprocessing, r: &ImageRecipe) -> ImageEncoder {
+        let mut p = p.clone();
+        if let Some(s) = r.size {
+            p.size = (s, s);
+        }
+        if let Some(m) = r.mean {
+            p.mean = m;
+        }
+        if let Some(s) = r.std {
+            p.std = s;
+        }
+        let mut e = ImageEncoder::timm(&p);
+        if let Some(t) = &r.train {
+            e.train.transforms = t.clone();
+        }
+        if let Some(t) = &r.eval {
+            e.eval.transforms = t.clone();
+        }
+        e
+    }
+}
+
+/// The input encoder of a model of `family` in directory `dir` (config `cfg`): its
+/// tokenizer truncating to `max_len`, or for an image family its pipelines (`image`: the
+/// recipe's choices; an exported model's evaluation pipeline comes as `image.eval`).
+pub fn encoder_for(
+    family: &dyn crate::families::Family,
+    cfg: &crate::families::HfConfig,
+    dir: &std::path::Path,
+    max_len: usize,
+    image: &ImageRecipe,
+) -> Result<Box<dyn InputEncoder>> {
+    match family.image_preprocessing(cfg)? {
+        Some(p) => Ok(Box::new(ImageEncoder::for_recipe(&p, image))),
+        None => Ok(Box::new(TextEncoder::load(dir, max_len)?)),
     }
 }

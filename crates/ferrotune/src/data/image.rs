@@ -76,6 +76,61 @@ pub fn decode_file(path: &Path) -> Result<Image> {
     decode_bytes(&bytes, path)
 }
 
+/// The image an example names: a file, or `FILE#N`, image `N` of an IDX file (the file
+/// is read once and kept while any of its images is asked for in this process).
+pub fn load(path: &Path) -> Result<Image> {
+    let s = path.to_string_lossy();
+    if let Some((file, n)) = s.rsplit_once('#') {
+        if let Ok(n) = n.parse::<usize>() {
+            let imgs = idx_cached(Path::new(file))?;
+            return imgs.get(n).cloned().ok_or_else(|| {
+                Error::file(
+                    Path::new(file),
+                    format!("no image {n}: the file holds {}", imgs.len()),
+                )
+            });
+        }
+    }
+    decode_file(path)
+}
+
+type IdxCache = std::sync::Mutex<Option<(std::path::PathBuf, Arc<Vec<Image>>)>>;
+
+/// The images of IDX file `path`, decoded once for the last file asked for.
+fn idx_cached(path: &Path) -> Result<Arc<Vec<Image>>> {
+    static CACHE: IdxCache = std::sync::Mutex::new(None);
+    let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((p, imgs)) = c.as_ref() {
+        if p == path {
+            return Ok(imgs.clone());
+        }
+    }
+    let imgs = Arc::new(read_idx_images(path)?);
+    *c = Some((path.to_path_buf(), imgs.clone()));
+    Ok(imgs)
+}
+
+/// True when `path` names an IDX image file (`…-idx3-ubyte`, optionally `.gz`).
+pub fn is_idx_images(path: &Path) -> bool {
+    let n = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    n.ends_with("idx3-ubyte") || n.ends_with("idx3-ubyte.gz")
+}
+
+/// The labels file beside IDX image file `path`: `images-idx3` → `labels-idx1` in its name.
+pub fn idx_labels_path(path: &Path) -> Option<std::path::PathBuf> {
+    let n = path.file_name()?.to_string_lossy();
+    let l = n.replace("images-idx3", "labels-idx1");
+    (l != n).then(|| path.with_file_name(l))
+}
+
+/// Number of images in IDX image file `path` (reads its header).
+pub fn idx_count(path: &Path) -> Result<usize> {
+    Ok(idx_cached(path)?.len())
+}
+
 /// Resize interpolation (torchvision's `InterpolationMode` names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -29,7 +29,7 @@ pub mod reader;
 pub mod split;
 pub mod tokenizer;
 
-pub use encoder::{ImageEncoder, InputEncoder, TextEncoder};
+pub use encoder::{encoder_for, ImageEncoder, ImageRecipe, InputEncoder, TextEncoder};
 pub use labels::LabelMap;
 pub use reader::{read_examples, EncodingErrors, Example, RawLabel, ReaderOptions};
 pub use split::{fmix64, fnv1a64, split_key, stratified_split};

@@ -30,7 +30,8 @@ use crate::error::{Error, Result};
 
 /// The formats [`read_examples`] understands, for error messages.
 const SUPPORTED: &str = "a directory with one subdirectory per class, .csv, .tsv, .jsonl, \
-                         .ndjson, .json (one object per line) or .txt (one text per line)";
+                         .ndjson, .json (one object per line), .txt (one text per line), an \
+                         IDX image file (…-idx3-ubyte[.gz]) or an image";
 
 /// The hint appended to every invalid-UTF-8 error.
 const REPLACE_HINT: &str = "(set encoding_errors = \"replace\" to replace invalid bytes)";
@@ -348,6 +349,24 @@ pub fn open_examples(path: &Path, opts: &ReaderOptions) -> Result<Examples> {
             Box::new(class_dir_rows(path, opts)?),
             "no examples: the class directories hold no files",
         )
+    } else if crate::data::image::is_idx_images(path) {
+        (
+            Box::new(idx_rows(path, opts)?),
+            "no examples: the IDX file holds no images",
+        )
+    } else if crate::data::image::is_image_path(path) {
+        // One image: its example holds its path (prediction input).
+        let ex = Example {
+            id: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            line: 0,
+            text: path.display().to_string(),
+            text_pair: None,
+            label: None,
+        };
+        (Box::new(std::iter::once(Ok((ex, 0)))), "no examples")
     } else {
         let ext = path
             .extension()
@@ -575,6 +594,53 @@ fn class_dir_rows(root: &Path, opts: &ReaderOptions) -> Result<impl Iterator<Ite
                 text: text.trim().to_string(),
                 text_pair: None,
                 label: labelled.then_some(RawLabel::Text(class)),
+            },
+            0,
+        ))
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// IDX (MNIST, Fashion-MNIST)
+
+/// The images of an IDX file as examples `FILE#N` (`id` = `image N`), labelled from the
+/// labels file beside it (`…-labels-idx1-ubyte[.gz]`) when labels are asked for; the two
+/// files must hold as many entries.
+fn idx_rows(path: &Path, opts: &ReaderOptions) -> Result<impl Iterator<Item = Row> + Send> {
+    use crate::data::image;
+    let n = image::idx_count(path)?;
+    let labels = match &opts.label_column {
+        None => None,
+        Some(_) => {
+            let lp = image::idx_labels_path(path).ok_or_else(|| {
+                Error::file(
+                    path,
+                    "cannot name the labels file: expected `images-idx3` in the file name",
+                )
+            })?;
+            let labels = image::read_idx_labels(&lp)?;
+            if labels.len() != n {
+                return Err(Error::file(
+                    &lp,
+                    format!(
+                        "{} labels for the {n} images of {}",
+                        labels.len(),
+                        path.display()
+                    ),
+                ));
+            }
+            Some(labels)
+        }
+    };
+    let file = path.display().to_string();
+    Ok((0..n).map(move |i| {
+        Ok((
+            Example {
+                id: format!("image {i}"),
+                line: 0,
+                text: format!("{file}#{i}"),
+                text_pair: None,
+                label: labels.as_ref().map(|l| RawLabel::Text(l[i].to_string())),
             },
             0,
         ))

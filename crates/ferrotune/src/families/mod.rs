@@ -185,6 +185,19 @@ pub trait Family: Sync {
         InputKind::Text
     }
 
+    /// The keys of an exported `config.json` that name the architecture and the classes
+    /// for the library that loads it (transformers: `architectures`; the exporter adds
+    /// `id2label`, `label2id`, `num_labels` for every family).
+    fn export_keys(&self, labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
+        let _ = labels;
+        let mut m = serde_json::Map::new();
+        m.insert(
+            "architectures".into(),
+            serde_json::json!([self.architecture()]),
+        );
+        m
+    }
+
     /// An image family's input size and normalisation for `cfg`; `None` for text.
     fn image_preprocessing(&self, _cfg: &HfConfig) -> Result<Option<ImagePreprocessing>> {
         Ok(None)
@@ -308,6 +321,35 @@ pub fn pooling(fam: &dyn Family, head: &HeadSpec) -> Result<Pooling> {
     }
 }
 
+/// The weight file of model directory `dir`: `model.safetensors`, else a PyTorch file
+/// (`pytorch_model.bin`, or the one `.pth` file), read through the safe pickle reader.
+pub fn weights_path(dir: &Path) -> Result<std::path::PathBuf> {
+    let st = dir.join("model.safetensors");
+    if st.exists() {
+        return Ok(st);
+    }
+    let bin = dir.join("pytorch_model.bin");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let pth: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pth"))
+        .collect();
+    match pth.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Error::file(
+            dir,
+            "no model.safetensors (or pytorch_model.bin, or a .pth file) in the model directory",
+        )),
+        _ => Err(Error::file(
+            dir,
+            "no model.safetensors, and several .pth files: keep one",
+        )),
+    }
+}
+
 /// The weights of file `path`: safetensors, or a PyTorch file (`.pth`, `.bin`, `.pt`)
 /// through the safe pickle reader (no code in the file is run).
 pub fn weights_file(path: &Path, device: &Device) -> Result<Weights> {
@@ -344,7 +386,7 @@ pub fn load(
 }
 
 /// The model of `cfg` (already read from `dir`, of family `fam`) built from
-/// `dir/model.safetensors`, after checking that the weights are that family's.
+/// [`weights_path`]`(dir)`, after checking that the weights are that family's.
 pub fn load_weights(
     cfg: &HfConfig,
     fam: &dyn Family,
@@ -353,14 +395,7 @@ pub fn load_weights(
     seed: u64,
     device: &Device,
 ) -> Result<Loaded> {
-    let st = dir.join("model.safetensors");
-    if !st.exists() {
-        return Err(Error::file(
-            dir,
-            "no model.safetensors in the model directory",
-        ));
-    }
-    let weights = Weights::safetensors(&st, device)?;
+    let weights = weights_file(&weights_path(dir)?, device)?;
     check_weights(fam, &weights)?;
     fam.build(cfg, &weights, head, seed, device)
 }

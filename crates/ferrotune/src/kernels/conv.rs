@@ -329,27 +329,106 @@ impl CustomOp2 for Depthwise {
     }
 }
 
+/// `min(max(x, 0), 6)` (ReLU6) in one pass; its backward passes the gradient where the
+/// output is strictly between 0 and 6 (what PyTorch's `hardtanh_backward` does).
+pub fn relu6(x: &Tensor) -> Result<Tensor> {
+    if !super::par::fusable(&[x]) {
+        return Ok(x.clamp(0f32, 6f32)?);
+    }
+    Ok(x.contiguous()?.apply_op1(Relu6)?)
+}
+
+struct Relu6;
+
+/// Elements per task of the element-wise loops.
+const ELEMS: usize = 1 << 14;
+
+impl CustomOp1 for Relu6 {
+    fn name(&self) -> &'static str {
+        "ferrotune-relu6"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_data(s, l)?;
+        let out = super::par::map_parts(x, ELEMS, |_, src, dst| {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v.clamp(0.0, 6.0);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let y = res.flatten_all()?.to_vec1::<f32>()?;
+        let dx = with_f32(grad, |dy| {
+            super::par::map_parts(dy, ELEMS, |i, src, dst| {
+                let ys = &y[i * ELEMS..i * ELEMS + src.len()];
+                for ((d, &g), &v) in dst.iter_mut().zip(src).zip(ys) {
+                    *d = if v > 0.0 && v < 6.0 { g } else { 0.0 };
+                }
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}
+
+/// Rows per part of the batch-norm loops: partial sums are taken per part and added in
+/// part order, so the result does not depend on the number of threads.
+const BN_ROWS: usize = 256;
+
+/// Per-part sums over rows of `(rows, c)` data, `f(part's rows, first row, sums)` adding
+/// into a zeroed `k·c` vector of f64; the parts' vectors added in order.
+fn row_sums(
+    v: &[f32],
+    c: usize,
+    k: usize,
+    f: impl Fn(&[f32], usize, &mut [f64]) + Sync,
+) -> Vec<f64> {
+    let rows = v.len() / c.max(1);
+    let parts = rows.div_ceil(BN_ROWS).max(1);
+    let mut partial = vec![0f64; parts * k * c];
+    {
+        let ptr = partial.as_mut_ptr() as usize;
+        par_for(parts, v.len() >= PAR_MIN, |i| {
+            let r0 = i * BN_ROWS;
+            let r1 = ((i + 1) * BN_ROWS).min(rows);
+            // Safety: part i's sums are written by this task only.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut((ptr as *mut f64).add(i * k * c), k * c) };
+            f(&v[r0 * c..r1 * c], r0, out);
+        });
+    }
+    let mut total = vec![0f64; k * c];
+    for part in partial.chunks(k * c) {
+        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+    }
+    total
+}
+
 /// Per-channel mean and variance (biased, as batch norm normalises with) of `x`'s rows
-/// (`(rows, channels)` or any shape whose last dimension is the channels), summed in f64.
+/// (`(rows, channels)` or any shape whose last dimension is the channels), summed in f64
+/// per part of rows, the parts in order.
 pub fn channel_stats(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
     let c = *x.dims().last().unwrap_or(&1);
     Ok(with_f32(x, |v| {
-        let rows = v.len() / c.max(1);
-        let mut sum = vec![0f64; c];
-        for r in v.chunks(c) {
-            sum.iter_mut().zip(r).for_each(|(s, &x)| *s += x as f64);
-        }
-        let mean: Vec<f64> = sum.iter().map(|s| s / rows.max(1) as f64).collect();
-        let mut sq = vec![0f64; c];
-        for r in v.chunks(c) {
-            for ((s, &x), m) in sq.iter_mut().zip(r).zip(&mean) {
-                let d = x as f64 - m;
-                *s += d * d;
+        let rows = (v.len() / c.max(1)).max(1) as f64;
+        let sum = row_sums(v, c, 1, |part, _, out| {
+            for r in part.chunks(c) {
+                out.iter_mut().zip(r).for_each(|(s, &x)| *s += x as f64);
             }
-        }
+        });
+        let mean: Vec<f64> = sum.iter().map(|s| s / rows).collect();
+        let sq = row_sums(v, c, 1, |part, _, out| {
+            for r in part.chunks(c) {
+                for ((s, &x), m) in out.iter_mut().zip(r).zip(&mean) {
+                    let d = x as f64 - m;
+                    *s += d * d;
+                }
+            }
+        });
         (
             mean.iter().map(|&m| m as f32).collect(),
-            sq.iter().map(|s| (s / rows.max(1) as f64) as f32).collect(),
+            sq.iter().map(|s| (s / rows) as f32).collect(),
         )
     })?)
 }
@@ -358,7 +437,10 @@ pub fn channel_stats(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
 /// eps) · weight + bias`, with `mean` and `var` given (the batch's own, from
 /// [`channel_stats`], in training; the running statistics otherwise). `batch_stats` says
 /// which: the backward then also flows through the batch's mean and variance, as
-/// PyTorch's training-mode batch norm does. Differentiable in `x`, `weight` and `bias`.
+/// PyTorch's training-mode batch norm does. With `relu6` the output is clamped to
+/// `[0, 6]` in the same pass (and the gradient passes where it was strictly inside).
+/// Differentiable in `x`, `weight` and `bias`.
+#[allow(clippy::too_many_arguments)]
 pub fn batch_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -367,6 +449,7 @@ pub fn batch_norm(
     var: &[f32],
     eps: f64,
     batch_stats: bool,
+    relu6: bool,
 ) -> Result<Tensor> {
     let c = *x.dims().last().unwrap_or(&0);
     if weight.dims() != [c] || bias.dims() != [c] || mean.len() != c || var.len() != c {
@@ -385,6 +468,7 @@ pub fn batch_norm(
             .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
             .collect(),
         batch_stats,
+        relu6,
     };
     Ok(x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?)
@@ -394,10 +478,8 @@ struct BatchNorm {
     mean: Vec<f32>,
     rstd: Vec<f32>,
     batch_stats: bool,
+    relu6: bool,
 }
-
-/// Rows per task of the batch-norm loops.
-const BN_ROWS: usize = 256;
 
 impl CustomOp3 for BatchNorm {
     fn name(&self) -> &'static str {
@@ -418,10 +500,15 @@ impl CustomOp3 for BatchNorm {
         // y = x·scale + shift, per channel.
         let scale: Vec<f32> = w.iter().zip(&self.rstd).map(|(w, r)| w * r).collect();
         let shift: Vec<f32> = (0..c).map(|i| b[i] - self.mean[i] * scale[i]).collect();
+        let (lo, hi) = if self.relu6 {
+            (0.0, 6.0)
+        } else {
+            (f32::NEG_INFINITY, f32::INFINITY)
+        };
         let out = super::par::map_parts(x, BN_ROWS * c, |_, src, dst| {
             for (s, d) in src.chunks(c).zip(dst.chunks_mut(c)) {
                 for i in 0..c {
-                    d[i] = s[i] * scale[i] + shift[i];
+                    d[i] = (s[i] * scale[i] + shift[i]).clamp(lo, hi);
                 }
             }
         });
@@ -433,24 +520,39 @@ impl CustomOp3 for BatchNorm {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = w.elem_count();
         let wv = w.to_vec1::<f32>()?;
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        // Through the clamp: the gradient where the output was strictly inside [0, 6].
+        let yv = if self.relu6 {
+            Some(res.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let pass = |i: usize, g: f32| match &yv {
+            Some(y) if !(y[i] > 0.0 && y[i] < 6.0) => 0.0,
+            _ => g,
+        };
         let (dx, dw, db) = with_f32(grad, |dy| {
             let rows = dy.len() / c.max(1);
-            // Σ dy and Σ dy·x̂ per channel, in f64, rows in order.
-            let mut sdy = vec![0f64; c];
-            let mut sdyx = vec![0f64; c];
-            for (gy, xs) in dy.chunks(c).zip(xv.chunks(c)) {
-                for i in 0..c {
-                    let xh = (xs[i] - self.mean[i]) * self.rstd[i];
-                    sdy[i] += gy[i] as f64;
-                    sdyx[i] += (gy[i] * xh) as f64;
+            // Σ dy and Σ dy·x̂ per channel, in f64, per part of rows in order.
+            let sums = row_sums(dy, c, 2, |part, r0, out| {
+                let (sdy, sdyx) = out.split_at_mut(c);
+                for (r, gy) in part.chunks(c).enumerate() {
+                    let at = (r0 + r) * c;
+                    let xs = &xv[at..at + c];
+                    for i in 0..c {
+                        let g = pass(at + i, gy[i]);
+                        let xh = (xs[i] - self.mean[i]) * self.rstd[i];
+                        sdy[i] += g as f64;
+                        sdyx[i] += (g * xh) as f64;
+                    }
                 }
-            }
+            });
+            let (sdy, sdyx) = sums.split_at(c);
             let scale: Vec<f32> = wv.iter().zip(&self.rstd).map(|(w, r)| w * r).collect();
             let n = rows.max(1) as f64;
             let (m_dy, m_dyx): (Vec<f32>, Vec<f32>) = if self.batch_stats {
@@ -464,10 +566,11 @@ impl CustomOp3 for BatchNorm {
             let dx = super::par::map_parts(dy, BN_ROWS * c, |part, src, dst| {
                 let x0 = part * BN_ROWS * c;
                 for (r, (gy, d)) in src.chunks(c).zip(dst.chunks_mut(c)).enumerate() {
-                    let xs = &xv[x0 + r * c..x0 + (r + 1) * c];
+                    let at = x0 + r * c;
+                    let xs = &xv[at..at + c];
                     for i in 0..c {
                         let xh = (xs[i] - self.mean[i]) * self.rstd[i];
-                        d[i] = scale[i] * (gy[i] - m_dy[i] - xh * m_dyx[i]);
+                        d[i] = scale[i] * (pass(at + i, gy[i]) - m_dy[i] - xh * m_dyx[i]);
                     }
                 }
             });
@@ -513,6 +616,28 @@ mod tests {
             .unwrap()
     }
 
+    /// The gradients of `vars` through `ours` and `theirs` (under the same random
+    /// probe) agree within `tol`.
+    fn same_grads(ours: &Tensor, theirs: &Tensor, vars: &[&Var], tol: f32, case: usize) {
+        let probe = randn(ours.dims(), 99);
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in vars {
+            let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(max_diff(a, b) < tol, "case {case}: {}", max_diff(a, b));
+        }
+    }
+
     /// A k×k convolution as im2col × weight: forward and the input's and weight's
     /// gradients equal candle's own convolution, on odd shapes, strides and both
     /// paddings.
@@ -552,23 +677,7 @@ mod tests {
             let theirs = reference_conv(x.as_tensor(), wt.as_tensor(), s, pad, 1);
             assert_eq!(ours.dims(), theirs.dims(), "case {i}");
             assert!(max_diff(&ours, &theirs) < 1e-4, "case {i}");
-            let probe = randn(ours.dims(), 99);
-            let g1 = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&theirs * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &wt] {
-                let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-                assert!(max_diff(a, b) < 1e-3, "case {i}: {}", max_diff(a, b));
-            }
+            same_grads(&ours, &theirs, &[&x, &wt], 1e-3, i);
         }
     }
 
@@ -605,24 +714,47 @@ mod tests {
             let theirs = reference_conv(x.as_tensor(), wt.as_tensor(), s, pad, c);
             assert_eq!(ours.dims(), theirs.dims(), "case {i}");
             assert!(max_diff(&ours, &theirs) < 1e-4, "case {i}");
-            let probe = randn(ours.dims(), 98);
-            let g1 = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&theirs * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &wt] {
-                let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-                assert!(max_diff(a, b) < 1e-3, "case {i}: {}", max_diff(a, b));
-            }
+            same_grads(&ours, &theirs, &[&x, &wt], 1e-3, i);
         }
+    }
+
+    /// Batch norm with ReLU6 in the same pass equals batch norm then the clamp, forward
+    /// and in every gradient, with batch and with running statistics.
+    #[test]
+    fn batch_norm_with_relu6_matches_the_two_ops() {
+        let x = Var::from_tensor(&randn(&[3, 9, 7, 13], 81)).unwrap();
+        let w = Var::from_tensor(&(randn(&[13], 82) * 2.0).unwrap()).unwrap();
+        let b = Var::from_tensor(&(randn(&[13], 83) + 2.0).unwrap()).unwrap();
+        let (mean, var) = channel_stats(x.as_tensor()).unwrap();
+        for stats in [true, false] {
+            let bn = |act| {
+                batch_norm(
+                    x.as_tensor(),
+                    w.as_tensor(),
+                    b.as_tensor(),
+                    &mean,
+                    &var,
+                    1e-3,
+                    stats,
+                    act,
+                )
+                .unwrap()
+            };
+            let ours = bn(true);
+            let theirs = bn(false).clamp(0f32, 6f32).unwrap();
+            assert!(max_diff(&ours, &theirs) < 1e-6);
+            same_grads(&ours, &theirs, &[&x, &w, &b], 1e-3, stats as usize);
+        }
+    }
+
+    /// ReLU6 equals the clamp, forward and backward (away from the kinks).
+    #[test]
+    fn relu6_matches_the_clamp() {
+        let x = Var::from_tensor(&(randn(&[7, 5, 3, 11], 5) * 3.0).unwrap()).unwrap();
+        let ours = relu6(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().clamp(0f32, 6f32).unwrap();
+        assert_eq!(max_diff(&ours, &theirs), 0.0);
+        same_grads(&ours, &theirs, &[&x], 1e-6, 0);
     }
 
     /// "Same" padding gives TensorFlow's output sizes and splits (odd one at the end).
@@ -661,6 +793,7 @@ mod tests {
                 &var,
                 eps,
                 true,
+                false,
             )
             .unwrap();
             let rows = x.as_tensor().reshape(((), c)).unwrap();
@@ -714,6 +847,7 @@ mod tests {
                 &mean,
                 &var,
                 eps,
+                false,
                 false,
             )
             .unwrap();

@@ -161,6 +161,17 @@ impl BatchNorm2d {
     /// Normalises `x` (channels last); `frozen_stats` keeps the running statistics
     /// (timm's `freeze_bn`).
     pub fn forward(&self, ctx: &Ctx, x: &Tensor, frozen_stats: bool) -> Result<Tensor> {
+        self.forward_act(ctx, x, frozen_stats, false)
+    }
+
+    /// [`BatchNorm2d::forward`], then ReLU6 when `relu6`, in one pass.
+    pub fn forward_act(
+        &self,
+        ctx: &Ctx,
+        x: &Tensor,
+        frozen_stats: bool,
+        relu6: bool,
+    ) -> Result<Tensor> {
         let w = ctx.w(&self.weight, self.group);
         let b = ctx.w(&self.bias, self.group);
         let frozen_group = self.group_frozen(ctx);
@@ -168,11 +179,11 @@ impl BatchNorm2d {
             let (mean, var) = conv::channel_stats(x)?;
             let n = x.elem_count() / mean.len().max(1);
             self.update(&mean, &var, n)?;
-            conv::batch_norm(x, &w, &b, &mean, &var, self.eps, true)
+            conv::batch_norm(x, &w, &b, &mean, &var, self.eps, true, relu6)
         } else {
             let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
             let var = self.running_var.as_tensor().to_vec1::<f32>()?;
-            conv::batch_norm(x, &w, &b, &mean, &var, self.eps, false)
+            conv::batch_norm(x, &w, &b, &mean, &var, self.eps, false, relu6)
         }
     }
 
@@ -208,9 +219,9 @@ impl BatchNorm2d {
     }
 }
 
-/// `min(max(x, 0), 6)`.
+/// `min(max(x, 0), 6)`, fused ([`conv::relu6`]).
 pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    Ok(x.clamp(0f32, 6f32)?)
+    conv::relu6(x)
 }
 
 /// The mean over height and width: `(batch, h, w, c)` → `(batch, c)`.

@@ -12,9 +12,9 @@ use crate::data::batch::Features;
 use crate::data::labels::LabelMap;
 use crate::data::reader::{open_examples, skipped_files, Example, ReaderOptions};
 use crate::data::split::{stratified_sample, stratified_split};
-use crate::data::{InputEncoder, TextEncoder};
+use crate::data::{encoder_for, ImageRecipe, InputEncoder};
 use crate::error::{Error, Result};
-use crate::families::{self, Family, HeadSpec, HfConfig, Model};
+use crate::families::{self, Family, HeadSpec, HfConfig, InputKind, Model};
 use crate::loss::LossConfig;
 use crate::nn::ParamStore;
 use crate::tasks::TargetData;
@@ -57,7 +57,7 @@ const ENCODE_CHUNK: usize = 512;
 /// `examples` encoded a chunk at a time, with progress (examples/s and ETA on a long set).
 /// The tokenizer pads nothing, so chunks encode exactly as the whole set would.
 fn encode(
-    encoder: &TextEncoder,
+    encoder: &dyn InputEncoder,
     examples: &[Example],
     name: &str,
     progress: &mut dyn Progress,
@@ -412,7 +412,8 @@ pub fn prepare_for(
     let hf = HfConfig::from_dir(dir)?;
     let family = families::family(&hf)?;
     let max_tokens = family.max_tokens(&hf)?;
-    if cfg.max_seq_length > max_tokens {
+    let images = family.input() == InputKind::Image;
+    if !images && cfg.max_seq_length > max_tokens {
         return Err(Error::Config(format!(
             "`max_seq_length` {} exceeds the model's {max_tokens} positions",
             cfg.max_seq_length
@@ -426,7 +427,7 @@ pub fn prepare_for(
         classifier_dropout: cfg.classifier_dropout,
     };
     families::pooling(family, &head)?;
-    let encoder = TextEncoder::load(dir, cfg.max_seq_length)?;
+    let encoder = encoder_for(family, &hf, dir, cfg.max_seq_length, &image_recipe(cfg))?;
     let loaded = families::load_weights(&hf, family, dir, &head, cfg.seed, device)?;
     let mut notes = skipped.notes.clone();
     notes.extend(loaded.notes);
@@ -436,8 +437,13 @@ pub fn prepare_for(
             labels.len()
         ));
     }
-    let train_f = encode(&encoder, &train, "tokenize train", progress)?;
-    let eval_f = encode(&encoder, &eval, "tokenize eval", progress)?;
+    let (train_what, eval_what) = if images {
+        ("decode train images", "decode eval images")
+    } else {
+        ("tokenize train", "tokenize eval")
+    };
+    let train_f = encode(encoder.as_ref(), &train, train_what, progress)?;
+    let eval_f = encode(encoder.as_ref(), &eval, eval_what, progress)?;
     if let Some(text) = split.filter(|_| writes) {
         let p = cfg.output_dir.join("split.json");
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
@@ -448,7 +454,7 @@ pub fn prepare_for(
         family,
         model: loaded.model,
         params: loaded.params,
-        encoder: Box::new(encoder),
+        encoder,
         labels,
         train: (train_f, train_y),
         train_ids: train.iter().map(|e| e.id.clone()).collect(),
@@ -457,4 +463,15 @@ pub fn prepare_for(
         loss,
         notes,
     })
+}
+
+/// The recipe's image settings.
+pub fn image_recipe(cfg: &TrainConfig) -> ImageRecipe {
+    ImageRecipe {
+        size: cfg.image_size,
+        train: cfg.train_transforms.clone(),
+        eval: cfg.eval_transforms.clone(),
+        mean: cfg.image_mean,
+        std: cfg.image_std,
+    }
 }

@@ -367,6 +367,10 @@ impl Run {
                         .chain(&f.type_ids)
                         .flat_map(|i| i.to_le_bytes()),
                 );
+                if let Some(img) = &f.image {
+                    data.extend((img.width() as u64).to_le_bytes());
+                    data.extend(img.as_raw());
+                }
                 data.push(b'\n');
             }
             world.check_same("training and evaluation data", &data)?;
@@ -778,7 +782,7 @@ impl Run {
         let mut bad = None;
         let mut loss = 0.0f64;
         let mut first = true;
-        for chunk in window {
+        for (micro, chunk) in window.iter().enumerate() {
             // This rank's part of the global batch; weighted by its share of the whole
             // window, the ranks' gradients sum to that of the window's mean loss.
             let part = self.world.range(chunk.len());
@@ -788,7 +792,16 @@ impl Run {
                 continue;
             }
             let items: Vec<&Features> = mine.iter().map(|&i| &self.train.0[i]).collect();
-            let batch = self.encoder.collate(&items, &self.device)?;
+            // Random transforms (images) are seeded by the run's seed, the step, the
+            // micro-batch and the example's place in the global batch: a resumed run, or
+            // one split over ranks, draws the same.
+            let seed = crate::dist::hash64(
+                &[self.cfg.seed, self.st.step as u64, micro as u64]
+                    .map(u64::to_le_bytes)
+                    .concat(),
+            )
+            .wrapping_add(part.start as u64);
+            let batch = self.encoder.collate_train(&items, seed, &self.device)?;
             let y = self.train.1.select(mine, &self.device)?;
             let share = mine.len() as f64 / window_n as f64;
             // Where this rank's part begins in the global batch (the dropout masks
@@ -1094,9 +1107,7 @@ impl Run {
                 family: self.family,
                 source_dir: &cfg.model_name_or_path,
                 params: &self.params,
-                tokenizer: self.encoder.tokenizer().ok_or_else(|| {
-                    Error::Msg("exporting a model that reads images: not supported yet".into())
-                })?,
+                tokenizer: self.encoder.tokenizer(),
                 labels: self.labels.labels(),
                 problem_type: self.task.name(),
                 info: ExportInfo {
@@ -1109,6 +1120,7 @@ impl Run {
                     label_separator: cfg.label_separator.clone(),
                     header: cfg.header,
                     column_names: cfg.column_names.clone(),
+                    image_eval: self.encoder.image_eval().cloned(),
                 },
                 card: Some(card),
             },

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::families::{HeadSpec, HfConfig, Loaded, Model};
-use crate::nn::conv::{global_avg_pool, relu6, BatchNorm2d, Conv2d, PadMode};
+use crate::nn::conv::{global_avg_pool, BatchNorm2d, Conv2d, PadMode};
 use crate::nn::layers::Linear;
 use crate::nn::{Batch, Builder, Ctx, GroupKind, Pooling, Weights};
 
@@ -259,7 +259,7 @@ impl Block {
                 bn2,
                 skip,
             } => {
-                let h = relu6(&bn1.forward(ctx, &dw.forward(ctx, x)?, fbn)?)?;
+                let h = bn1.forward_act(ctx, &dw.forward(ctx, x)?, fbn, true)?;
                 (bn2.forward(ctx, &pw.forward(ctx, &h)?, fbn)?, *skip)
             }
             Block::Inverted {
@@ -271,8 +271,8 @@ impl Block {
                 bn3,
                 skip,
             } => {
-                let h = relu6(&bn1.forward(ctx, &pw.forward(ctx, x)?, fbn)?)?;
-                let h = relu6(&bn2.forward(ctx, &dw.forward(ctx, &h)?, fbn)?)?;
+                let h = bn1.forward_act(ctx, &pw.forward(ctx, x)?, fbn, true)?;
+                let h = bn2.forward_act(ctx, &dw.forward(ctx, &h)?, fbn, true)?;
                 (bn3.forward(ctx, &pwl.forward(ctx, &h)?, fbn)?, *skip)
             }
         };
@@ -305,15 +305,14 @@ impl EfficientNetLite0 {
             )));
         }
         let fbn = self.freeze_bn;
-        let mut h = relu6(&self.bn1.forward(ctx, &self.stem.forward(ctx, x)?, fbn)?)?;
+        let mut h = self
+            .bn1
+            .forward_act(ctx, &self.stem.forward(ctx, x)?, fbn, true)?;
         for b in &self.blocks {
             h = b.forward(ctx, &h, fbn)?;
         }
-        relu6(
-            &self
-                .bn2
-                .forward(ctx, &self.conv_head.forward(ctx, &h)?, fbn)?,
-        )
+        self.bn2
+            .forward_act(ctx, &self.conv_head.forward(ctx, &h)?, fbn, true)
     }
 }
 
