@@ -104,16 +104,19 @@ fn trains_exports_predicts_and_evaluates_on_idx_and_png() {
         serde_json::json!([3, 16, 16])
     );
     let test = t.path().join("data/t10k-images-idx3-ubyte");
-    let (code, preds, err) = run(
-        &[
-            "predict",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            test.to_str().unwrap(),
-        ],
-        None,
-    );
+    let predict = |input: &Path| {
+        run(
+            &[
+                "predict",
+                "--model",
+                model.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+            ],
+            None,
+        )
+    };
+    let (code, preds, err) = predict(&test);
     assert_eq!(code, 0, "{err}");
     let first = preds.lines().next().unwrap().to_string();
     assert_eq!(preds.lines().count(), 24);
@@ -121,16 +124,7 @@ fn trains_exports_predicts_and_evaluates_on_idx_and_png() {
     let img = ferrotune::data::image::read_idx_images(&test).unwrap();
     let png = t.path().join("first.png");
     img[0].save(&png).unwrap();
-    let (code, one, err) = run(
-        &[
-            "predict",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            png.to_str().unwrap(),
-        ],
-        None,
-    );
+    let (code, one, err) = predict(&png);
     assert_eq!(code, 0, "{err}");
     let label = |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].clone();
     assert_eq!(label(one.trim()), label(&first));

@@ -356,16 +356,11 @@ pub fn open_examples(path: &Path, opts: &ReaderOptions) -> Result<Examples> {
         )
     } else if crate::data::image::is_image_path(path) {
         // One image: its example holds its path (prediction input).
-        let ex = Example {
-            id: path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            line: 0,
-            text: path.display().to_string(),
-            text_pair: None,
-            label: None,
-        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ex = image_example(name, path.display().to_string(), None);
         (Box::new(std::iter::once(Ok((ex, 0)))), "no examples")
     } else {
         let ext = path
@@ -558,16 +553,9 @@ fn class_dir_rows(root: &Path, opts: &ReaderOptions) -> Result<impl Iterator<Ite
     Ok(files.into_iter().map(move |(class, name, file)| {
         // An image's example holds its path; the model's encoder decodes it.
         if crate::data::image::is_image_path(&file) {
-            return Ok((
-                Example {
-                    id: format!("{class}/{name}"),
-                    line: 0,
-                    text: file.display().to_string(),
-                    text_pair: None,
-                    label: labelled.then_some(RawLabel::Text(class)),
-                },
-                0,
-            ));
+            let label = labelled.then_some(RawLabel::Text(class.clone()));
+            let ex = image_example(format!("{class}/{name}"), file.display().to_string(), label);
+            return Ok((ex, 0));
         }
         let bytes = read_file(&file).map_err(|e| RowError::fatal(0, e))?;
         let text = decode(&bytes, mode).map_err(|bad| {
@@ -634,17 +622,24 @@ fn idx_rows(path: &Path, opts: &ReaderOptions) -> Result<impl Iterator<Item = Ro
     };
     let file = path.display().to_string();
     Ok((0..n).map(move |i| {
+        let label = labels.as_ref().map(|l| RawLabel::Text(l[i].to_string()));
         Ok((
-            Example {
-                id: format!("image {i}"),
-                line: 0,
-                text: format!("{file}#{i}"),
-                text_pair: None,
-                label: labels.as_ref().map(|l| RawLabel::Text(l[i].to_string())),
-            },
+            image_example(format!("image {i}"), format!("{file}#{i}"), label),
             0,
         ))
     }))
+}
+
+/// An image's example: its `text` names the image (a path, or `FILE#N` in an IDX file),
+/// which the model's encoder decodes.
+fn image_example(id: String, image: String, label: Option<RawLabel>) -> Example {
+    Example {
+        id,
+        line: 0,
+        text: image,
+        text_pair: None,
+        label,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
