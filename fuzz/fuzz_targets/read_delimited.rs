@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
         },
         file_extensions: vec!["txt".into()],
         column_names: None,
+        image_paths: false,
     };
     if sel & 16 != 0 {
         match read_examples_skipping(&path, &opts) {

@@ -259,3 +259,188 @@ fn bad_image_data_is_a_one_line_error() {
     std::fs::create_dir_all(folders.join("c")).unwrap();
     check(with_folders, "c", "empty");
 }
+
+/// fastai's `fine_tune` with frozen batch-norm statistics: the first epoch trains the
+/// head alone, the second every group; the running statistics never move.
+#[test]
+fn freeze_epochs_then_all_with_frozen_batch_norm_statistics() {
+    let t = tempfile::tempdir().unwrap();
+    let recipe = setup(t.path(), "freeze_epochs = 1\nfreeze_bn = true\n");
+    let out = t.path().join("run");
+    let (code, err) = train(&recipe, &out, &[], None);
+    assert_eq!(code, 0, "{err}");
+    // The last checkpoint (the export is the best epoch's, maybe the first) holds its
+    // tensors by index, the parameters first and the buffers (batch-norm statistics)
+    // last: each statistic is as it was; the parameters trained in epoch 2.
+    let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let before = tensors(&t.path().join("model/model.safetensors"));
+    let stats = before
+        .keys()
+        .filter(|n| n.ends_with(".running_mean") || n.ends_with(".running_var"))
+        .count();
+    let initial: std::collections::HashSet<Vec<u32>> = before.values().map(bits).collect();
+    let last = tensors(&out.join("checkpoints/checkpoint-12/model.safetensors"));
+    assert_eq!(last.len(), before.len());
+    let n_params = last.len() - stats;
+    let (mut params_changed, mut stats_kept) = (0, 0);
+    for (k, v) in &last {
+        let i: usize = k.trim_start_matches("p.").parse().unwrap();
+        let kept = initial.contains(&bits(v));
+        if i >= n_params {
+            stats_kept += kept as usize;
+        } else {
+            params_changed += !kept as usize;
+        }
+    }
+    assert_eq!(stats_kept, stats, "batch-norm statistics moved");
+    // (A random network on frozen statistics has dead units, whose weights get no
+    // gradient: not every parameter moves.)
+    assert!(
+        params_changed > n_params / 2,
+        "{params_changed} of {n_params} trained"
+    );
+    // The groups' frozen state as logged: the backbone frozen at step 0, nothing at the
+    // start of epoch 2 (step 6: 48 images, batches of 8).
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let frozen_at = |step: u64| -> Vec<bool> {
+        let line = log
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["split"] == "param_groups" && v["step"] == step)
+            .unwrap_or_else(|| panic!("no param_groups line at step {step}"));
+        line["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["frozen"].as_bool().unwrap())
+            .collect()
+    };
+    let first = frozen_at(0);
+    assert!(!first.last().unwrap() && first[..first.len() - 1].iter().all(|&f| f));
+    assert!(frozen_at(6).iter().all(|&f| !f));
+}
+
+/// Mixup and CutMix with a moving average of the weights: each epoch evaluates the
+/// average too, the export is the best epoch's average, and a crash + `--resume` ends
+/// byte-identical to the uninterrupted run.
+#[test]
+fn mixup_cutmix_and_ema_resume_exactly_and_export_the_average() {
+    let t = tempfile::tempdir().unwrap();
+    let recipe = setup(
+        t.path(),
+        "model_ema_decay = 0.8\nmixup_alpha = 0.4\ncutmix_alpha = 1.0\n",
+    );
+    let reference = t.path().join("reference");
+    let (code, err) = train(&recipe, &reference, &[], None);
+    assert_eq!(code, 0, "{err}");
+    let log = std::fs::read_to_string(reference.join("metrics.jsonl")).unwrap();
+    let evals: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["split"] == "eval")
+        .collect();
+    assert_eq!(evals.len(), 2);
+    assert!(evals.iter().all(|e| e["eval_ema_accuracy"].is_number()));
+    // The export holds the best epoch's average: the last checkpoint's `best` weights.
+    let sorted = |m: std::collections::HashMap<String, Vec<f32>>| {
+        let mut v: Vec<Vec<u32>> = m
+            .into_values()
+            .map(|t| t.iter().map(|x| x.to_bits()).collect())
+            .collect();
+        v.sort();
+        v
+    };
+    let ck = reference.join("checkpoints/checkpoint-12");
+    let exported = sorted(tensors(&reference.join("model/model.safetensors")));
+    assert!(exported == sorted(tensors(&ck.join("best.safetensors"))));
+    assert!(exported != sorted(tensors(&ck.join("model.safetensors"))));
+    let out = t.path().join("crashed");
+    let (code, _) = train(
+        &recipe,
+        &out,
+        &[],
+        Some(("FERROTUNE_FAILPOINT", "abort_after_step=5")),
+    );
+    assert_ne!(code, 0);
+    let (code, err) = train(&recipe, &out, &["--resume", "latest"], None);
+    assert_eq!(code, 0, "{err}");
+    let a = std::fs::read(reference.join("model/model.safetensors")).unwrap();
+    let b = std::fs::read(out.join("model/model.safetensors")).unwrap();
+    assert!(a == b, "weights differ after a crash and resume");
+}
+
+/// A CSV of image paths (`image_column`, relative to the CSV) trains and predicts; a
+/// truncated image stops the run naming it, or is left out under `on_bad_row = "skip"`
+/// and listed in skipped_rows.jsonl.
+#[test]
+fn csv_of_image_paths_and_skipping_undecodable_images() {
+    let t = tempfile::tempdir().unwrap();
+    let recipe = setup(t.path(), "");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let imgs =
+        ferrotune::data::image::read_idx_images(&t.path().join("data/train-images-idx3-ubyte"))
+            .unwrap();
+    let dir = t.path().join("pics");
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let mut csv = String::from("file,label\n");
+    for (i, img) in imgs.iter().enumerate().take(24) {
+        img.save(dir.join(format!("img/{i}.png"))).unwrap();
+        csv.push_str(&format!("img/{i}.png,{}\n", ["cat", "dog"][i % 2]));
+    }
+    std::fs::write(dir.join("data.csv"), &csv).unwrap();
+    let bad = dir.join("img/5.png");
+    let bytes = std::fs::read(&bad).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let test = t.path().join("data/t10k-images-idx3-ubyte");
+    let base = text
+        .replace(
+            &format!(
+                "train_file = {:?}",
+                t.path().join("data/train-images-idx3-ubyte")
+            ),
+            &format!(
+                "train_file = {:?}\nimage_column = \"file\"",
+                dir.join("data.csv")
+            ),
+        )
+        .replace(
+            &format!("validation_file = {:?}", test),
+            "validation_split = 0.25",
+        );
+    let r = t.path().join("csv.toml");
+    std::fs::write(&r, &base).unwrap();
+    let (code, err) = train(&r, &t.path().join("strict"), &[], None);
+    assert_eq!(code, 2, "{err}");
+    let line = err.lines().rfind(|l| l.starts_with("error")).unwrap();
+    assert!(line.contains("5.png"), "{err}");
+    std::fs::write(&r, format!("{base}on_bad_row = \"skip\"\n")).unwrap();
+    let out = t.path().join("skip");
+    let (code, err) = train(&r, &out, &[], None);
+    assert_eq!(code, 0, "{err}");
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!(
+        first["notes"].to_string().contains("1 example(s)"),
+        "{first}"
+    );
+    let skipped = std::fs::read_to_string(out.join("skipped_rows.jsonl")).unwrap();
+    assert_eq!(skipped.lines().count(), 1);
+    assert!(
+        skipped.contains("line 7") || skipped.contains("\"line\":7"),
+        "{skipped}"
+    );
+    // The exported model reads the same column of a CSV.
+    std::fs::write(&bad, &bytes).unwrap();
+    let (code, preds, err) = run(
+        &[
+            "predict",
+            "--model",
+            out.join("model").to_str().unwrap(),
+            "--input",
+            dir.join("data.csv").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(preds.lines().count(), 24);
+}

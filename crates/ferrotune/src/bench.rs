@@ -183,6 +183,7 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
                 bf16: false,
                 row0: 0,
                 tokens: (0, 0),
+                freeze_bn: false,
             };
             // As the trainer: gradient buffers kept from step to step.
             loss_and_grads_into(

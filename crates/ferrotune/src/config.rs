@@ -305,6 +305,32 @@ pub struct TrainConfig {
     pub stlr_cut_frac: f64,
     /// Slanted triangular schedule: ratio of the peak to the lowest learning rate.
     pub stlr_ratio: f64,
+    /// fastai's `fine_tune`: the first N epochs train only what is above the backbone
+    /// (the head), the rest train every group (with `layerwise_lr_decay`'s rates).
+    pub freeze_epochs: usize,
+    /// Batch norms normalise with their running statistics in training and never update
+    /// them (their scale and shift still train).
+    pub freeze_bn: bool,
+    /// An exponential moving average of the weights (timm's `--model-ema-decay`):
+    /// evaluated after every epoch beside the model, picks the best epoch and is exported.
+    pub model_ema_decay: Option<f64>,
+    /// timm's EMA warm-up: the decay is `min(model_ema_decay, 1 − (1 + t)^(−2/3))` at
+    /// update `t`, so early weights fade fast.
+    pub model_ema_warmup: bool,
+    /// timm's mixup: images and targets of a batch blended with its reverse by a weight
+    /// drawn from Beta(α, α); 0 disables.
+    pub mixup_alpha: f64,
+    /// timm's CutMix: a box of the batch's reverse pasted in, its area drawn from
+    /// Beta(α, α); 0 disables.
+    pub cutmix_alpha: f64,
+    /// Probability that a batch is mixed at all.
+    pub mixup_prob: f64,
+    /// With both mixup and CutMix on, probability of CutMix for a mixed batch.
+    pub mixup_switch_prob: f64,
+    /// CSV/JSONL data of images: the column holding each image's path (relative paths
+    /// are taken from the data file's folder). Unset: the data is text (or images by
+    /// layout: class folders, IDX files).
+    pub image_column: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -385,6 +411,15 @@ impl Default for TrainConfig {
             early_stopping_patience: None,
             stlr_cut_frac: 0.1,
             stlr_ratio: 32.0,
+            freeze_epochs: 0,
+            freeze_bn: false,
+            model_ema_decay: None,
+            model_ema_warmup: false,
+            mixup_alpha: 0.0,
+            cutmix_alpha: 0.0,
+            mixup_prob: 1.0,
+            mixup_switch_prob: 0.5,
+            image_column: None,
         }
     }
 }
@@ -722,6 +757,43 @@ impl TrainConfig {
         if self.unfreeze_every_steps == Some(0) {
             return bad("unfreeze_every_steps", "must be at least 1".into());
         }
+        if self.freeze_epochs > 0 && self.freeze_epochs >= self.num_train_epochs {
+            return bad(
+                "freeze_epochs",
+                format!(
+                    "must be less than num_train_epochs ({}): the epochs after them train \
+                     the whole model",
+                    self.num_train_epochs
+                ),
+            );
+        }
+        if let Some(d) = self.model_ema_decay {
+            if !(0.0..1.0).contains(&d) {
+                return bad("model_ema_decay", format!("must be in [0, 1), got {d}"));
+            }
+        }
+        for (key, v) in [
+            ("mixup_alpha", self.mixup_alpha),
+            ("cutmix_alpha", self.cutmix_alpha),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(key, format!("must be >= 0, got {v}"));
+            }
+        }
+        for (key, v) in [
+            ("mixup_prob", self.mixup_prob),
+            ("mixup_switch_prob", self.mixup_switch_prob),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(key, format!("must be in [0, 1], got {v}"));
+            }
+        }
+        if self.mixing() && self.problem_type == ProblemType::Regression {
+            return bad(
+                "mixup_alpha",
+                "mixup and CutMix blend class targets; they do not apply to regression".into(),
+            );
+        }
         if self.nesterov && (self.optimizer != OptimizerKind::Sgd || self.momentum <= 0.0) {
             return bad(
                 "nesterov",
@@ -817,6 +889,11 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// Whether batches are mixed (mixup or CutMix on, with a chance above 0).
+    pub fn mixing(&self) -> bool {
+        (self.mixup_alpha > 0.0 || self.cutmix_alpha > 0.0) && self.mixup_prob > 0.0
     }
 
     /// The metric that picks the best epoch, without an `eval_` prefix, and whether greater

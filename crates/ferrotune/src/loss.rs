@@ -128,6 +128,17 @@ pub enum Targets {
     Multi(Tensor),
     /// Regression: `(N, C)` float target values.
     Values(Tensor),
+    /// Two class targets blended (timm's mixup and CutMix): the loss is
+    /// `λ·loss(a) + (1 − λ)·loss(b)`, which for cross-entropy (label smoothing included)
+    /// and binary cross-entropy is the loss against the blended soft targets.
+    Mixed {
+        /// The batch's own targets.
+        a: Box<Targets>,
+        /// The targets of the examples mixed in.
+        b: Box<Targets>,
+        /// The weight `λ` of `a`.
+        lam: f64,
+    },
 }
 
 impl Targets {
@@ -136,6 +147,7 @@ impl Targets {
             Targets::Classes(_) => "single-label class-id",
             Targets::Multi(_) => "multi-label 0/1",
             Targets::Values(_) => "real-valued regression",
+            Targets::Mixed { a, .. } => a.describe(),
         }
     }
 
@@ -144,6 +156,7 @@ impl Targets {
             Targets::Classes(_) => "cross_entropy or focal",
             Targets::Multi(_) => "binary_cross_entropy or focal",
             Targets::Values(_) => "mse, smooth_l1 or huber",
+            Targets::Mixed { a, .. } => a.fitting_kinds(),
         }
     }
 }
@@ -284,6 +297,14 @@ pub fn compute(cfg: &LossConfig, logits: &Tensor, targets: &Targets) -> Result<T
     let class_weights = to_f32(&cfg.class_weights);
     let pos_weight = to_f32(&cfg.pos_weight);
     match (cfg.kind, targets) {
+        (_, Targets::Mixed { a, b, lam }) => {
+            if matches!(**a, Targets::Values(_)) {
+                return Err(config_err("mixed targets apply to classification only"));
+            }
+            let la = compute(cfg, logits, a)?;
+            let lb = compute(cfg, logits, b)?;
+            Ok((la.affine(*lam, 0.0)? + lb.affine(1.0 - *lam, 0.0)?)?)
+        }
         (LossKind::CrossEntropy, Targets::Classes(t)) => {
             cross_entropy_with(logits, t, cfg.label_smoothing, class_weights.as_deref())
         }
@@ -1072,6 +1093,49 @@ mod tests {
                 compute(&cfg, p, &Targets::Values(tensor(&T, p.dtype())))
             });
         }
+    }
+
+    /// Mixed class targets (mixup, CutMix) give the cross-entropy against timm's blended
+    /// soft targets, label smoothing included: `−Σ_c q_c log softmax(z)_c` with
+    /// `q = λ·smooth(y) + (1 − λ)·smooth(y')`.
+    #[test]
+    fn mixed_targets_are_the_soft_target_cross_entropy() {
+        let z = tensor(&Z, DType::F64);
+        let y = classes();
+        let y2 = y.flip(&[0]).unwrap();
+        let (lam, eps) = (0.3, 0.1);
+        let cfg = LossConfig {
+            label_smoothing: eps,
+            ..LossConfig::default()
+        };
+        let mixed = Targets::Mixed {
+            a: Box::new(Targets::Classes(y.clone())),
+            b: Box::new(Targets::Classes(y2.clone())),
+            lam,
+        };
+        let got = compute(&cfg, &z, &mixed)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let (ya, yb) = (y.to_vec1::<u32>().unwrap(), y2.to_vec1::<u32>().unwrap());
+        let mut want = 0.0;
+        for (i, row) in Z.iter().enumerate() {
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            for (c, v) in row.iter().enumerate() {
+                let soft = |t: u32| (1.0 - eps) * f64::from(t == c as u32) + eps / 3.0;
+                let q = lam * soft(ya[i]) + (1.0 - lam) * soft(yb[i]);
+                want -= q * (v - lse);
+            }
+        }
+        want /= Z.len() as f64;
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        let values = Targets::Mixed {
+            a: Box::new(Targets::Values(z.clone())),
+            b: Box::new(Targets::Values(z.clone())),
+            lam,
+        };
+        assert!(compute(&LossConfig::default(), &z, &values).is_err());
     }
 
     fn config_error(cfg: &LossConfig, logits: &Tensor, targets: &Targets) -> String {

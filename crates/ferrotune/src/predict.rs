@@ -210,6 +210,7 @@ impl Predictor {
             } else {
                 ReaderOptions::default().file_extensions
             },
+            image_paths: self.encoder.image_eval().is_some(),
             ..Default::default()
         }
     }

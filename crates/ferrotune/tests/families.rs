@@ -89,6 +89,7 @@ fn train_ctx<'a>(frozen: &'a [bool], rng: &'a mut ChaCha8Rng) -> Ctx<'a> {
         bf16: false,
         row0: 0,
         tokens: (0, 0),
+        freeze_bn: false,
     }
 }
 
@@ -412,6 +413,7 @@ fn dropout_is_seeded_and_only_in_training() {
                 bf16: false,
                 row0: 0,
                 tokens: (0, 0),
+                freeze_bn: false,
             };
             m.forward(&mut ctx, &x).unwrap().to_vec2::<f32>().unwrap()
         };

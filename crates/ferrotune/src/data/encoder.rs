@@ -16,6 +16,14 @@ pub trait InputEncoder: Send + Sync {
     /// The items of `examples`, in order (tokenized once, up front).
     fn encode(&self, examples: &[Example]) -> Result<Vec<Features>>;
 
+    /// [`InputEncoder::encode`] example by example: one that cannot be encoded (an image
+    /// that does not decode) holds its error in its place, so that the caller may leave
+    /// it out (`on_bad_row = "skip"`). An error of the whole call is one no example
+    /// could get past.
+    fn encode_each(&self, examples: &[Example]) -> Result<Vec<Result<Features>>> {
+        Ok(self.encode(examples)?.into_iter().map(Ok).collect())
+    }
+
     /// One batch of `items`, padded to the longest (dynamic padding).
     fn collate(&self, items: &[&Features], device: &Device) -> Result<Batch>;
 
@@ -151,13 +159,18 @@ impl ImageEncoder {
 
 impl InputEncoder for ImageEncoder {
     fn encode(&self, examples: &[Example]) -> Result<Vec<Features>> {
+        self.encode_each(examples)?.into_iter().collect()
+    }
+
+    /// Decodes the images in parallel, over as many threads as there are cores.
+    fn encode_each(&self, examples: &[Example]) -> Result<Vec<Result<Features>>> {
         let paths: Vec<&std::path::Path> = examples
             .iter()
             .map(|e| std::path::Path::new(e.text.as_str()))
             .collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let per = paths.len().div_ceil(threads.max(1)).max(1);
-        let parts: Vec<Result<Vec<Features>>> = std::thread::scope(|s| {
+        let parts: Vec<Result<Vec<Result<Features>>>> = std::thread::scope(|s| {
             let handles: Vec<_> = paths
                 .chunks(per)
                 .map(|chunk| {
@@ -178,9 +191,8 @@ impl InputEncoder for ImageEncoder {
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(crate::error::Error::Msg("image decoding failed".into()))
-                    })
+                    h.join()
+                        .map_err(|_| crate::error::Error::Msg("image decoding failed".into()))
                 })
                 .collect()
         });

@@ -19,12 +19,14 @@
 //!    [`TextEncoder`]: the model's tokenizer ([`tokenizer`]), tokenization once up front
 //!    and batches padded to their own longest sequence ([`batch`]).
 //!
-//! [`image`] decodes images and IDX files and runs torchvision-style transforms.
+//! [`image`] decodes images and IDX files and runs torchvision-style transforms;
+//! [`mixup`] blends training batches of images (timm's mixup and CutMix).
 
 pub mod batch;
 pub mod encoder;
 pub mod image;
 pub mod labels;
+pub mod mixup;
 pub mod reader;
 pub mod split;
 pub mod tokenizer;

@@ -102,6 +102,9 @@ pub struct ReaderOptions {
     /// replace the header's names. A column can always also be given by its 0-based
     /// index when no column has that name.
     pub column_names: Option<Vec<String>>,
+    /// The text column of a CSV/TSV/JSONL file holds image paths (an image model's
+    /// `image_column`): a relative one is taken from the data file's folder.
+    pub image_paths: bool,
 }
 
 impl Default for ReaderOptions {
@@ -115,6 +118,7 @@ impl Default for ReaderOptions {
             file_extensions: vec!["txt".to_string()],
             header: true,
             column_names: None,
+            image_paths: false,
         }
     }
 }
@@ -376,10 +380,10 @@ pub fn open_examples(path: &Path, opts: &ReaderOptions) -> Result<Examples> {
                 } else {
                     "no examples: no row could be read"
                 };
-                (Box::new(rows), empty)
+                (image_paths_from(path, opts, rows), empty)
             }
             "jsonl" | "ndjson" | "json" => (
-                Box::new(json_rows(path, opts)?),
+                image_paths_from(path, opts, json_rows(path, opts)?),
                 "no examples: the file has no JSON lines",
             ),
             "txt" => (
@@ -627,6 +631,36 @@ fn idx_rows(path: &Path, opts: &ReaderOptions) -> Result<impl Iterator<Item = Ro
             image_example(format!("image {i}"), format!("{file}#{i}"), label),
             0,
         ))
+    }))
+}
+
+/// `rows` of data file `path`, their text made an image's path when `opts.image_paths`: a
+/// relative path is taken from the file's folder; an empty cell is a bad row.
+fn image_paths_from(
+    path: &Path,
+    opts: &ReaderOptions,
+    rows: impl Iterator<Item = Row> + Send + 'static,
+) -> Box<dyn Iterator<Item = Row> + Send> {
+    if !opts.image_paths {
+        return Box::new(rows);
+    }
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let (file, column) = (path.to_path_buf(), opts.text_column.clone());
+    Box::new(rows.map(move |row| {
+        let (mut ex, kinds) = row?;
+        if ex.text.trim().is_empty() {
+            return Err(RowError::row(
+                ex.line,
+                Error::at(&file, Some(ex.line), Some(&column), "no image path"),
+            ));
+        }
+        let p = Path::new(ex.text.trim());
+        ex.text = if p.is_absolute() {
+            p.display().to_string()
+        } else {
+            base.join(p).display().to_string()
+        };
+        Ok((ex, kinds))
     }))
 }
 

@@ -117,8 +117,8 @@ impl Conv2d {
 /// Batch normalisation over channels, with running statistics (PyTorch's
 /// `BatchNorm2d`): in training, the batch's statistics normalise and update the running
 /// ones (`running = (1 − momentum)·running + momentum·batch`, the variance unbiased);
-/// otherwise — inference, a frozen group, or `frozen_stats` — the running ones normalise
-/// and nothing changes.
+/// otherwise — inference, a frozen group, or the context's `freeze_bn` — the running ones
+/// normalise and nothing changes.
 pub struct BatchNorm2d {
     /// `(c)`.
     pub weight: Var,
@@ -158,24 +158,17 @@ impl BatchNorm2d {
         })
     }
 
-    /// Normalises `x` (channels last); `frozen_stats` keeps the running statistics
-    /// (timm's `freeze_bn`).
-    pub fn forward(&self, ctx: &Ctx, x: &Tensor, frozen_stats: bool) -> Result<Tensor> {
-        self.forward_act(ctx, x, frozen_stats, false)
+    /// Normalises `x` (channels last).
+    pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(ctx, x, false)
     }
 
     /// [`BatchNorm2d::forward`], then ReLU6 when `relu6`, in one pass.
-    pub fn forward_act(
-        &self,
-        ctx: &Ctx,
-        x: &Tensor,
-        frozen_stats: bool,
-        relu6: bool,
-    ) -> Result<Tensor> {
+    pub fn forward_act(&self, ctx: &Ctx, x: &Tensor, relu6: bool) -> Result<Tensor> {
         let w = ctx.w(&self.weight, self.group);
         let b = ctx.w(&self.bias, self.group);
         let frozen_group = self.group_frozen(ctx);
-        if ctx.train && !frozen_group && !frozen_stats {
+        if ctx.train && !frozen_group && !ctx.freeze_bn {
             let (mean, var) = conv::channel_stats(x)?;
             let n = x.elem_count() / mean.len().max(1);
             self.update(&mean, &var, n)?;

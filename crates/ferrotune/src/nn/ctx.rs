@@ -33,6 +33,9 @@ pub struct Ctx<'a> {
     /// The batch's sequences and padded length, when known (see [`fused::Dropout`]);
     /// `(0, 0)` otherwise.
     pub tokens: (usize, usize),
+    /// Batch norms normalise with their running statistics and leave them as they are,
+    /// in training too (the recipe's `freeze_bn`).
+    pub freeze_bn: bool,
 }
 
 impl Ctx<'_> {
@@ -53,6 +56,7 @@ impl Ctx<'_> {
             bf16: false,
             row0: 0,
             tokens: (0, 0),
+            freeze_bn: false,
         }
     }
 

@@ -372,6 +372,7 @@ mod tests {
             bf16: false,
             row0: 0,
             tokens: (0, 0),
+            freeze_bn: false,
         };
         let y = norm.forward(&ctx, &x).unwrap();
         // The formula, in f64.

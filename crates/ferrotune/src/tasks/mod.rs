@@ -114,6 +114,26 @@ impl TargetData {
         self.len() == 0
     }
 
+    /// The targets of examples `idx` only, in that order.
+    pub fn keep(&self, idx: &[usize]) -> TargetData {
+        let rows = |values: &[f32], cols: usize| -> Vec<f32> {
+            idx.iter()
+                .flat_map(|&i| values[i * cols..(i + 1) * cols].iter().copied())
+                .collect()
+        };
+        match self {
+            TargetData::Classes(c) => TargetData::Classes(idx.iter().map(|&i| c[i]).collect()),
+            TargetData::Multi { values, cols } => TargetData::Multi {
+                values: rows(values, *cols),
+                cols: *cols,
+            },
+            TargetData::Values { values, cols } => TargetData::Values {
+                values: rows(values, *cols),
+                cols: *cols,
+            },
+        }
+    }
+
     /// The targets of examples `idx`, as tensors for the loss.
     pub fn select(&self, idx: &[usize], device: &Device) -> Result<Targets> {
         let rows = |values: &[f32], cols: usize| -> Result<Tensor> {

@@ -79,6 +79,9 @@ pub struct RunState {
     /// Ranks that trained together (`mpirun -n`); 1 for one process.
     #[serde(default = "one")]
     pub world_size: usize,
+    /// Updates of the weights' moving average (`model_ema_decay`) so far.
+    #[serde(default)]
+    pub ema_updates: u64,
 }
 
 fn one() -> usize {
@@ -105,6 +108,7 @@ impl Default for RunState {
             bad_in_row: 0,
             bad_total: 0,
             world_size: 1,
+            ema_updates: 0,
         }
     }
 }
@@ -121,6 +125,8 @@ pub struct Checkpoint {
     pub optimizer: HashMap<String, Tensor>,
     /// Best weights so far, by parameter index.
     pub best: Option<Vec<Tensor>>,
+    /// The weights' moving average, by parameter index (`ema.safetensors`).
+    pub ema: Option<Vec<Tensor>>,
 }
 
 /// The checkpoints folder of a run.
@@ -174,6 +180,8 @@ pub struct Snapshot<'a> {
     pub optimizer: Vec<(String, &'a [f32])>,
     /// Best weights so far.
     pub best: Option<&'a [Tensor]>,
+    /// The weights' moving average.
+    pub ema: Option<&'a [Tensor]>,
     /// The resolved recipe (TOML).
     pub recipe: String,
 }
@@ -252,6 +260,12 @@ fn write_partial(tmp: &Path, snap: &Snapshot, fail_after_files: Option<usize>) -
     if let Some(best) = snap.best {
         save_st("best.safetensors", &indexed(best))?;
         files.push("best.safetensors");
+        written += 1;
+        check_fail(written)?;
+    }
+    if let Some(ema) = snap.ema {
+        save_st("ema.safetensors", &indexed(ema))?;
+        files.push("ema.safetensors");
         written += 1;
         check_fail(written)?;
     }
@@ -356,11 +370,18 @@ pub fn load(dir: &Path, n_params: usize) -> Result<Checkpoint> {
     } else {
         None
     };
+    let ep = dir.join("ema.safetensors");
+    let ema = if ep.exists() {
+        Some(unindexed(read("ema.safetensors")?, n_params, &ep)?)
+    } else {
+        None
+    };
     Ok(Checkpoint {
         dir: dir.to_path_buf(),
         state,
         weights,
         optimizer,
         best,
+        ema,
     })
 }

@@ -43,8 +43,9 @@ pub fn group_learning_rates(cfg: &TrainConfig, groups: &[Group]) -> Vec<f64> {
         .collect()
 }
 
-/// Which groups are frozen at an epoch (1-based) and step: the recipe's fixed freezing, and
-/// with `gradual_unfreeze` every backbone group not yet unfrozen. Gradual unfreezing starts
+/// Which groups are frozen at an epoch (1-based) and step: the recipe's fixed freezing,
+/// the whole backbone in the first `freeze_epochs`, and with `gradual_unfreeze` every
+/// backbone group not yet unfrozen. Gradual unfreezing starts
 /// with what is above the backbone alone (pooler, head) and unfreezes one backbone group
 /// per epoch (or every `unfreeze_every_steps` steps) from the top layer down to the
 /// embeddings.
@@ -73,7 +74,9 @@ pub fn frozen_groups(cfg: &TrainConfig, groups: &[Group], epoch: usize, step: us
                 (Some(u), Some(d)) => d > u,
                 _ => false,
             };
-            fixed || first_layers || not_yet
+            // fastai's `fine_tune`: the head alone for the first `freeze_epochs`.
+            let head_only = epoch <= cfg.freeze_epochs && g.kind.is_backbone();
+            fixed || first_layers || not_yet || head_only
         })
         .collect()
 }
@@ -189,6 +192,13 @@ mod tests {
         // Permanently frozen groups stay frozen.
         let p = ["gradual_unfreeze=true", "freeze=\"embeddings\""];
         assert_eq!(f(&p, 9, 0), [t, o, o, o, o, o]);
+        // fastai's fine_tune: the head (and pooler) alone for `freeze_epochs`, then all.
+        let ft = ["freeze_epochs=2", "num_train_epochs=4"];
+        assert_eq!(f(&ft, 1, 0), [t, t, t, t, o, o]);
+        assert_eq!(f(&ft, 2, 99), [t, t, t, t, o, o]);
+        assert_eq!(f(&ft, 3, 0), [o, o, o, o, o, o]);
+        let ft = ["freeze_epochs=1", "num_train_epochs=3", "freeze_layers=1"];
+        assert_eq!(f(&ft, 2, 0), [t, t, o, o, o, o]);
     }
 
     /// A layout without a pooler (RoBERTa, MPNet, DistilBERT): the same rules by kind.

@@ -5,6 +5,7 @@
 //! [`crate::loss`], the optimizers and schedules in [`crate::optim`].
 
 pub mod checkpoint;
+pub mod ema;
 pub mod groups;
 pub mod held_out;
 pub mod log;

@@ -56,16 +56,23 @@ const ENCODE_CHUNK: usize = 512;
 
 /// `examples` encoded a chunk at a time, with progress (examples/s and ETA on a long set).
 /// The tokenizer pads nothing, so chunks encode exactly as the whole set would.
+/// With `skip`, an example that does not encode holds its error in its place; without,
+/// the first such error ends the run.
 fn encode(
     encoder: &dyn InputEncoder,
     examples: &[Example],
     name: &str,
     progress: &mut dyn Progress,
-) -> Result<Vec<Features>> {
+    skip: bool,
+) -> Result<Vec<Result<Features>>> {
     progress.start(name, examples.len() as u64);
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(ENCODE_CHUNK) {
-        out.extend(encoder.encode(chunk)?);
+        if skip {
+            out.extend(encoder.encode_each(chunk)?);
+        } else {
+            out.extend(encoder.encode(chunk)?.into_iter().map(Ok));
+        }
         progress.advance(chunk.len() as u64);
     }
     progress.finish();
@@ -74,13 +81,18 @@ fn encode(
 
 fn reader_options(cfg: &TrainConfig) -> ReaderOptions {
     ReaderOptions {
-        text_column: cfg.text_column.clone(),
+        text_column: cfg
+            .image_column
+            .as_ref()
+            .unwrap_or(&cfg.text_column)
+            .clone(),
         text_pair_column: cfg.text_pair_column.clone(),
         label_column: Some(cfg.label_column.clone()),
         encoding_errors: cfg.encoding_errors,
         file_extensions: cfg.file_extensions.clone(),
         header: cfg.header,
         column_names: cfg.column_names.clone(),
+        image_paths: cfg.image_column.is_some(),
     }
 }
 
@@ -165,6 +177,33 @@ impl SkipLog {
             ));
         }
         kept
+    }
+
+    /// The examples that encoded, with their places; the others are skipped rows. Returns
+    /// them and how many were left out.
+    fn keep_encoded(
+        &mut self,
+        examples: Vec<Example>,
+        features: Vec<Result<Features>>,
+        path: &Path,
+    ) -> (Vec<(usize, Example, Features)>, usize) {
+        let mut kept = Vec::with_capacity(examples.len());
+        let mut dropped = 0;
+        for (i, (e, f)) in examples.into_iter().zip(features).enumerate() {
+            match f {
+                Ok(f) => kept.push((i, e, f)),
+                Err(err) => {
+                    dropped += 1;
+                    self.rows.push(json!({
+                        "file": path,
+                        "line": e.line,
+                        "id": e.id,
+                        "reason": err.to_string(),
+                    }));
+                }
+            }
+        }
+        (kept, dropped)
     }
 
     fn write(&self, dir: &Path) -> Result<()> {
@@ -413,6 +452,18 @@ pub fn prepare_for(
     let family = families::family(&hf)?;
     let max_tokens = family.max_tokens(&hf)?;
     let images = family.input() == InputKind::Image;
+    if cfg.mixing() && !images {
+        return Err(Error::Config(format!(
+            "`mixup_alpha` / `cutmix_alpha` blend images; {} reads text",
+            dir.display()
+        )));
+    }
+    if cfg.image_column.is_some() && !images {
+        return Err(Error::Config(format!(
+            "`image_column` is for image models; {} reads text (use `text_column`)",
+            dir.display()
+        )));
+    }
     if !images && cfg.max_seq_length > max_tokens {
         return Err(Error::Config(format!(
             "`max_seq_length` {} exceeds the model's {max_tokens} positions",
@@ -431,6 +482,7 @@ pub fn prepare_for(
     let loaded = families::load_weights(&hf, family, dir, &head, cfg.seed, device)?;
     let mut notes = skipped.notes.clone();
     notes.extend(loaded.notes);
+    let skip = cfg.on_bad_row == OnBadRow::Skip;
     if loaded.new_head {
         notes.push(format!(
             "a new head with {} outputs is initialised",
@@ -442,8 +494,45 @@ pub fn prepare_for(
     } else {
         ("tokenize train", "tokenize eval")
     };
-    let train_f = encode(encoder.as_ref(), &train, train_what, progress)?;
-    let eval_f = encode(encoder.as_ref(), &eval, eval_what, progress)?;
+    let mut train_f = encode(encoder.as_ref(), &train, train_what, progress, skip)?;
+    let mut eval_f = encode(encoder.as_ref(), &eval, eval_what, progress, skip)?;
+    // Under `on_bad_row = "skip"`, examples that did not encode (images that do not
+    // decode) are left out with their targets, and listed in skipped_rows.jsonl.
+    let (mut train_y, mut eval_y) = (train_y, eval_y);
+    for (ex, f, y, path) in [
+        (&mut train, &mut train_f, &mut train_y, &cfg.train_file),
+        (&mut eval, &mut eval_f, &mut eval_y, &eval_path),
+    ] {
+        let (kept, dropped) = skipped.keep_encoded(std::mem::take(ex), std::mem::take(f), path);
+        if dropped > 0 {
+            *y = y.keep(&kept.iter().map(|(i, _, _)| *i).collect::<Vec<_>>());
+            notes.push(format!(
+                "{dropped} example(s) of {} skipped: could not be read (see skipped_rows.jsonl)",
+                path.display()
+            ));
+        }
+        let (e, ff): (Vec<Example>, Vec<Features>) =
+            kept.into_iter().map(|(_, e, f)| (e, f)).unzip();
+        *ex = e;
+        *f = ff.into_iter().map(Ok).collect();
+    }
+    let train_f = train_f.into_iter().collect::<Result<Vec<_>>>()?;
+    let eval_f = eval_f.into_iter().collect::<Result<Vec<_>>>()?;
+    if train.is_empty() {
+        return Err(Error::file(
+            &cfg.train_file,
+            "no training examples could be read",
+        ));
+    }
+    if eval.is_empty() {
+        return Err(Error::file(
+            &eval_path,
+            "no evaluation examples could be read",
+        ));
+    }
+    if writes && !skipped.rows.is_empty() {
+        skipped.write(&cfg.output_dir)?;
+    }
     if let Some(text) = split.filter(|_| writes) {
         let p = cfg.output_dir.join("split.json");
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;

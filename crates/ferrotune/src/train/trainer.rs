@@ -21,6 +21,7 @@ use crate::artifact::ExportInfo;
 use crate::config::{OptimizerKind, TrainConfig};
 use crate::data::batch::{group_by_length, Features};
 use crate::data::labels::LabelMap;
+use crate::data::mixup::MixConfig;
 use crate::data::InputEncoder;
 use crate::dist::{GradReducer, World};
 use crate::error::{Error, Result};
@@ -35,6 +36,7 @@ use crate::optim::{clip_factor, grad_norm, AdamW, AdamWConfig, Optimizer, Sgd};
 use crate::precision::Precision;
 use crate::tasks::{Evaluation, TargetData, Task};
 use crate::train::checkpoint::{self, Checkpoint, EpochMetrics, RunState, Snapshot};
+use crate::train::ema::Ema;
 use crate::train::groups::{frozen_groups, group_learning_rates, log_groups};
 use crate::train::held_out::{predictions_jsonl, HeldOut};
 use crate::train::log::{MetricsLog, Progress, Silent};
@@ -325,6 +327,10 @@ pub struct Run {
     reduced_at: (u64, f64),
     /// Some rank was asked to stop during the last step (agreed by all ranks).
     stop_agreed: bool,
+    /// The weights' moving average (`model_ema_decay`).
+    ema: Option<Ema>,
+    /// Mixup / CutMix of training batches.
+    mix: Option<MixConfig>,
 }
 
 impl Run {
@@ -444,6 +450,15 @@ impl Run {
             reducer: GradReducer::default(),
             reduced_at: (0, 0.0),
             stop_agreed: false,
+            mix: cfg.mixing().then_some(MixConfig {
+                mixup_alpha: cfg.mixup_alpha,
+                cutmix_alpha: cfg.cutmix_alpha,
+                prob: cfg.mixup_prob,
+                switch_prob: cfg.mixup_switch_prob,
+            }),
+            ema: cfg
+                .model_ema_decay
+                .map(|d| Ema::new(d, cfg.model_ema_warmup)),
             threads: candle_core::utils::get_num_threads(),
             frozen: Vec::new(),
             grads: vec![None; n],
@@ -561,6 +576,9 @@ impl Run {
         if let (Some((score, epoch)), Some(w)) = (ck.state.best, ck.best) {
             self.best = Some((score, epoch, w, None));
         }
+        if let (Some(ema), Some(w)) = (&mut self.ema, &ck.ema) {
+            ema.restore(w, ck.state.ema_updates)?;
+        }
         progress.message(&format!(
             "resuming from {} (step {}, epoch {})",
             ck.dir.display(),
@@ -580,15 +598,21 @@ impl Run {
         st.optimizer_steps = opt_steps;
         st.best = self.best.as_ref().map(|(s, e, ..)| (*s, *e));
         st.world_size = self.world.size();
+        st.ema_updates = self.ema.as_ref().map_or(0, |e| e.updates);
         if !self.world.is_main() {
             // Every rank holds the same state; rank 0 writes it.
             return Ok(checkpoint::checkpoints_dir(&self.out));
         }
+        let ema = match &self.ema {
+            Some(e) => e.tensors(&self.params)?,
+            None => None,
+        };
         let snap = Snapshot {
             state: st,
             weights: self.params.current(),
             optimizer: opt_tensors,
             best: self.best.as_ref().map(|(_, _, w, _)| w.as_slice()),
+            ema: ema.as_deref(),
             recipe: self.recipe.clone(),
         };
         let fail = failpoint("checkpoint_write_fail")
@@ -720,6 +744,9 @@ impl Run {
                     .collect();
                 let clip = clip_factor(norm, self.cfg.max_grad_norm);
                 self.optimizer.step(&self.params, &self.grads, clip, &lrs)?;
+                if let Some(ema) = &mut self.ema {
+                    ema.update(&self.params)?;
+                }
                 self.st.loss_acc += loss;
                 self.st.loss_n += 1;
             }
@@ -803,6 +830,25 @@ impl Run {
             .wrapping_add(part.start as u64);
             let batch = self.encoder.collate_train(&items, seed, &self.device)?;
             let y = self.train.1.select(mine, &self.device)?;
+            // Mixup / CutMix: one draw per micro-batch, the same on every rank; each
+            // rank mixes its part of the batch with that part reversed.
+            let (batch, y) = match &self.mix {
+                Some(m) => {
+                    let (_, h, w, _) = batch.pixels()?.pixels.dims4()?;
+                    let s = crate::dist::hash64(
+                        &[
+                            self.cfg.seed,
+                            self.st.step as u64,
+                            micro as u64,
+                            0x6d69_7875,
+                        ]
+                        .map(u64::to_le_bytes)
+                        .concat(),
+                    );
+                    crate::data::mixup::apply(batch, y, m.draw(h, w, s)?)?
+                }
+                None => (batch, y),
+            };
             let share = mine.len() as f64 / window_n as f64;
             // Where this rank's part begins in the global batch (the dropout masks
             // follow the sequence: the same as one process's).
@@ -820,6 +866,7 @@ impl Run {
                     .ok()
                     .and_then(|t| t.input_ids.dims2().ok())
                     .unwrap_or((0, 0)),
+                freeze_bn: self.cfg.freeze_bn,
             };
             // The window's first batch overwrites the buffers kept from the last step,
             // the others add to them.
@@ -978,6 +1025,24 @@ impl Run {
         progress.start(&format!("eval epoch {epoch}"), self.eval.0.len() as u64);
         let (ev, logits) = self.evaluate(progress)?;
         progress.finish();
+        // With a moving average of the weights, it is evaluated too; as in timm, its
+        // evaluation picks the best epoch and its weights are what is kept and exported.
+        let ema_eval = match self.ema.as_ref().map(|e| e.tensors(&self.params)) {
+            Some(Ok(Some(avg))) => {
+                let now = self.params.snapshot()?;
+                self.params.restore(&avg)?;
+                progress.start(
+                    &format!("eval epoch {epoch} (EMA)"),
+                    self.eval.0.len() as u64,
+                );
+                let r = self.evaluate(progress);
+                progress.finish();
+                self.params.restore(&now)?;
+                Some((r?, avg))
+            }
+            Some(Err(e)) => return Err(e),
+            _ => None,
+        };
         let mut line = serde_json::Map::new();
         line.insert("epoch".into(), json!(epoch));
         line.insert("split".into(), json!("eval"));
@@ -985,20 +1050,40 @@ impl Run {
         for (k, v) in &ev.metrics {
             line.insert(format!("eval_{k}"), json!(v));
         }
+        if let Some(((e, _), _)) = &ema_eval {
+            for (k, v) in &e.metrics {
+                line.insert(format!("eval_ema_{k}"), json!(v));
+            }
+        }
         self.log.line(serde_json::Value::Object(line))?;
-        let shown: Vec<String> = self
+        let mut shown: Vec<String> = self
             .task
             .headline()
             .iter()
             .map(|k| format!("eval_{k} {:.4}", ev.get(k)))
             .collect();
+        if let Some(((e, _), _)) = &ema_eval {
+            shown.extend(
+                self.task
+                    .headline()
+                    .iter()
+                    .map(|k| format!("eval_ema_{k} {:.4}", e.get(k))),
+            );
+        }
         progress.message(&format!("epoch {epoch}: {}", shown.join(" ")));
         let (best_name, greater) = self.cfg.best_metric().unwrap_or(("loss", false));
-        let m = EpochMetrics {
-            epoch,
-            metrics: ev.metrics.clone(),
+        let mut metrics = ev.metrics.clone();
+        if let Some(((e, _), _)) = &ema_eval {
+            for (k, v) in &e.metrics {
+                metrics.insert(format!("ema_{k}"), *v);
+            }
+        }
+        let m = EpochMetrics { epoch, metrics };
+        let (ev, logits, weights) = match ema_eval {
+            Some(((e, l), avg)) => (e, l, Some(avg)),
+            None => (ev, logits, None),
         };
-        let score = m.get(best_name);
+        let score = ev.get(best_name);
         let better = match &self.best {
             None => true,
             Some((b, ..)) if greater => score > *b,
@@ -1006,7 +1091,11 @@ impl Run {
         };
         self.st.epochs.push(m);
         if better {
-            self.best = Some((score, epoch, self.params.snapshot()?, Some((ev, logits))));
+            let weights = match weights {
+                Some(w) => w,
+                None => self.params.snapshot()?,
+            };
+            self.best = Some((score, epoch, weights, Some((ev, logits))));
             self.st.since_best = 0;
         } else {
             self.st.since_best += 1;
@@ -1113,7 +1202,12 @@ impl Run {
                 info: ExportInfo {
                     pooling: self.model.pooling(),
                     max_seq_length: cfg.max_seq_length,
-                    text_column: cfg.text_column.clone(),
+                    // An image model's column of image paths is its input column.
+                    text_column: cfg
+                        .image_column
+                        .as_ref()
+                        .unwrap_or(&cfg.text_column)
+                        .clone(),
                     text_pair_column: cfg.text_pair_column.clone(),
                     label_column: cfg.label_column.clone(),
                     threshold: cfg.threshold,

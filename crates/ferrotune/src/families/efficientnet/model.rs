@@ -250,7 +250,7 @@ enum Block {
 }
 
 impl Block {
-    fn forward(&self, ctx: &Ctx, x: &Tensor, fbn: bool) -> Result<Tensor> {
+    fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let (y, skip) = match self {
             Block::Separable {
                 dw,
@@ -259,8 +259,8 @@ impl Block {
                 bn2,
                 skip,
             } => {
-                let h = bn1.forward_act(ctx, &dw.forward(ctx, x)?, fbn, true)?;
-                (bn2.forward(ctx, &pw.forward(ctx, &h)?, fbn)?, *skip)
+                let h = bn1.forward_act(ctx, &dw.forward(ctx, x)?, true)?;
+                (bn2.forward(ctx, &pw.forward(ctx, &h)?)?, *skip)
             }
             Block::Inverted {
                 pw,
@@ -271,9 +271,9 @@ impl Block {
                 bn3,
                 skip,
             } => {
-                let h = bn1.forward_act(ctx, &pw.forward(ctx, x)?, fbn, true)?;
-                let h = bn2.forward_act(ctx, &dw.forward(ctx, &h)?, fbn, true)?;
-                (bn3.forward(ctx, &pwl.forward(ctx, &h)?, fbn)?, *skip)
+                let h = bn1.forward_act(ctx, &pw.forward(ctx, x)?, true)?;
+                let h = bn2.forward_act(ctx, &dw.forward(ctx, &h)?, true)?;
+                (bn3.forward(ctx, &pwl.forward(ctx, &h)?)?, *skip)
             }
         };
         Ok(if skip { (y + x)? } else { y })
@@ -289,8 +289,6 @@ pub struct EfficientNetLite0 {
     bn2: BatchNorm2d,
     classifier: Linear,
     drop_rate: f64,
-    /// Batch norms keep their running statistics in training (timm's `freeze_bn`).
-    pub freeze_bn: bool,
 }
 
 impl EfficientNetLite0 {
@@ -304,15 +302,14 @@ impl EfficientNetLite0 {
                 x.dims()
             )));
         }
-        let fbn = self.freeze_bn;
         let mut h = self
             .bn1
-            .forward_act(ctx, &self.stem.forward(ctx, x)?, fbn, true)?;
+            .forward_act(ctx, &self.stem.forward(ctx, x)?, true)?;
         for b in &self.blocks {
-            h = b.forward(ctx, &h, fbn)?;
+            h = b.forward(ctx, &h)?;
         }
         self.bn2
-            .forward_act(ctx, &self.conv_head.forward(ctx, &h)?, fbn, true)
+            .forward_act(ctx, &self.conv_head.forward(ctx, &h)?, true)
     }
 }
 
@@ -408,7 +405,6 @@ pub fn build(
         bn2,
         classifier,
         drop_rate: head.classifier_dropout.unwrap_or(c.drop_rate),
-        freeze_bn: false,
     };
     Ok(Loaded {
         model: Box::new(model),
