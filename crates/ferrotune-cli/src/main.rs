@@ -168,6 +168,13 @@ enum Cmd {
         /// Largest request body in bytes (413 above).
         #[arg(long, default_value_t = ServeConfig::default().max_body_bytes)]
         max_body_bytes: usize,
+        /// Image models: largest image in bytes, after base64 decoding (413 above).
+        #[arg(long, default_value_t = ServeConfig::default().max_image_bytes)]
+        max_image_bytes: usize,
+        /// Image models: most pixels (width × height) in an image, read from its header
+        /// before decoding (413 above; at most 67108864).
+        #[arg(long, default_value_t = ServeConfig::default().max_image_pixels)]
+        max_image_pixels: u64,
         /// Inference threads (each batch already uses every kernel thread).
         #[arg(long, default_value_t = ServeConfig::default().workers)]
         workers: usize,
@@ -719,6 +726,8 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             max_concurrent_requests,
             request_timeout_ms,
             max_body_bytes,
+            max_image_bytes,
+            max_image_pixels,
             workers,
             threads,
             precision,
@@ -736,6 +745,8 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 max_body_bytes,
                 workers,
                 batch_wait: Duration::from_millis(batch_wait_ms),
+                max_image_bytes,
+                max_image_pixels,
             };
             ferrotune::serve::run(&model, cfg)?;
         }

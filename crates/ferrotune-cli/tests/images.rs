@@ -1,12 +1,16 @@
 //! Image models through the CLI: train a random EfficientNet-Lite0 on IDX files and on a
 //! folder of PNGs, export it in timm's format, predict and evaluate with it; a crash and
 //! `--resume` give the uninterrupted run's weights byte for byte; frozen stages stay
-//! bit-identical; bad image data is a one-line error naming the file (exit 2).
+//! bit-identical; bad image data is a one-line error naming the file (exit 2); `serve`
+//! answers base64 and multipart images as `predict` answers the same file.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use ferrotune::testing::{write_tiny_idx, write_tiny_image_model};
+use ferrotune::testing::{write_tiny_idx, write_tiny_image_classifier, write_tiny_image_model};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferrotune");
 
@@ -443,4 +447,204 @@ fn csv_of_image_paths_and_skipping_undecodable_images() {
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(preds.lines().count(), 24);
+}
+
+/// Kills the server it holds (our own child, by its handle) if the test ends early.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// POSTs `body` as `content_type` to `/predict` over HTTP/1.1; the status and the body.
+fn post(addr: &str, content_type: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST /predict HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut res = Vec::new();
+    s.read_to_end(&mut res).unwrap();
+    let res = String::from_utf8_lossy(&res).into_owned();
+    let status = res
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = res
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let v = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {res}"));
+    (status, v)
+}
+
+/// `[{label, score}, ...]` against `ferrotune predict`'s `{"scores": {label: p}}`.
+fn assert_same_scores(got: &serde_json::Value, want: &serde_json::Value) {
+    let got = got
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {got}"));
+    let want = want["scores"].as_object().unwrap();
+    assert_eq!(got.len(), want.len());
+    for item in got {
+        let label = item["label"].as_str().unwrap();
+        let (g, w) = (
+            item["score"].as_f64().unwrap(),
+            want[label].as_f64().unwrap(),
+        );
+        assert!((g - w).abs() <= 1e-5, "{label}: {g} vs {w}");
+    }
+}
+
+/// `ferrotune serve` on an image model answers a base64 JSON image and a multipart upload
+/// as `ferrotune predict` answers the same file; `--max-image-pixels` and
+/// `--max-image-bytes` are 413s, a non-image a 400, and the server keeps serving, then
+/// stops on SIGTERM.
+#[test]
+fn serve_answers_images_as_predict_does() {
+    use base64::Engine;
+    let t = tempfile::tempdir().unwrap();
+    let model = write_tiny_image_classifier(t.path()).unwrap();
+    let data = t.path().join("data");
+    let imgs = ferrotune::data::image::read_idx_images(&write_tiny_idx(&data, "a", 2, 12).unwrap())
+        .unwrap();
+    let big = ferrotune::data::image::read_idx_images(&write_tiny_idx(&data, "b", 1, 15).unwrap())
+        .unwrap();
+    let png = |img: &ferrotune::data::image::Image, name: &str| {
+        let p = t.path().join(name);
+        img.save(&p).unwrap();
+        p
+    };
+    let (first, second, large) = (
+        png(&imgs[0], "0.png"),
+        png(&imgs[1], "1.png"),
+        png(&big[0], "big.png"),
+    );
+    let predict = |p: &Path| {
+        let (code, out, err) = run(
+            &[
+                "predict",
+                "--model",
+                model.to_str().unwrap(),
+                "--input",
+                p.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.lines().next().unwrap()).unwrap()
+    };
+    let (want0, want1) = (predict(&first), predict(&second));
+    let bytes0 = std::fs::read(&first).unwrap();
+    let bytes1 = std::fs::read(&second).unwrap();
+    let large = std::fs::read(&large).unwrap();
+    // Every image fits the byte cap; the large one is over the pixel cap.
+    let max_bytes = bytes0.len().max(bytes1.len()).max(large.len());
+
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            // 12×12 = 144 fits, 15×15 = 225 does not.
+            "--max-image-pixels",
+            "200",
+            "--max-image-bytes",
+            &max_bytes.to_string(),
+        ])
+        .env_remove("FERROTUNE_FAILPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let server = Server(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("serve exited before listening")
+            .unwrap();
+        if let Some((_, a)) = line.split_once("listening on http://") {
+            break a.trim().to_string();
+        }
+    };
+
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    // Base64 in JSON, a data URL in a list.
+    let (status, v) = post(
+        &addr,
+        "application/json",
+        serde_json::json!({"inputs": b64(&bytes0)})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_same_scores(&v, &want0);
+    let body = serde_json::json!({"inputs": [b64(&bytes0), format!("data:image/png;base64,{}", b64(&bytes1))]});
+    let (status, v) = post(&addr, "application/json", body.to_string().as_bytes());
+    assert_eq!(status, 200, "{v}");
+    assert_same_scores(&v[0], &want0);
+    assert_same_scores(&v[1], &want1);
+    // Multipart: two files, in order.
+    let mut form = Vec::new();
+    for (name, b) in [("1.png", &bytes1), ("0.png", &bytes0)] {
+        form.extend(format!("--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\n").bytes());
+        form.extend_from_slice(b);
+        form.extend(b"\r\n");
+    }
+    form.extend(b"--XyZ--\r\n");
+    let (status, v) = post(&addr, "multipart/form-data; boundary=XyZ", &form);
+    assert_eq!(status, 200, "{v}");
+    assert_same_scores(&v[0], &want1);
+    assert_same_scores(&v[1], &want0);
+    // The caps of the command line, and a non-image.
+    let (status, v) = post(&addr, "image/png", &large);
+    assert_eq!(status, 413, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("225 pixels, over the limit of 200"),
+        "{v}"
+    );
+    let (status, v) = post(&addr, "image/png", &vec![0u8; max_bytes + 1]);
+    assert_eq!(status, 413, "{v}");
+    let cap = format!("limit of {max_bytes} bytes per image");
+    assert!(v["error"].as_str().unwrap().contains(&cap), "{v}");
+    let (status, v) = post(
+        &addr,
+        "application/json",
+        br#"{"inputs": "a photo of a cat"}"#,
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("not base64"), "{v}");
+    let (status, v) = post(&addr, "image/png", b"not an image");
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = post(&addr, "image/png", &bytes1);
+    assert_eq!(status, 200, "{v}");
+    assert_same_scores(&v, &want1);
+
+    // SIGTERM: it drains and exits 0.
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut server = server;
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
 }

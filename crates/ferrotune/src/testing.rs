@@ -299,6 +299,67 @@ pub fn write_tiny_image_model(dir: &Path) -> Result<()> {
     )
 }
 
+/// Side of [`write_tiny_image_classifier`]'s input.
+pub const TINY_IMAGE_SIDE: usize = 16;
+
+/// A random EfficientNet-Lite0 classifier of 3 labels (`a`, `b`, `c`) exported as
+/// `ferrotune train` would to `dir/model` (timm's format, its evaluation pipeline a
+/// resize to [`TINY_IMAGE_SIDE`]² so inference is fast), its pretrained base in
+/// `dir/base`. Returns `dir/model`.
+pub fn write_tiny_image_classifier(dir: &Path) -> Result<PathBuf> {
+    use crate::artifact::ExportInfo;
+    use crate::data::image::{Interpolation, Transform};
+    use crate::data::{ImageEncoder, ImageRecipe, InputEncoder};
+    use crate::export::{export_model, ExportSpec};
+    let base = dir.join("base");
+    write_tiny_image_model(&base)?;
+    let cfg = HfConfig::from_file(&base.join("config.json"))?;
+    let family = families::family(&cfg)?;
+    let pre = family
+        .image_preprocessing(&cfg)?
+        .ok_or_else(|| Error::Msg("an EfficientNet reads images".into()))?;
+    let encoder = ImageEncoder::for_recipe(
+        &pre,
+        &ImageRecipe {
+            size: Some(TINY_IMAGE_SIDE),
+            eval: Some(vec![Transform::Resize {
+                size: None,
+                height: Some(TINY_IMAGE_SIDE),
+                width: Some(TINY_IMAGE_SIDE),
+                interpolation: Interpolation::Bilinear,
+            }]),
+            ..ImageRecipe::default()
+        },
+    );
+    let loaded = family.build(
+        &cfg,
+        &Weights::Random,
+        &HeadSpec::new(3),
+        13,
+        &candle_core::Device::Cpu,
+    )?;
+    let labels: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+    let out = dir.join("model");
+    export_model(
+        &out,
+        &ExportSpec {
+            base: &cfg,
+            family,
+            source_dir: &base,
+            params: &loaded.params,
+            tokenizer: None,
+            labels: &labels,
+            problem_type: "single_label_classification",
+            info: ExportInfo {
+                image_eval: encoder.image_eval().cloned(),
+                ..ExportInfo::defaults(loaded.model.pooling(), TINY_IMAGE_SIDE)
+            },
+            card: None,
+        },
+    )?;
+    Ok(out)
+}
+
 /// Writes an IDX pair (`{prefix}-images-idx3-ubyte`, `{prefix}-labels-idx1-ubyte`) of
 /// `n` `side × side` grayscale images of 3 classes a small network can tell apart: class
 /// `k` is bright in horizontal band `k`, plus noise. Returns the images file.

@@ -1,5 +1,6 @@
 //! The inference server (`ferrotune serve`): answers equal the library's predictions,
-//! batched or not; every error status has a JSON body; SIGTERM drains requests in flight.
+//! batched or not, for texts and for images (base64 JSON, multipart, raw bodies); every
+//! error status has a JSON body; SIGTERM drains requests in flight.
 //!
 //! Routes are exercised in process with `tower::ServiceExt::oneshot` (no sockets), except
 //! the shutdown test, which talks HTTP/1.1 over a real socket and sends a real SIGTERM.
@@ -17,7 +18,9 @@ use ferrotune::families;
 use ferrotune::precision::Precision;
 use ferrotune::predict::Predictor;
 use ferrotune::serve::{shutdown_signal, ServeConfig, Server};
-use ferrotune::testing::{write_tiny_classifier, TINY_WORDS};
+use ferrotune::testing::{
+    write_tiny_classifier, write_tiny_image_classifier, TINY_IMAGE_SIDE, TINY_WORDS,
+};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -667,4 +670,423 @@ async fn an_int8_server_answers_as_the_int8_library() {
     p.precision = Precision::F32;
     let f32_probs = p.predict_probs(&[example(&t, None)], |_| {}).unwrap();
     assert_ne!(by_label(&a.json(), &p.labels), f32_probs[0]);
+}
+
+// ---- Image models ----------------------------------------------------------------------
+
+/// A random 3-label image classifier (labels a, b, c; input 16×16) and a few images of
+/// other sizes as PNG files, and one as JPEG.
+struct ImageFixture {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    files: Vec<PathBuf>,
+}
+
+/// A `w × h` RGB image of a seeded pattern, encoded as `format`.
+fn image_bytes(w: u32, h: u32, seed: u32, format: image::ImageFormat) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = x.wrapping_mul(31) ^ y.wrapping_mul(17) ^ seed.wrapping_mul(101);
+        image::Rgb([(v % 251) as u8, (v / 3 % 241) as u8, (v / 7 % 239) as u8])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), format)
+        .unwrap();
+    out
+}
+
+fn image_fixture() -> ImageFixture {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny_image_classifier(dir.path()).unwrap();
+    let mut files = Vec::new();
+    for (i, (w, h)) in [(20u32, 14u32), (12, 12), (33, 40)].into_iter().enumerate() {
+        let p = dir.path().join(format!("img{i}.png"));
+        let bytes = image_bytes(w, h, i as u32, image::ImageFormat::Png);
+        std::fs::write(&p, bytes).unwrap();
+        files.push(p);
+    }
+    let jpg = dir.path().join("img3.jpg");
+    std::fs::write(&jpg, image_bytes(24, 18, 3, image::ImageFormat::Jpeg)).unwrap();
+    files.push(jpg);
+    ImageFixture { dir, model, files }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A request with `content_type`.
+async fn call_as(app: &Router, content_type: &str, body: impl Into<Body>) -> Answer {
+    let req = Request::builder()
+        .method("POST")
+        .uri("/predict")
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body.into())
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap()
+        .to_vec();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+const BOUNDARY: &str = "ferrotune-test-boundary";
+
+/// A form part: field name, file name, content type, bytes.
+type Part<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
+
+/// A multipart/form-data body of `parts`.
+fn form(parts: &[Part]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, file, ct, bytes) in parts {
+        out.extend(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"").bytes(),
+        );
+        if let Some(f) = file {
+            out.extend(format!("; filename=\"{f}\"").bytes());
+        }
+        out.extend(b"\r\n");
+        if let Some(ct) = ct {
+            out.extend(format!("Content-Type: {ct}\r\n").bytes());
+        }
+        out.extend(b"\r\n");
+        out.extend_from_slice(bytes);
+        out.extend(b"\r\n");
+    }
+    out.extend(format!("--{BOUNDARY}--\r\n").bytes());
+    out
+}
+
+async fn post_form(app: &Router, parts: &[Part<'_>]) -> Answer {
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    call_as(app, &ct, form(parts)).await
+}
+
+impl Answer {
+    /// Asserts an error as [`Answer::assert_error`] does, its message one line.
+    fn assert_one_line_error(&self, status: StatusCode, needle: &str) {
+        self.assert_error(status, "validation", needle);
+        let v = self.json();
+        let msg = v["error"].as_str().unwrap();
+        assert!(!msg.contains('\n') && !msg.contains('\r'), "{msg}");
+    }
+}
+
+/// Base64 in JSON (plain, data URL, lists), multipart parts and a raw image/* body give
+/// what the library's predictor (`ferrotune predict`'s path) gives for the same files; a
+/// list of images runs as one batch, and concurrent requests are batched together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_model_answers_as_the_librarys_predictions() {
+    let f = image_fixture();
+    let p = Predictor::load(&f.model).unwrap();
+    let files: Vec<Example> = f
+        .files
+        .iter()
+        .map(|p| example(p.to_str().unwrap(), None))
+        .collect();
+    let want = p.predict_probs(&files, |_| {}).unwrap();
+    let logits = p.predict_logits(&files, |_| {}).unwrap();
+    let bytes: Vec<Vec<u8>> = f.files.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let s = Server::new(Predictor::load(&f.model).unwrap(), ServeConfig::default()).unwrap();
+    let app = s.router();
+
+    // One base64 string: one list.
+    let a = predict(&app, json!({ "inputs": b64(&bytes[0]) })).await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    assert_close(&by_label(&a.json(), &p.labels), &want[0]);
+
+    // A list, data URLs and plain mixed: one list per image, in order, one batch of 4.
+    let list = json!({ "inputs": [
+        format!("data:image/png;base64,{}", b64(&bytes[0])),
+        b64(&bytes[1]),
+        b64(&bytes[2]),
+        format!("data:image/jpeg;base64,{}", b64(&bytes[3])),
+    ]});
+    let a = predict(&app, list).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let v = a.json();
+    assert_eq!(v.as_array().unwrap().len(), 4);
+    for (i, w) in want.iter().enumerate() {
+        assert_close(&by_label(&v[i], &p.labels), w);
+    }
+    let m = String::from_utf8(call(&app, "GET", "/metrics", "").await.body).unwrap();
+    assert!(m.contains("ferrotune_batch_size_sum 5\n"), "{m}");
+    assert!(m.contains("ferrotune_batch_size_count 2\n"), "{m}");
+
+    // Multipart: any field names, in order; one part answers one list; raw_scores.
+    let a = post_form(
+        &app,
+        &[
+            ("b", Some("two.png"), Some("image/png"), &bytes[2]),
+            ("file", Some("one.png"), None, &bytes[1]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    let v = a.json();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert_close(&by_label(&v[0], &p.labels), &want[2]);
+    assert_close(&by_label(&v[1], &p.labels), &want[1]);
+    let a = post_form(
+        &app,
+        &[
+            ("raw_scores", None, None, b"true"),
+            ("image", None, Some("image/jpeg"), &bytes[3]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    assert_close(&by_label(&a.json(), &p.labels), &logits[3]);
+
+    // A raw image/* body.
+    let a = call_as(&app, "image/png", bytes[2].clone()).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_close(&by_label(&a.json(), &p.labels), &want[2]);
+
+    // Concurrent requests are batched together (a short wait makes it certain).
+    let s = Server::new(
+        Predictor::load(&f.model).unwrap(),
+        ServeConfig {
+            batch_wait: Duration::from_millis(50),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let app = s.router();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let app = app.clone();
+            let body = json!({ "inputs": [b64(&bytes[i % 4])] });
+            tokio::spawn(async move { predict(&app, body).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+        assert_close(&by_label(&a.json()[0], &p.labels), &want[i % 4]);
+    }
+    let m = String::from_utf8(call(&app, "GET", "/metrics", "").await.body).unwrap();
+    let (alone, batches) = hist(&m, "ferrotune_batch_requests", "1");
+    assert!(alone < batches, "no batch of more than one request:\n{m}");
+    assert!(m.contains("ferrotune_inputs_total 8\n"), "{m}");
+
+    // /info says what the model reads and the image caps.
+    let info = call(&app, "GET", "/info", "").await.json();
+    assert_eq!(info["input"], "image");
+    assert_eq!(
+        info["image_size"],
+        json!([TINY_IMAGE_SIDE, TINY_IMAGE_SIDE])
+    );
+    assert_eq!(info["tokens_per_image"], 1);
+    assert_eq!(info["max_image_bytes"], 10 << 20);
+    assert_eq!(info["max_image_pixels"], 16 << 20);
+    assert!(info.get("max_input_length").is_none(), "{info}");
+    drop(f.dir);
+}
+
+/// Bad images get a one-line JSON error of the right status and the server keeps
+/// serving; a text model refuses images with a 400 and answers text as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_images_get_json_errors() {
+    let f = image_fixture();
+    let good = std::fs::read(&f.files[1]).unwrap(); // 12×12
+                                                    // 64×64 = 4096 pixels, over the cap of 1000, in fewer bytes than the byte cap.
+    let many_pixels = {
+        let mut out = Vec::new();
+        image::RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]))
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    };
+    // Noise: a PNG of many bytes and few pixels.
+    let noise = {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let img = image::RgbImage::from_fn(30, 30, |_, _| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+        });
+        let mut out = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    };
+    let max_bytes = 2000;
+    assert!(noise.len() > max_bytes && many_pixels.len() < max_bytes);
+    let s = Server::new(
+        Predictor::load(&f.model).unwrap(),
+        ServeConfig {
+            max_image_bytes: max_bytes,
+            max_image_pixels: 1000,
+            max_inputs_per_request: 3,
+            max_body_bytes: 20_000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let app = s.router();
+    let bad = StatusCode::BAD_REQUEST;
+    let big = StatusCode::PAYLOAD_TOO_LARGE;
+
+    // 400: text sent to an image model, bad base64, base64 of something not an image.
+    predict(&app, json!({"inputs": "a great movie"}))
+        .await
+        .assert_one_line_error(bad, "`inputs` is not base64");
+    predict(&app, json!({"inputs": [b64(&good), "!!!!"]}))
+        .await
+        .assert_one_line_error(bad, "`inputs[1]` is not base64");
+    predict(&app, json!({"inputs": b64(b"plain text, base64-encoded")}))
+        .await
+        .assert_one_line_error(
+            bad,
+            "inputs: not an image (expected JPEG, PNG, BMP or WebP)",
+        );
+    predict(&app, json!({"inputs": "data:text/plain,hello"}))
+        .await
+        .assert_one_line_error(bad, "not base64");
+    let cut = &good[..good.len() / 2];
+    predict(&app, json!({"inputs": b64(cut)}))
+        .await
+        .assert_one_line_error(bad, "inputs: cannot decode the image");
+    post_form(
+        &app,
+        &[("file", Some("notes.txt"), Some("text/plain"), b"hello")],
+    )
+    .await
+    .assert_one_line_error(bad, "part 1 (\"notes.txt\"): not an image");
+    post_form(&app, &[("raw_scores", None, None, b"true")])
+        .await
+        .assert_one_line_error(bad, "no file part");
+    call_as(&app, "multipart/form-data", "garbage")
+        .await
+        .assert_one_line_error(bad, "cannot read the form");
+    call_as(&app, "image/png", "hello, not an image")
+        .await
+        .assert_one_line_error(bad, "the body: not an image");
+    // 422: JSON of the wrong shape.
+    predict(&app, json!({"inputs": [[b64(&good), b64(&good)]]}))
+        .await
+        .assert_one_line_error(StatusCode::UNPROCESSABLE_ENTITY, "`inputs[0]` must be");
+    post_form(&app, &[("caption", None, None, b"a cat")])
+        .await
+        .assert_one_line_error(StatusCode::UNPROCESSABLE_ENTITY, "form field `caption`");
+    // 413: bytes and pixels per image, images per request, the body.
+    predict(&app, json!({"inputs": b64(&noise)}))
+        .await
+        .assert_one_line_error(big, "over the limit of 2000 bytes per image");
+    post_form(&app, &[("f", Some("n.png"), Some("image/png"), &noise)])
+        .await
+        .assert_one_line_error(big, "part 1 (\"n.png\") is over the limit of 2000 bytes");
+    call_as(&app, "image/png", noise.clone())
+        .await
+        .assert_one_line_error(big, "the body is 2");
+    let a = call_as(&app, "image/png", noise.clone()).await;
+    assert!(a.json()["error"]
+        .as_str()
+        .unwrap()
+        .ends_with("over the limit of 2000 bytes per image"));
+    predict(&app, json!({"inputs": [b64(&good), b64(&many_pixels)]}))
+        .await
+        .assert_one_line_error(
+            big,
+            "inputs[1] is 64×64 = 4096 pixels, over the limit of 1000",
+        );
+    post_form(&app, &[("f", Some("big.jpg"), None, &many_pixels)])
+        .await
+        .assert_one_line_error(big, "4096 pixels");
+    let g: &[u8] = &good;
+    post_form(
+        &app,
+        &[
+            ("a", Some("1"), None, g),
+            ("a", Some("2"), None, g),
+            ("a", Some("3"), None, g),
+            ("a", Some("4"), None, g),
+        ],
+    )
+    .await
+    .assert_one_line_error(big, "over the limit of 3 inputs per request");
+    predict(&app, json!({"inputs": [b64(g), b64(g), b64(g), b64(g)]}))
+        .await
+        .assert_one_line_error(big, "4 inputs is over the limit of 3");
+    // A form over the body limit (a long preamble before its parts, which the parser
+    // reads through).
+    let mut over = vec![b'x'; 25_000];
+    over.extend(b"\r\n");
+    over.extend(form(&[("f", Some("ok.png"), None, g)]));
+    call_as(
+        &app,
+        &format!("multipart/form-data; boundary={BOUNDARY}"),
+        over,
+    )
+    .await
+    .assert_one_line_error(big, "the body is over the limit of 20000 bytes");
+
+    // Still serving, and every bad request was counted, none as a 5xx.
+    let a = post_form(&app, &[("f", Some("ok.png"), Some("image/png"), g)]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let m = String::from_utf8(call(&app, "GET", "/metrics", "").await.body).unwrap();
+    for status in [400, 413, 422] {
+        let line = format!("ferrotune_requests_total{{path=\"/predict\",status=\"{status}\"}}");
+        assert!(m.contains(&line), "{line} missing:\n{m}");
+    }
+    assert!(!m.contains("status=\"5"), "{m}");
+
+    // A text model: images are a 400; text is answered as before.
+    let t = fixture();
+    let s = server(&t, ServeConfig::default());
+    let app = s.router();
+    post_form(&app, &[("f", Some("ok.png"), Some("image/png"), g)])
+        .await
+        .assert_one_line_error(bad, "this model reads text, not images");
+    call_as(&app, "image/png", good.clone())
+        .await
+        .assert_one_line_error(bad, "this model reads text, not images");
+    let a = predict(&app, json!({"inputs": text(0, 5)})).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(call(&app, "GET", "/info", "").await.json()["input"], "text");
+}
+
+/// The image caps are validated: the pixel cap at most the decoder's.
+#[test]
+fn image_caps_are_validated() {
+    for cfg in [
+        ServeConfig {
+            max_image_pixels: 0,
+            ..Default::default()
+        },
+        ServeConfig {
+            max_image_pixels: ferrotune::data::image::MAX_PIXELS + 1,
+            ..Default::default()
+        },
+        ServeConfig {
+            max_image_bytes: 0,
+            ..Default::default()
+        },
+    ] {
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("max_image_"), "{e}");
+    }
 }

@@ -36,8 +36,26 @@ pub type Image = Arc<RgbImage>;
 
 /// Decodes image bytes (`name` for messages: the file, or the request). The format is
 /// read from the bytes; anything that is not a complete image of a supported format is
-/// an error naming `name`.
+/// an error naming `name`. Images over [`MAX_PIXELS`] are refused before decoding.
 pub fn decode_bytes(bytes: &[u8], name: &Path) -> Result<Image> {
+    decode_bytes_limited(bytes, name, MAX_PIXELS)
+}
+
+/// The decoder's limits for images of at most `max_pixels` (8 bytes a pixel: 16-bit RGBA,
+/// the widest format decoded; never less than 1 MiB, for the decoders' own buffers).
+fn limits(max_pixels: u64) -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
+    limits
+}
+
+/// An image reader over `bytes` with its format guessed from them; an error naming
+/// `name` when the bytes are of no supported format.
+fn reader<'a>(
+    bytes: &'a [u8],
+    name: &Path,
+    max_pixels: u64,
+) -> Result<image::ImageReader<std::io::Cursor<&'a [u8]>>> {
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::file(name, format!("cannot read the image: {e}")))?;
@@ -47,21 +65,30 @@ pub fn decode_bytes(bytes: &[u8], name: &Path) -> Result<Image> {
             "not an image (expected JPEG, PNG, BMP or WebP)",
         ));
     }
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(MAX_PIXELS * 8);
-    reader.limits(limits);
-    let (w, h) = reader
+    reader.limits(limits(max_pixels));
+    Ok(reader)
+}
+
+/// `(width, height)` of the image in `bytes`, read from its header alone (nothing is
+/// decoded): an error naming `name` when the bytes are not an image of a supported format.
+pub fn dimensions(bytes: &[u8], name: &Path) -> Result<(u32, u32)> {
+    reader(bytes, name, MAX_PIXELS)?
         .into_dimensions()
-        .map_err(|e| Error::file(name, format!("cannot read the image: {e}")))?;
-    if w as u64 * h as u64 > MAX_PIXELS {
+        .map_err(|e| Error::file(name, format!("cannot read the image: {e}")))
+}
+
+/// [`decode_bytes`] with a pixel cap of `max_pixels` (at most [`MAX_PIXELS`]): the size is
+/// read from the header and an image over the cap is refused before it is decoded.
+pub fn decode_bytes_limited(bytes: &[u8], name: &Path, max_pixels: u64) -> Result<Image> {
+    let max_pixels = max_pixels.min(MAX_PIXELS);
+    let (w, h) = dimensions(bytes, name)?;
+    if w as u64 * h as u64 > max_pixels {
         return Err(Error::file(
             name,
-            format!("image of {w}×{h} pixels is above the limit of {MAX_PIXELS}"),
+            format!("image of {w}×{h} pixels is above the limit of {max_pixels}"),
         ));
     }
-    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::file(name, format!("cannot read the image: {e}")))?
+    let img = reader(bytes, name, max_pixels)?
         .decode()
         .map_err(|e| Error::file(name, format!("cannot decode the image: {e}")))?;
     if img.width() == 0 || img.height() == 0 {
@@ -562,6 +589,34 @@ mod tests {
         }
         v.extend((0..body).map(|i| (i % 251) as u8));
         v
+    }
+
+    /// The pixel cap is checked on the header alone: a PNG cut where its pixel data starts
+    /// still gives its size, and over the cap it is refused as too large, not as truncated.
+    #[test]
+    fn the_pixel_cap_is_checked_before_decoding() {
+        let img = RgbImage::from_pixel(10, 8, image::Rgb([9, 99, 199]));
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let name = Path::new("req");
+        assert_eq!(dimensions(&png, name).unwrap(), (10, 8));
+        let ok = decode_bytes_limited(&png, name, 80).unwrap();
+        assert_eq!(ok.get_pixel(3, 3).0, [9, 99, 199]);
+        // The bytes up to a few of the first IDAT chunk: the header, no pixel data.
+        let idat = png.windows(4).position(|w| w == b"IDAT").unwrap();
+        let head = &png[..idat + 8];
+        assert_eq!(dimensions(head, name).unwrap(), (10, 8));
+        let e = decode_bytes_limited(head, name, 79)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10×8") && e.contains("limit of 79"), "{e}");
+        let e = decode_bytes_limited(head, name, 80)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("req: cannot decode"), "{e}");
+        let e = dimensions(b"hello, world", name).unwrap_err().to_string();
+        assert!(e.contains("not an image"), "{e}");
     }
 
     /// IDX images and labels read back; a wrong magic number and a size that disagrees

@@ -34,7 +34,7 @@ impl ApiError {
         }
     }
 
-    /// 400: the body is not JSON.
+    /// 400: the body is not JSON, or not an image (for an image model).
     pub fn bad_request(error: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "validation", error)
     }
@@ -44,7 +44,8 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", error)
     }
 
-    /// 413: the body, the number of inputs or an input's length is over a limit.
+    /// 413: the body, the number of inputs, an input's length or an image's bytes or
+    /// pixels are over a limit.
     pub fn too_large(error: impl Into<String>) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "validation", error)
     }
@@ -92,7 +93,8 @@ pub struct PredictRequest {
 
 const FIELDS: [&str; 4] = ["inputs", "raw_scores", "truncate", "truncation_direction"];
 
-fn kind(v: &Value) -> &'static str {
+/// What JSON value `v` is, for messages (`a number`, `a list`).
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -103,7 +105,8 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn flag(obj: &Map<String, Value>, key: &str, default: bool) -> Result<bool, ApiError> {
+/// Boolean field `key` of `obj` (`default` when absent or null): 422 when not a boolean.
+pub(crate) fn flag(obj: &Map<String, Value>, key: &str, default: bool) -> Result<bool, ApiError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
@@ -143,27 +146,34 @@ fn input(i: usize, v: &Value) -> Result<Input, ApiError> {
     }
 }
 
+/// A request body's JSON object (text or images): 400 when it is not JSON, 422 when it is
+/// not an object or has a field not in the request's shape.
+pub(crate) fn request_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let obj = match v {
+        Value::Object(o) => o,
+        v => {
+            return Err(ApiError::unprocessable(format!(
+                "the body must be a JSON object with `inputs`, not {}",
+                kind(&v)
+            )))
+        }
+    };
+    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::unprocessable(format!(
+            "unknown field `{k}`; expected one of `{}`",
+            FIELDS.join("`, `")
+        )));
+    }
+    Ok(obj)
+}
+
 impl PredictRequest {
     /// Parses a request body: 400 when it is not JSON, 422 when it is JSON of the wrong
     /// shape (unknown fields included).
     pub fn parse(body: &[u8]) -> Result<PredictRequest, ApiError> {
-        let v: Value = serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-        let obj = match v {
-            Value::Object(o) => o,
-            v => {
-                return Err(ApiError::unprocessable(format!(
-                    "the body must be a JSON object with `inputs`, not {}",
-                    kind(&v)
-                )))
-            }
-        };
-        if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-            return Err(ApiError::unprocessable(format!(
-                "unknown field `{k}`; expected one of `{}`",
-                FIELDS.join("`, `")
-            )));
-        }
+        let obj = request_object(body)?;
         let (inputs, single) = match obj.get("inputs") {
             None | Some(Value::Null) => {
                 return Err(ApiError::unprocessable("missing field `inputs`"));

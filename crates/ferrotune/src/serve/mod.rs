@@ -2,26 +2,29 @@
 //!
 //! | endpoint | what it answers |
 //! |---|---|
-//! | `POST /predict` | `{"inputs": "text" \| ["t1", "t2"] \| [["a", "b"]], "raw_scores": false, "truncate": true}` → for each input every label with its score, highest first (one list for a single string input) |
+//! | `POST /predict` | `{"inputs": "text" \| ["t1", "t2"] \| [["a", "b"]], "raw_scores": false, "truncate": true}` → for each input every label with its score, highest first (one list for a single string input); for a model that reads images, base64 images in `inputs`, `multipart/form-data` file parts or a raw `image/*` body ([`images`]) |
 //! | `GET /health` | `{"status": "ok"}` while an inference worker runs, else 503 |
-//! | `GET /info` | the model, its labels and maximum input length, and the server's limits |
+//! | `GET /info` | the model, what it reads, its labels and maximum input length (or image size), and the server's limits |
 //! | `GET /metrics` | Prometheus text: requests by status, latency, batch sizes, queue depth |
 //! | `GET /openapi.json` | the OpenAPI 3.0 description |
 //!
-//! Requests are tokenized as they arrive (on tokio's blocking pool), then queued; inference
-//! workers — OS threads, never the async runtime's — take as many queued requests as fit
-//! in `max_batch_requests` and `max_batch_tokens` and run them as one batch through
-//! [`Predictor::predict_features`], the inference path `ferrotune predict` uses too.
+//! Requests are tokenized (images: decoded) as they arrive, on tokio's blocking pool, then
+//! queued; inference workers — OS threads, never the async runtime's — take as many queued
+//! requests as fit in `max_batch_requests` and `max_batch_tokens` and run them as one batch
+//! through [`Predictor::predict_features`], the inference path `ferrotune predict` uses too.
 //!
 //! Errors are JSON, `{"error": "...", "error_type": "..."}` as in Text Embeddings
-//! Inference: 400 (not JSON), 422 (wrong shape or types), 413 (body, inputs per request or
-//! input length over a limit), 429 with `Retry-After` (too many concurrent requests), 503
-//! (timeout; shutting down), 404, 405; 500 only when inference itself fails.
+//! Inference: 400 (not JSON; for an image model, not base64 or not an image; an image sent
+//! to a text model), 422 (wrong shape or types), 413 (body, inputs per request, input
+//! length, or an image's bytes or pixels over a limit), 429 with `Retry-After` (too many
+//! concurrent requests), 503 (timeout; shutting down), 404, 405; 500 only when inference
+//! itself fails.
 //! [`Server::serve`] stops on its shutdown future (SIGTERM or SIGINT for `ferrotune serve`):
 //! it stops accepting, answers the requests in flight, then returns.
 
 pub mod api;
 pub mod batcher;
+pub mod images;
 pub mod metrics;
 pub mod openapi;
 
@@ -44,11 +47,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::data::batch::Features;
+use crate::data::image::MAX_PIXELS;
 use crate::error::{Error, Result};
 use crate::precision::Precision;
 use crate::predict::Predictor;
 use api::{scores_json, ApiError, Input, PredictRequest};
 use batcher::{Job, Limits, Queue};
+use images::{BodyKind, ImageLimits, ImageRequest};
 use metrics::Metrics;
 
 /// The server's settings (each is a `ferrotune serve` option of the same name).
@@ -78,6 +83,12 @@ pub struct ServeConfig {
     /// Number format ([`Predictor::set_precision`]): `auto` (the default) is int8 for a
     /// quantized model, f32 otherwise.
     pub precision: Precision,
+    /// Largest image, in bytes (after base64 decoding), for a model that reads images (413
+    /// above). The body limit `max_body_bytes` still bounds the whole request.
+    pub max_image_bytes: usize,
+    /// Most pixels (width × height) of an image, read from its header before it is
+    /// decoded (413 above); at most the decoder's own cap, [`MAX_PIXELS`].
+    pub max_image_pixels: u64,
 }
 
 impl Default for ServeConfig {
@@ -96,19 +107,29 @@ impl Default for ServeConfig {
             workers: 1,
             batch_wait: Duration::ZERO,
             precision: Precision::Auto,
+            max_image_bytes: 10 << 20,
+            max_image_pixels: 16 << 20,
         }
     }
 }
 
 impl ServeConfig {
-    /// Checks that every limit is at least 1.
+    /// Checks that every limit is at least 1, and the pixel cap at most the decoder's.
     pub fn validate(&self) -> Result<()> {
+        if self.max_image_pixels == 0 || self.max_image_pixels > MAX_PIXELS {
+            return Err(Error::Config(format!(
+                "serve: `max_image_pixels` must be from 1 to {MAX_PIXELS} (the decoder's \
+                 limit), not {}",
+                self.max_image_pixels
+            )));
+        }
         for (name, v) in [
             ("max_batch_tokens", self.max_batch_tokens),
             ("max_batch_requests", self.max_batch_requests),
             ("max_inputs_per_request", self.max_inputs_per_request),
             ("max_concurrent_requests", self.max_concurrent_requests),
             ("max_body_bytes", self.max_body_bytes),
+            ("max_image_bytes", self.max_image_bytes),
             ("workers", self.workers),
             (
                 "request_timeout_ms",
@@ -126,8 +147,12 @@ impl ServeConfig {
 /// What every handler shares.
 struct Shared {
     predictor: Arc<Predictor>,
-    /// The model's tokenizer without truncation, to tell a client how long its input is.
-    untruncated: Tokenizer,
+    /// The model's tokenizer without truncation, to tell a client how long its input is;
+    /// `None` for a model that reads images.
+    untruncated: Option<Tokenizer>,
+    /// What one image counts as in `max_batch_tokens`: the 16×16 patches of the model's
+    /// input (196 at 224×224, at least 1).
+    image_cost: usize,
     cfg: ServeConfig,
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
@@ -152,17 +177,25 @@ impl Server {
         cfg.validate()?;
         predictor.batch_size = usize::MAX;
         predictor.set_precision(cfg.precision)?;
-        let mut untruncated = predictor.tokenizer()?.clone();
-        untruncated
-            .with_truncation(None)
-            .map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
-        let info = json!({
+        let image_size = predictor.encoder.image_eval().map(|p| p.out_size(1, 1));
+        let untruncated = match image_size {
+            Some(_) => None,
+            None => {
+                let mut t = predictor.tokenizer()?.clone();
+                t.with_truncation(None)
+                    .map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
+                Some(t)
+            }
+        };
+        let image_cost = image_size.map_or(1, |(h, w)| (h * w / 256).max(1));
+        let mut info = json!({
             "model": predictor.dir.display().to_string(),
             "version": env!("CARGO_PKG_VERSION"),
             "model_type": predictor.family.model_type(),
             "problem_type": predictor.problem_type,
             "labels": predictor.labels,
             "pooling": predictor.info.pooling,
+            "input": if image_size.is_some() { "image" } else { "text" },
             "max_input_length": predictor.info.max_seq_length,
             "max_batch_tokens": cfg.max_batch_tokens,
             "max_batch_requests": cfg.max_batch_requests,
@@ -173,6 +206,14 @@ impl Server {
             "batch_wait_ms": cfg.batch_wait.as_millis() as u64,
             "workers": cfg.workers,
         });
+        if let (Some((h, w)), Value::Object(o)) = (image_size, &mut info) {
+            // An image model has no maximum length; it has an input size and image caps.
+            o.remove("max_input_length");
+            o.insert("image_size".into(), json!([h, w]));
+            o.insert("tokens_per_image".into(), json!(image_cost));
+            o.insert("max_image_bytes".into(), json!(cfg.max_image_bytes));
+            o.insert("max_image_pixels".into(), json!(cfg.max_image_pixels));
+        }
         let metrics = Arc::new(Metrics::default());
         let queue = Arc::new(Queue::new(
             Limits {
@@ -204,6 +245,7 @@ impl Server {
         let shared = Arc::new(Shared {
             predictor,
             untruncated,
+            image_cost,
             permits: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
             cfg,
             queue,
@@ -465,30 +507,16 @@ fn backend(msg: impl Into<String>) -> ApiError {
 }
 
 async fn answer(s: &Arc<Shared>, req: Request) -> std::result::Result<Value, ApiError> {
-    let body = Bytes::from_request(req, &()).await.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(format!(
-                "the body is over the limit of {} bytes",
-                s.cfg.max_body_bytes
-            ))
-        } else {
-            ApiError::bad_request(format!("cannot read the body: {}", r.body_text()))
-        }
-    })?;
-    let r = PredictRequest::parse(&body)?;
-    if r.inputs.len() > s.cfg.max_inputs_per_request {
-        return Err(ApiError::too_large(format!(
-            "{} inputs is over the limit of {} per request",
-            r.inputs.len(),
-            s.cfg.max_inputs_per_request
-        )));
-    }
-    let (single, raw, truncate) = (r.single, r.raw_scores, r.truncate);
-    let shared = s.clone();
-    let feats = tokio::task::spawn_blocking(move || shared.tokenize(&r.inputs, truncate))
-        .await
-        .map_err(|e| backend(format!("tokenization stopped: {e}")))??;
-    let tokens = feats.iter().map(|f| f.ids.len()).sum();
+    let (feats, single, raw) = if s.untruncated.is_some() {
+        s.read_texts(req).await?
+    } else {
+        s.read_images(req).await?
+    };
+    let tokens = if s.untruncated.is_some() {
+        feats.iter().map(|f| f.ids.len()).sum()
+    } else {
+        feats.len() * s.image_cost
+    };
     let (tx, rx) = oneshot::channel();
     s.queue.push(Job { feats, tokens, tx }).map_err(|_| {
         ApiError::new(
@@ -518,7 +546,81 @@ async fn answer(s: &Arc<Shared>, req: Request) -> std::result::Result<Value, Api
     })
 }
 
+/// A request's inputs, encoded; one input sent on its own; raw scores asked for.
+type Inputs = (Vec<Features>, bool, bool);
+
 impl Shared {
+    /// The whole body (413 over `max_body_bytes`).
+    async fn body(&self, req: Request) -> std::result::Result<Bytes, ApiError> {
+        Bytes::from_request(req, &()).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large(format!(
+                    "the body is over the limit of {} bytes",
+                    self.cfg.max_body_bytes
+                ))
+            } else {
+                ApiError::bad_request(format!("cannot read the body: {}", r.body_text()))
+            }
+        })
+    }
+
+    fn check_count(&self, n: usize) -> std::result::Result<(), ApiError> {
+        if n > self.cfg.max_inputs_per_request {
+            return Err(ApiError::too_large(format!(
+                "{n} inputs is over the limit of {} per request",
+                self.cfg.max_inputs_per_request
+            )));
+        }
+        Ok(())
+    }
+
+    /// A text model's request: JSON, tokenized on the blocking pool. An image (a form or
+    /// an `image/*` body) is a 400 before the body is read.
+    async fn read_texts(self: &Arc<Self>, req: Request) -> std::result::Result<Inputs, ApiError> {
+        if images::body_kind(req.headers()) != BodyKind::Json {
+            return Err(ApiError::bad_request(
+                "this model reads text, not images: send JSON, {\"inputs\": \"some text\"}",
+            ));
+        }
+        let body = self.body(req).await?;
+        let r = PredictRequest::parse(&body)?;
+        self.check_count(r.inputs.len())?;
+        let (single, raw, truncate) = (r.single, r.raw_scores, r.truncate);
+        let shared = self.clone();
+        let feats = tokio::task::spawn_blocking(move || shared.tokenize(&r.inputs, truncate))
+            .await
+            .map_err(|e| backend(format!("tokenization stopped: {e}")))??;
+        Ok((feats, single, raw))
+    }
+
+    /// An image model's request: base64 images in JSON, a form's file parts or an
+    /// `image/*` body, decoded on the blocking pool.
+    async fn read_images(&self, req: Request) -> std::result::Result<Inputs, ApiError> {
+        let limits = ImageLimits {
+            max_bytes: self.cfg.max_image_bytes,
+            max_pixels: self.cfg.max_image_pixels,
+        };
+        let r = match images::body_kind(req.headers()) {
+            BodyKind::Json => ImageRequest::from_json(&self.body(req).await?)?,
+            BodyKind::Image => ImageRequest::from_raw(self.body(req).await?),
+            BodyKind::Multipart => {
+                ImageRequest::from_multipart(
+                    req,
+                    limits,
+                    self.cfg.max_inputs_per_request,
+                    self.cfg.max_body_bytes,
+                )
+                .await?
+            }
+        };
+        self.check_count(r.images.len())?;
+        let (single, raw) = (r.single, r.raw_scores);
+        let feats = tokio::task::spawn_blocking(move || images::decode(&r.images, limits))
+            .await
+            .map_err(|e| backend(format!("image decoding stopped: {e}")))??;
+        Ok((feats, single, raw))
+    }
+
     /// Tokenizes as `ferrotune predict` does (truncating to the model's maximum); with
     /// `truncate` false an input that had to be cut is a 413 naming it and its length.
     fn tokenize(
@@ -555,7 +657,10 @@ impl Shared {
         for (i, inp) in inputs.iter().enumerate() {
             let enc = encode(tok, i, inp)?;
             if !truncate && !enc.get_overflowing().is_empty() {
-                let full = encode(&self.untruncated, i, inp)?.len();
+                let full = match &self.untruncated {
+                    Some(t) => encode(t, i, inp)?.len(),
+                    None => enc.len(),
+                };
                 return Err(ApiError::too_large(format!(
                     "inputs[{i}] is {full} tokens long, over the model's maximum of {max}; \
                      send \"truncate\": true to cut it"
