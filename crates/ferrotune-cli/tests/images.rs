@@ -146,28 +146,37 @@ fn trains_exports_predicts_and_evaluates_on_idx_and_png() {
     assert!(report.contains("accuracy"), "{report}");
 }
 
-/// A crash after step 5 and `--resume latest` end with the uninterrupted run's weights
-/// (random crops and flips included), byte for byte.
-#[test]
-fn a_crash_and_resume_give_the_uninterrupted_weights() {
-    let t = tempfile::tempdir().unwrap();
-    let recipe = setup(t.path(), "");
-    let reference = t.path().join("reference");
-    assert_eq!(train(&recipe, &reference, &[], None).0, 0);
-    let out = t.path().join("crashed");
+/// Trains `recipe` uninterrupted into `dir/reference`, and again into `dir/crashed` with a
+/// crash after step 5 and `--resume latest`; asserts the two exports are byte-identical.
+/// Returns the uninterrupted run's folder.
+fn crash_and_resume_match(recipe: &Path, dir: &Path) -> PathBuf {
+    let reference = dir.join("reference");
+    let (code, err) = train(recipe, &reference, &[], None);
+    assert_eq!(code, 0, "{err}");
+    let out = dir.join("crashed");
     let (code, _) = train(
-        &recipe,
+        recipe,
         &out,
         &[],
         Some(("FERROTUNE_FAILPOINT", "abort_after_step=5")),
     );
     assert_ne!(code, 0);
     assert!(!out.join("model").exists());
-    let (code, err) = train(&recipe, &out, &["--resume", "latest"], None);
+    let (code, err) = train(recipe, &out, &["--resume", "latest"], None);
     assert_eq!(code, 0, "{err}");
     let a = std::fs::read(reference.join("model/model.safetensors")).unwrap();
     let b = std::fs::read(out.join("model/model.safetensors")).unwrap();
     assert!(a == b, "weights differ after a crash and resume");
+    reference
+}
+
+/// A crash after step 5 and `--resume latest` end with the uninterrupted run's weights
+/// (random crops and flips included), byte for byte.
+#[test]
+fn a_crash_and_resume_give_the_uninterrupted_weights() {
+    let t = tempfile::tempdir().unwrap();
+    let recipe = setup(t.path(), "");
+    crash_and_resume_match(&recipe, t.path());
 }
 
 /// With the stem and the first three stages frozen, their weights and batch-norm
@@ -334,9 +343,7 @@ fn mixup_cutmix_and_ema_resume_exactly_and_export_the_average() {
         t.path(),
         "model_ema_decay = 0.8\nmixup_alpha = 0.4\ncutmix_alpha = 1.0\n",
     );
-    let reference = t.path().join("reference");
-    let (code, err) = train(&recipe, &reference, &[], None);
-    assert_eq!(code, 0, "{err}");
+    let reference = crash_and_resume_match(&recipe, t.path());
     let log = std::fs::read_to_string(reference.join("metrics.jsonl")).unwrap();
     let evals: Vec<serde_json::Value> = log
         .lines()
@@ -358,19 +365,6 @@ fn mixup_cutmix_and_ema_resume_exactly_and_export_the_average() {
     let exported = sorted(tensors(&reference.join("model/model.safetensors")));
     assert!(exported == sorted(tensors(&ck.join("best.safetensors"))));
     assert!(exported != sorted(tensors(&ck.join("model.safetensors"))));
-    let out = t.path().join("crashed");
-    let (code, _) = train(
-        &recipe,
-        &out,
-        &[],
-        Some(("FERROTUNE_FAILPOINT", "abort_after_step=5")),
-    );
-    assert_ne!(code, 0);
-    let (code, err) = train(&recipe, &out, &["--resume", "latest"], None);
-    assert_eq!(code, 0, "{err}");
-    let a = std::fs::read(reference.join("model/model.safetensors")).unwrap();
-    let b = std::fs::read(out.join("model/model.safetensors")).unwrap();
-    assert!(a == b, "weights differ after a crash and resume");
 }
 
 /// A CSV of image paths (`image_column`, relative to the CSV) trains and predicts; a
