@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::families::{HeadSpec, HfConfig, Loaded, Model};
-use crate::nn::conv::{global_avg_pool, BatchNorm2d, Conv2d, PadMode};
+use crate::nn::conv::{global_avg_pool, BatchNorm2d, BnAct, Conv2d, PadMode};
 use crate::nn::layers::Linear;
 use crate::nn::{Batch, Builder, Ctx, GroupKind, Pooling, Weights};
 
@@ -259,7 +259,7 @@ impl Block {
                 bn2,
                 skip,
             } => {
-                let h = bn1.forward_act(ctx, &dw.forward(ctx, x)?, fbn, true)?;
+                let h = bn1.forward_act(ctx, &dw.forward(ctx, x)?, fbn, BnAct::Relu6)?;
                 (bn2.forward(ctx, &pw.forward(ctx, &h)?, fbn)?, *skip)
             }
             Block::Inverted {
@@ -271,8 +271,8 @@ impl Block {
                 bn3,
                 skip,
             } => {
-                let h = bn1.forward_act(ctx, &pw.forward(ctx, x)?, fbn, true)?;
-                let h = bn2.forward_act(ctx, &dw.forward(ctx, &h)?, fbn, true)?;
+                let h = bn1.forward_act(ctx, &pw.forward(ctx, x)?, fbn, BnAct::Relu6)?;
+                let h = bn2.forward_act(ctx, &dw.forward(ctx, &h)?, fbn, BnAct::Relu6)?;
                 (bn3.forward(ctx, &pwl.forward(ctx, &h)?, fbn)?, *skip)
             }
         };
@@ -307,12 +307,12 @@ impl EfficientNetLite0 {
         let fbn = self.freeze_bn;
         let mut h = self
             .bn1
-            .forward_act(ctx, &self.stem.forward(ctx, x)?, fbn, true)?;
+            .forward_act(ctx, &self.stem.forward(ctx, x)?, fbn, BnAct::Relu6)?;
         for b in &self.blocks {
             h = b.forward(ctx, &h, fbn)?;
         }
         self.bn2
-            .forward_act(ctx, &self.conv_head.forward(ctx, &h)?, fbn, true)
+            .forward_act(ctx, &self.conv_head.forward(ctx, &h)?, fbn, BnAct::Relu6)
     }
 }
 
