@@ -250,6 +250,62 @@ pub trait Family: Sync {
     ) -> Result<Loaded>;
 }
 
+/// The class counts `cfg` declares, by field: `num_classes` (timm), `num_labels`, and the
+/// lengths of `id2label` and `label_names`, those present. An error names a field of the
+/// wrong type.
+pub fn declared_classes(cfg: &HfConfig) -> Result<Vec<(&'static str, usize)>> {
+    let mut out = Vec::new();
+    for name in ["num_classes", "num_labels"] {
+        match cfg.raw.get(name) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(v) => out.push((
+                name,
+                v.as_u64().ok_or_else(|| {
+                    Error::at(&cfg.path, None, Some(name), "expected a whole number")
+                })? as usize,
+            )),
+        }
+    }
+    if let Some(m) = &cfg.id2label {
+        out.push(("id2label", m.len()));
+    }
+    if let Some(serde_json::Value::Array(a)) = cfg.raw.get("label_names") {
+        out.push(("label_names", a.len()));
+    }
+    Ok(out)
+}
+
+/// Checks that the classifier `tensor` of `weights` (one row per class) has as many
+/// classes as `cfg` declares ([`declared_classes`]): a model file of another head than
+/// its config says is an error naming both files and the field, not a silently new head.
+pub fn check_classifier(cfg: &HfConfig, weights: &Weights, tensor: &str) -> Result<()> {
+    let Weights::File { path, tensors, int8 } = weights else {
+        return Ok(());
+    };
+    let rows = match (tensors.get(tensor), int8.get(tensor)) {
+        (Some(t), _) => t.dims().first().copied(),
+        (None, Some(q)) => q.shape.first().copied(),
+        (None, None) => None,
+    };
+    let Some(rows) = rows else {
+        return Ok(());
+    };
+    for (name, n) in declared_classes(cfg)? {
+        if n != rows {
+            return Err(Error::at(
+                &cfg.path,
+                None,
+                Some(name),
+                format!(
+                    "says {n} classes, but the classifier `{tensor}` in {} has {rows}",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The family registered for `model_type`, if any.
 pub fn by_model_type(model_type: &str) -> Option<&'static dyn Family> {
     FAMILIES

@@ -340,7 +340,8 @@ impl Model for EfficientNetLite0 {
 
 /// Builds EfficientNet-Lite0 from `weights` (timm's or `efficientnet_pytorch`'s names)
 /// with a classifier of `head.num_labels` outputs: the checkpoint's when it has that
-/// size, else a new one.
+/// size, else a new one. A checkpoint classifier of another size than the config
+/// declares is an error.
 pub fn build(
     cfg: &HfConfig,
     weights: &Weights,
@@ -351,6 +352,7 @@ pub fn build(
     let c = LiteConfig::from_config(cfg)?;
     let renamed = renamed(weights);
     let weights = renamed.as_ref().unwrap_or(weights);
+    crate::families::check_classifier(cfg, weights, "classifier.weight")?;
     let mut b = Builder::new(weights, "", "conv_stem.weight", 0.02, seed, device);
     let pad = |k: usize| {
         if c.same_padding {
