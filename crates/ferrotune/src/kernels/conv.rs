@@ -929,7 +929,13 @@ mod tests {
                 // Some outputs are clamped, so the mask is exercised.
                 let zeros = values(&ours).iter().filter(|&&v| v == 0.0).count();
                 assert!(zeros > 0, "case {case}");
-                same_grads(&ours, &theirs, &[&x, &w, &b], 1e-3, 2 * case + stats as usize);
+                same_grads(
+                    &ours,
+                    &theirs,
+                    &[&x, &w, &b],
+                    1e-3,
+                    2 * case + stats as usize,
+                );
             }
         }
     }
@@ -997,10 +1003,7 @@ mod tests {
         {
             let x = Var::from_tensor(&randn(&[b, h, w, c], 110 + i as u64)).unwrap();
             let ours = max_pool(x.as_tensor(), k, s, Padding::symmetric(p)).unwrap();
-            let padded = x
-                .as_tensor()
-                .permute((0, 3, 1, 2))
-                .unwrap();
+            let padded = x.as_tensor().permute((0, 3, 1, 2)).unwrap();
             let minus_inf = |t: &Tensor, dim: usize| {
                 let mut dims = t.dims().to_vec();
                 dims[dim] = p;
