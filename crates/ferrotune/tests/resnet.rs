@@ -157,6 +157,14 @@ fn export_round_trips_in_the_format_it_came_in() {
         let t = tempfile::tempdir().unwrap();
         let base = t.path().join("base");
         write_tiny_resnet(&base, !timm, timm, 7, 5).unwrap();
+        if timm {
+            // As timm's `save_for_hf` writes it: the class count among the arguments too.
+            let p = base.join("config.json");
+            let mut c: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            c["model_args"]["num_classes"] = serde_json::json!(7);
+            std::fs::write(&p, c.to_string()).unwrap();
+        }
         let (cfg, fam, loaded) = families::load(&base, &HeadSpec::new(3), 1, &Device::Cpu).unwrap();
         assert!(
             loaded.new_head,
@@ -191,6 +199,7 @@ fn export_round_trips_in_the_format_it_came_in() {
                 json["model_args"]["layers"],
                 serde_json::json!([2, 1, 1, 1])
             );
+            assert_eq!(json["model_args"]["num_classes"], 3);
             assert!(names.contains_key("fc.weight") && names.contains_key("layer4.0.bn2.bias"));
         } else {
             assert_eq!(json["model_type"], "resnet");

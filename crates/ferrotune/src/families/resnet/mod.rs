@@ -49,7 +49,8 @@ impl Family for ResNetFamily {
     }
 
     /// transformers': `architectures` (the exporter adds `id2label`, `label2id`,
-    /// `num_labels`); timm's: `num_classes` and `label_names`.
+    /// `num_labels`); timm's: `num_classes` and `label_names` (and `model_args.num_classes`
+    /// when the config records it).
     fn export_keys(
         &self,
         cfg: &HfConfig,
@@ -61,6 +62,14 @@ impl Family for ResNetFamily {
         } else {
             m.insert("num_classes".into(), json!(labels.len()));
             m.insert("label_names".into(), json!(labels));
+            // timm's `save_for_hf` records `num_classes` among the model's arguments too.
+            if let Some(serde_json::Value::Object(args)) = cfg.raw.get("model_args") {
+                if args.contains_key("num_classes") {
+                    let mut args = args.clone();
+                    args.insert("num_classes".into(), json!(labels.len()));
+                    m.insert("model_args".into(), serde_json::Value::Object(args));
+                }
+            }
         }
         m
     }
