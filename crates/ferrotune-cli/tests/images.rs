@@ -1,5 +1,6 @@
 //! Image models through the CLI: train a random EfficientNet-Lite0 on IDX files and on a
-//! folder of PNGs, export it in timm's format, predict and evaluate with it; a crash and
+//! folder of PNGs, export it in timm's format, predict and evaluate with it; the same for
+//! tiny ResNets in transformers' and timm's formats; a crash and
 //! `--resume` give the uninterrupted run's weights byte for byte; frozen stages stay
 //! bit-identical; bad image data is a one-line error naming the file (exit 2); `serve`
 //! answers base64 and multipart images as `predict` answers the same file.
@@ -10,13 +11,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use ferrotune::testing::{write_tiny_idx, write_tiny_image_classifier, write_tiny_image_model};
+use ferrotune::testing::{
+    write_tiny_idx, write_tiny_image_classifier, write_tiny_image_model, write_tiny_resnet,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferrotune");
 
 /// A random model, IDX train and test sets, and a recipe over them.
 fn setup(dir: &Path, extra: &str) -> PathBuf {
     write_tiny_image_model(&dir.join("model")).unwrap();
+    recipe_over(dir, extra)
+}
+
+/// IDX train and test sets and a recipe over them and the model in `dir/model`.
+fn recipe_over(dir: &Path, extra: &str) -> PathBuf {
     let train = write_tiny_idx(&dir.join("data"), "train", 48, 12).unwrap();
     let test = write_tiny_idx(&dir.join("data"), "t10k", 24, 12).unwrap();
     let recipe = dir.join("recipe.toml");
@@ -641,4 +649,116 @@ fn serve_answers_images_as_predict_does() {
     let mut server = server;
     let status = server.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A tiny ResNet, in transformers' format (basic blocks) and in timm's (bottleneck),
+/// trains on IDX files, exports in the format it came in, predicts and evaluates.
+#[test]
+fn resnet_trains_exports_and_predicts_in_both_formats() {
+    for timm in [false, true] {
+        let t = tempfile::tempdir().unwrap();
+        write_tiny_resnet(&t.path().join("model"), timm, timm, 1000, 2).unwrap();
+        let recipe = recipe_over(t.path(), "");
+        let out = t.path().join("run");
+        let (code, err) = train(&recipe, &out, &[], None);
+        assert_eq!(code, 0, "{err}");
+        let model = out.join("model");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap())
+                .unwrap();
+        let names = tensors(&model.join("model.safetensors"));
+        if timm {
+            assert_eq!(cfg["architecture"], "resnet50");
+            assert_eq!(cfg["num_classes"], 3);
+            assert!(names.contains_key("fc.weight") && names.contains_key("layer1.0.conv3.weight"));
+        } else {
+            assert_eq!(cfg["model_type"], "resnet");
+            assert_eq!(cfg["num_labels"], 3);
+            assert!(names.contains_key("classifier.1.weight"));
+        }
+        let test = t.path().join("data/t10k-images-idx3-ubyte");
+        let (code, preds, err) = run(
+            &[
+                "predict",
+                "--model",
+                model.to_str().unwrap(),
+                "--input",
+                test.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(preds.lines().count(), 24);
+        let (code, report, err) = run(
+            &[
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--input",
+                test.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(report.contains("accuracy"), "{report}");
+    }
+}
+
+/// A model whose classifier has another size than its config says — a pretrained
+/// ResNet or EfficientNet to train, or an exported one to predict with — is a one-line
+/// error naming the config file, the field and the model file, exit 2.
+#[test]
+fn a_classifier_of_another_size_than_the_config_is_exit_2() {
+    let t = tempfile::tempdir().unwrap();
+    let edit = |dir: &Path, field: &str, v: serde_json::Value| {
+        let p = dir.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        cfg[field] = v;
+        std::fs::write(&p, cfg.to_string()).unwrap();
+    };
+    let one_line_error = |err: &str, field: &str| {
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(errors.len(), 1, "{err}");
+        assert!(
+            errors[0].contains("config.json")
+                && errors[0].contains(&format!("`{field}`"))
+                && errors[0].contains("model.safetensors"),
+            "{err}"
+        );
+    };
+    for (i, field) in ["num_classes", "num_labels"].into_iter().enumerate() {
+        let dir = t.path().join(field);
+        if i == 0 {
+            write_tiny_image_model(&dir.join("model")).unwrap();
+        } else {
+            write_tiny_resnet(&dir.join("model"), false, false, 5, 1).unwrap();
+        }
+        let recipe = recipe_over(&dir, "");
+        edit(&dir.join("model"), field, serde_json::json!(4));
+        let (code, err) = train(&recipe, &dir.join("run"), &[], None);
+        assert_eq!(code, 2, "{err}");
+        one_line_error(&err, field);
+    }
+    // An exported model whose config lost a class.
+    let dir = t.path().join("export");
+    write_tiny_resnet(&dir.join("model"), false, true, 3, 1).unwrap();
+    let recipe = recipe_over(&dir, "");
+    let (code, err) = train(&recipe, &dir.join("run"), &[], None);
+    assert_eq!(code, 0, "{err}");
+    let model = dir.join("run/model");
+    edit(&model, "num_classes", serde_json::json!(2));
+    let test = dir.join("data/t10k-images-idx3-ubyte");
+    let (code, _, err) = run(
+        &[
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            test.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    one_line_error(&err, "num_classes");
 }

@@ -3,8 +3,9 @@
 //!
 //! `cargo run --release --example image_logits -- MODEL [--pixels FILE] [IMAGE ...]`
 //!
-//! MODEL is a timm directory (`config.json`, `model.safetensors`) or a PyTorch weight file
-//! of EfficientNet-Lite0 (read as `tf_efficientnet_lite0` with 1000 classes). Images go
+//! MODEL is a model directory of an image family (`config.json`, `model.safetensors`:
+//! timm's EfficientNet-Lite0 or ResNet, transformers' ResNet) or a PyTorch weight file of
+//! EfficientNet-Lite0 (read as `tf_efficientnet_lite0` with 1000 classes). Images go
 //! through the checkpoint's evaluation pipeline; `--pixels` reads already-normalised
 //! input instead: the safetensors tensor `pixels`, `(n, 3, h, w)` as PyTorch holds it.
 
@@ -35,7 +36,10 @@ fn main() -> ferrotune::Result<()> {
         (cfg, families::weights_file(&model, &device)?)
     };
     let fam = families::family(&cfg)?;
-    let classes = efficientnet::LiteConfig::from_config(&cfg)?.num_classes;
+    // The classifier's size, as the config declares it (timm's default: 1000).
+    let classes = families::declared_classes(&cfg)?
+        .first()
+        .map_or(1000, |&(_, n)| n);
     let loaded = fam.build(&cfg, &weights, &HeadSpec::new(classes), 0, &device)?;
     let pre = fam
         .image_preprocessing(&cfg)?

@@ -59,7 +59,7 @@ pub fn export_config(spec: &ExportSpec) -> Value {
         .enumerate()
         .map(|(i, l)| (l.clone(), json!(i)))
         .collect();
-    cfg.extend(spec.family.export_keys(spec.labels));
+    cfg.extend(spec.family.export_keys(spec.base, spec.labels));
     cfg.insert("id2label".into(), Value::Object(id2label));
     cfg.insert("label2id".into(), Value::Object(label2id));
     cfg.insert("num_labels".into(), json!(spec.labels.len()));

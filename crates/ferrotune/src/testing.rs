@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::Tensor;
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -391,4 +392,99 @@ pub fn write_tiny_idx(dir: &Path, prefix: &str, n: usize, side: usize) -> Result
     std::fs::write(&ip, imgs).map_err(|e| Error::io(&ip, e))?;
     std::fs::write(&lp, labels).map_err(|e| Error::io(&lp, e))?;
     Ok(ip)
+}
+
+/// The tiny ResNet of the tests: stages of 2, 1, 1, 1 blocks, widths 8, 8, 16, 16
+/// (bottleneck: 16, 16, 32, 32, inner widths a quarter), timm's fixed 64-channel stem; in
+/// transformers' format or timm's (`model_args` giving the stages).
+pub fn tiny_resnet_config(bottleneck: bool, timm: bool) -> families::resnet::ResNetConfig {
+    use families::resnet::{Convention, ResNetConfig};
+    let mut c = ResNetConfig::transformers(bottleneck);
+    c.depths = vec![2, 1, 1, 1];
+    let e = if bottleneck { 2 } else { 1 };
+    c.hidden_sizes = [8, 8, 16, 16].iter().map(|w| w * e).collect();
+    if timm {
+        c.convention = Convention::Timm;
+    }
+    c
+}
+
+/// Writes a random ResNet of configuration `c` with `classes` outputs to `dir`
+/// (`config.json` and `model.safetensors` in `c`'s convention). Convolutions are drawn as
+/// both libraries initialise them (Kaiming normal, fan-out), the classifier uniformly
+/// within ±1/√fan-in; with `jitter`, the batch norms' scales, shifts and running
+/// statistics are random too (so a test sees any mix-up of them), else PyTorch's 1, 0, 0, 1.
+pub fn write_random_resnet(
+    dir: &Path,
+    c: &families::resnet::ResNetConfig,
+    classes: usize,
+    seed: u64,
+    jitter: bool,
+) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let serde_json::Value::Object(raw) = c.to_json(classes) else {
+        return Err(Error::Msg("a config is an object".into()));
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let cp = dir.join("config.json");
+    write(&cp, &serde_json::Value::Object(raw.clone()).to_string())?;
+    let cfg = HfConfig::from_object(raw, &cp)?;
+    let device = candle_core::Device::Cpu;
+    let loaded = families::resnet::model::build(
+        &cfg,
+        &Weights::Random,
+        &HeadSpec::new(classes),
+        seed,
+        &device,
+    )?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    fn normal(rng: &mut rand_chacha::ChaCha8Rng, std: f64) -> f32 {
+        let u1: f64 = rng.random::<f64>().max(1e-300);
+        let u2: f64 = rng.random::<f64>();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+    }
+    let features = c.hidden_sizes.last().copied().unwrap_or(1) as f32;
+    let groups = &loaded.params.groups;
+    let mut tensors = HashMap::new();
+    for p in loaded.params.state() {
+        let t = p.var.as_tensor();
+        let dims = t.dims().to_vec();
+        let n = t.elem_count();
+        let leaf = p.name.rsplit('.').next().unwrap_or("");
+        let head = groups[p.group].kind == GroupKind::Head;
+        let v: Vec<f32> = if dims.len() == 4 {
+            let std = (2.0 / (dims[0] * dims[2] * dims[3]) as f64).sqrt();
+            (0..n).map(|_| normal(&mut rng, std)).collect()
+        } else if head {
+            let bound = 1.0 / features.sqrt();
+            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+        } else if jitter && matches!(leaf, "weight" | "running_var") {
+            (0..n).map(|_| rng.random_range(0.6f32..1.4)).collect()
+        } else if jitter {
+            (0..n).map(|_| normal(&mut rng, 0.2)).collect()
+        } else {
+            t.flatten_all()?.to_vec1::<f32>()?
+        };
+        tensors.insert(p.name.clone(), Tensor::from_vec(v, dims, &device)?);
+    }
+    crate::formats::safetensors::write_safetensors(&tensors, &dir.join("model.safetensors"))
+}
+
+/// Writes the tiny ResNet ([`tiny_resnet_config`]) with random weights and batch-norm
+/// statistics and `classes` outputs to `dir`, in timm's format or transformers'. The
+/// same `seed` gives the same weights in either format.
+pub fn write_tiny_resnet(
+    dir: &Path,
+    bottleneck: bool,
+    timm: bool,
+    classes: usize,
+    seed: u64,
+) -> Result<()> {
+    write_random_resnet(
+        dir,
+        &tiny_resnet_config(bottleneck, timm),
+        classes,
+        seed,
+        true,
+    )
 }

@@ -157,7 +157,8 @@ fn bad_timm_config_names_the_field() {
         e.contains("config.json") && e.contains("pretrained_cfg.mean"),
         "{e}"
     );
-    // A classifier of another size than the config's is a new head, reported as such.
+    // A classifier of another size than the config's is an error naming the config, the
+    // field and the model file (it used to be a silently new head).
     let loaded = random(false, 4);
     let mut t: HashMap<String, Tensor> = loaded.params.named_tensors();
     t.insert(
@@ -170,8 +171,30 @@ fn bad_timm_config_names_the_field() {
         int8: HashMap::new(),
     };
     let good = config(false, 4, dir.path());
+    let e = match fam.build(&good, &w, &HeadSpec::new(4), 0, &Device::Cpu) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a 7-class classifier loaded under a 4-class config"),
+    };
+    assert!(
+        e.contains("config.json")
+            && e.contains("`num_classes`")
+            && e.contains("model.safetensors")
+            && e.contains("has 7"),
+        "{e}"
+    );
+    // The checkpoint's own size, for another task, is a new head.
+    let mut t: HashMap<String, Tensor> = loaded.params.named_tensors();
+    t.insert(
+        "classifier.weight".into(),
+        Tensor::zeros((4, 1280), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let w = Weights::File {
+        path: dir.path().join("model.safetensors"),
+        tensors: t,
+        int8: HashMap::new(),
+    };
     let back = fam
-        .build(&good, &w, &HeadSpec::new(4), 0, &Device::Cpu)
+        .build(&good, &w, &HeadSpec::new(6), 0, &Device::Cpu)
         .unwrap();
     assert!(back.new_head);
 }

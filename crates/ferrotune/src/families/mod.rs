@@ -14,6 +14,7 @@
 //! | `distilbert` | [`distilbert`] | `DistilBertForSequenceClassification` |
 //! | `mpnet` | [`mpnet`] | `MPNetForSequenceClassification` |
 //! | `efficientnet_lite0`, `tf_efficientnet_lite0` (timm `architecture`) | [`efficientnet`] | timm's model of that name |
+//! | `resnet`; `resnet18`, `resnet50` (timm `architecture`) | [`resnet`] | `ResNetForImageClassification`; timm's model of that name |
 
 pub mod bert;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod distilbert;
 pub mod efficientnet;
 pub mod encoder;
 pub mod mpnet;
+pub mod resnet;
 pub mod roberta;
 
 use std::path::Path;
@@ -39,6 +41,7 @@ pub static FAMILIES: &[&dyn Family] = &[
     &distilbert::DistilBert,
     &mpnet::MpNet,
     &efficientnet::EfficientNetLite,
+    &resnet::ResNetFamily,
 ];
 
 /// What a family's models read.
@@ -187,9 +190,14 @@ pub trait Family: Sync {
 
     /// The keys of an exported `config.json` that name the architecture and the classes
     /// for the library that loads it (transformers: `architectures`; the exporter adds
-    /// `id2label`, `label2id`, `num_labels` for every family).
-    fn export_keys(&self, labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
-        let _ = labels;
+    /// `id2label`, `label2id`, `num_labels` for every family), for a model loaded with
+    /// `cfg` (a family read in several libraries' formats exports in the one it came in).
+    fn export_keys(
+        &self,
+        cfg: &HfConfig,
+        labels: &[String],
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let _ = (cfg, labels);
         let mut m = serde_json::Map::new();
         m.insert(
             "architectures".into(),
@@ -248,6 +256,123 @@ pub trait Family: Sync {
         seed: u64,
         device: &Device,
     ) -> Result<Loaded>;
+}
+
+/// The class counts `cfg` declares, by field: `num_classes` (timm), `num_labels`, and the
+/// lengths of `id2label` and `label_names`, those present. An error names a field of the
+/// wrong type.
+pub fn declared_classes(cfg: &HfConfig) -> Result<Vec<(&'static str, usize)>> {
+    let mut out = Vec::new();
+    for name in ["num_classes", "num_labels"] {
+        match cfg.raw.get(name) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(v) => out.push((
+                name,
+                v.as_u64().ok_or_else(|| {
+                    Error::at(&cfg.path, None, Some(name), "expected a whole number")
+                })? as usize,
+            )),
+        }
+    }
+    if let Some(m) = &cfg.id2label {
+        out.push(("id2label", m.len()));
+    }
+    if let Some(serde_json::Value::Array(a)) = cfg.raw.get("label_names") {
+        out.push(("label_names", a.len()));
+    }
+    Ok(out)
+}
+
+/// Checks that the classifier `tensor` of `weights` (one row per class) has as many
+/// classes as `cfg` declares ([`declared_classes`]): a model file of another head than
+/// its config says is an error naming both files and the field, not a silently new head.
+pub fn check_classifier(cfg: &HfConfig, weights: &Weights, tensor: &str) -> Result<()> {
+    let Weights::File {
+        path,
+        tensors,
+        int8,
+    } = weights
+    else {
+        return Ok(());
+    };
+    let rows = match (tensors.get(tensor), int8.get(tensor)) {
+        (Some(t), _) => t.dims().first().copied(),
+        (None, Some(q)) => q.shape.first().copied(),
+        (None, None) => None,
+    };
+    let Some(rows) = rows else {
+        return Ok(());
+    };
+    for (name, n) in declared_classes(cfg)? {
+        if n != rows {
+            return Err(Error::at(
+                &cfg.path,
+                None,
+                Some(name),
+                format!(
+                    "says {n} classes, but the classifier `{tensor}` in {} has {rows}",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An image model's preprocessing from timm's `pretrained_cfg` object `p` (of `cfg`'s
+/// file): `base` with the `input_size`, `mean`, `std`, `crop_pct` and `interpolation` it
+/// gives. Errors name the file and the field.
+pub fn timm_preprocessing(
+    cfg: &HfConfig,
+    p: &serde_json::Value,
+    base: ImagePreprocessing,
+) -> Result<ImagePreprocessing> {
+    let bad = |name: &str, what: &str| {
+        Error::at(
+            &cfg.path,
+            None,
+            Some(format!("pretrained_cfg.{name}").as_str()),
+            format!("expected {what}"),
+        )
+    };
+    let mut out = base;
+    let triple = |name: &str| -> Result<Option<[f32; 3]>> {
+        p.get(name)
+            .map(|v| {
+                serde_json::from_value::<[f32; 3]>(v.clone())
+                    .map_err(|_| bad(name, "a list of 3 numbers"))
+            })
+            .transpose()
+    };
+    if let Some(m) = triple("mean")? {
+        out.mean = m;
+    }
+    if let Some(s) = triple("std")? {
+        if s.iter().any(|&s| s <= 0.0) {
+            return Err(bad("std", "positive numbers"));
+        }
+        out.std = s;
+    }
+    if let Some(v) = p.get("input_size") {
+        let a: [usize; 3] = serde_json::from_value(v.clone())
+            .ok()
+            .filter(|a: &[usize; 3]| a[0] == 3 && a[1] > 0 && a[2] > 0)
+            .ok_or_else(|| bad("input_size", "[3, height, width]"))?;
+        out.size = (a[1], a[2]);
+    }
+    if let Some(v) = p.get("crop_pct") {
+        out.crop_pct = v
+            .as_f64()
+            .filter(|&v| v > 0.0 && v <= 1.0)
+            .ok_or_else(|| bad("crop_pct", "a number in (0, 1]"))?;
+    }
+    if let Some(v) = p.get("interpolation") {
+        out.interpolation = v
+            .as_str()
+            .ok_or_else(|| bad("interpolation", "a string"))?
+            .to_string();
+    }
+    Ok(out)
 }
 
 /// The family registered for `model_type`, if any.

@@ -372,6 +372,166 @@ impl CustomOp1 for Relu6 {
     }
 }
 
+/// Max pooling over `k × k` windows with `stride` (the ResNet stem's 3×3, stride 2,
+/// padding 1), channels-last. The padding never wins (PyTorch pads with −∞); it may be
+/// at most `k / 2` per side, so every window holds a pixel. The backward sends each
+/// output's gradient to the first maximum of its window in row-major order (PyTorch's
+/// choice among ties), summed where windows overlap.
+pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: Padding) -> Result<Tensor> {
+    let g = Geom::new(x.dims(), k, k, stride, pad)?;
+    if [pad.top, pad.bottom, pad.left, pad.right]
+        .iter()
+        .any(|&p| p > k / 2)
+    {
+        return Err(crate::error::Error::Msg(format!(
+            "max pooling: padding {pad:?} is more than half the {k}×{k} window"
+        )));
+    }
+    Ok(x.contiguous()?.apply_op1(MaxPool(g))?)
+}
+
+struct MaxPool(Geom);
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "ferrotune-max-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = f32_data(s, l)?;
+        let n = g.b * g.ho * g.wo * g.c;
+        // Safety: output row (b, oy) is written whole by task (b, oy) only.
+        let out = unsafe {
+            filled(n, |p| {
+                let o = Out(p, n);
+                par_for(g.b * g.ho, n >= PAR_MIN, |t| {
+                    let (b, oy) = (t / g.ho, t % g.ho);
+                    let dst = o.part(t * g.wo * g.c, g.wo * g.c);
+                    dst.fill(f32::NEG_INFINITY);
+                    for ox in 0..g.wo {
+                        let d = &mut dst[ox * g.c..(ox + 1) * g.c];
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                if let Some((iy, ix)) = g.src(oy, ox, ky, kx) {
+                                    let s = ((b * g.h + iy) * g.w + ix) * g.c;
+                                    d.iter_mut()
+                                        .zip(&x[s..s + g.c])
+                                        .for_each(|(d, &v)| *d = if v > *d { v } else { *d });
+                                }
+                            }
+                        }
+                    }
+                });
+            })
+        };
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.ho, g.wo, g.c))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = self.0;
+        let img = g.h * g.w * g.c;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let dx = with_f32(grad, |dy| {
+            let mut dx = vec![0f32; g.b * img];
+            let o = Out::new(&mut dx);
+            // Windows overlap within an image: each image is one task, in a fixed order.
+            par_for(g.b, g.b * img >= PAR_MIN / 4, |b| {
+                // Safety: image b's part is written by this task only.
+                let d = unsafe { o.part(b * img, img) };
+                let xs = &xv[b * img..(b + 1) * img];
+                let mut best = vec![0f32; g.c];
+                let mut at = vec![0usize; g.c];
+                for oy in 0..g.ho {
+                    for ox in 0..g.wo {
+                        best.fill(f32::NEG_INFINITY);
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                if let Some((iy, ix)) = g.src(oy, ox, ky, kx) {
+                                    let t = (iy * g.w + ix) * g.c;
+                                    for c in 0..g.c {
+                                        if xs[t + c] > best[c] {
+                                            best[c] = xs[t + c];
+                                            at[c] = t + c;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        let r = ((b * g.ho + oy) * g.wo + ox) * g.c;
+                        for (c, &gy) in dy[r..r + g.c].iter().enumerate() {
+                            d[at[c]] += gy;
+                        }
+                    }
+                }
+            });
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// `max(a + b, 0)` in one pass: a residual block's sum and its ReLU. The backward gives
+/// both inputs the gradient where the output is positive (PyTorch's ReLU backward).
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dims() != b.dims() {
+        return Err(crate::error::Error::Msg(format!(
+            "residual add: shapes {:?} and {:?} differ",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    if !super::par::fusable(&[a, b]) {
+        return Ok((a + b)?.relu()?);
+    }
+    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)?)
+}
+
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "ferrotune-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
+        let out = super::par::map_parts(a, ELEMS, |i, src, dst| {
+            let bs = &b[i * ELEMS..i * ELEMS + src.len()];
+            for ((d, &x), &y) in dst.iter_mut().zip(src).zip(bs) {
+                *d = (x + y).max(0.0);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let y = res.flatten_all()?.to_vec1::<f32>()?;
+        let dx = with_f32(grad, |dy| {
+            super::par::map_parts(dy, ELEMS, |i, src, dst| {
+                let ys = &y[i * ELEMS..i * ELEMS + src.len()];
+                for ((d, &g), &v) in dst.iter_mut().zip(src).zip(ys) {
+                    *d = if v > 0.0 { g } else { 0.0 };
+                }
+            })
+        })?;
+        let dx = Tensor::from_vec(dx, res.shape(), res.device())?;
+        Ok((Some(dx.clone()), Some(dx)))
+    }
+}
+
 /// Rows per part of the batch-norm loops: partial sums are taken per part and added in
 /// part order, so the result does not depend on the number of threads.
 const BN_ROWS: usize = 256;
@@ -437,9 +597,9 @@ pub fn channel_stats(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
 /// eps) · weight + bias`, with `mean` and `var` given (the batch's own, from
 /// [`channel_stats`], in training; the running statistics otherwise). `batch_stats` says
 /// which: the backward then also flows through the batch's mean and variance, as
-/// PyTorch's training-mode batch norm does. With `relu6` the output is clamped to
-/// `[0, 6]` in the same pass (and the gradient passes where it was strictly inside).
-/// Differentiable in `x`, `weight` and `bias`.
+/// PyTorch's training-mode batch norm does. `act` is applied in the same pass: ReLU clamps
+/// the output to `[0, ∞)`, ReLU6 to `[0, 6]`, and the gradient passes where the output
+/// was strictly inside. Differentiable in `x`, `weight` and `bias`.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm(
     x: &Tensor,
@@ -449,7 +609,7 @@ pub fn batch_norm(
     var: &[f32],
     eps: f64,
     batch_stats: bool,
-    relu6: bool,
+    act: BnAct,
 ) -> Result<Tensor> {
     let c = *x.dims().last().unwrap_or(&0);
     if weight.dims() != [c] || bias.dims() != [c] || mean.len() != c || var.len() != c {
@@ -468,17 +628,39 @@ pub fn batch_norm(
             .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
             .collect(),
         batch_stats,
-        relu6,
+        act,
     };
     Ok(x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?)
+}
+
+/// The activation [`batch_norm`] applies in the same pass: a clamp of the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BnAct {
+    /// None.
+    None,
+    /// `max(y, 0)`.
+    Relu,
+    /// `min(max(y, 0), 6)`.
+    Relu6,
+}
+
+impl BnAct {
+    /// The clamp's bounds (infinite where there is none).
+    fn bounds(self) -> (f32, f32) {
+        match self {
+            BnAct::None => (f32::NEG_INFINITY, f32::INFINITY),
+            BnAct::Relu => (0.0, f32::INFINITY),
+            BnAct::Relu6 => (0.0, 6.0),
+        }
+    }
 }
 
 struct BatchNorm {
     mean: Vec<f32>,
     rstd: Vec<f32>,
     batch_stats: bool,
-    relu6: bool,
+    act: BnAct,
 }
 
 impl CustomOp3 for BatchNorm {
@@ -500,11 +682,7 @@ impl CustomOp3 for BatchNorm {
         // y = x·scale + shift, per channel.
         let scale: Vec<f32> = w.iter().zip(&self.rstd).map(|(w, r)| w * r).collect();
         let shift: Vec<f32> = (0..c).map(|i| b[i] - self.mean[i] * scale[i]).collect();
-        let (lo, hi) = if self.relu6 {
-            (0.0, 6.0)
-        } else {
-            (f32::NEG_INFINITY, f32::INFINITY)
-        };
+        let (lo, hi) = self.act.bounds();
         let out = super::par::map_parts(x, BN_ROWS * c, |_, src, dst| {
             for (s, d) in src.chunks(c).zip(dst.chunks_mut(c)) {
                 for i in 0..c {
@@ -526,14 +704,15 @@ impl CustomOp3 for BatchNorm {
         let c = w.elem_count();
         let wv = w.to_vec1::<f32>()?;
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        // Through the clamp: the gradient where the output was strictly inside [0, 6].
-        let yv = if self.relu6 {
-            Some(res.flatten_all()?.to_vec1::<f32>()?)
-        } else {
+        // Through the clamp: the gradient where the output was strictly inside its bounds.
+        let (lo, hi) = self.act.bounds();
+        let yv = if self.act == BnAct::None {
             None
+        } else {
+            Some(res.flatten_all()?.to_vec1::<f32>()?)
         };
         let pass = |i: usize, g: f32| match &yv {
-            Some(y) if !(y[i] > 0.0 && y[i] < 6.0) => 0.0,
+            Some(y) if !(y[i] > lo && y[i] < hi) => 0.0,
             _ => g,
         };
         let (dx, dw, db) = with_f32(grad, |dy| {
@@ -592,7 +771,7 @@ impl CustomOp3 for BatchNorm {
 mod tests {
     use super::*;
     use crate::kernels::fused::tests::{max_diff, randn};
-    use candle_core::{Device, Var, D};
+    use candle_core::{DType, Device, Var, D};
 
     /// candle's NCHW convolution of a channels-last input, back to channels-last.
     fn reference_conv(
@@ -718,33 +897,168 @@ mod tests {
         }
     }
 
-    /// Batch norm with ReLU6 in the same pass equals batch norm then the clamp, forward
-    /// and in every gradient, with batch and with running statistics.
+    /// Batch norm with ReLU or ReLU6 in the same pass equals batch norm then the clamp,
+    /// forward and in every gradient, with batch and with running statistics.
     #[test]
-    fn batch_norm_with_relu6_matches_the_two_ops() {
+    fn batch_norm_with_an_activation_matches_the_two_ops() {
         let x = Var::from_tensor(&randn(&[3, 9, 7, 13], 81)).unwrap();
         let w = Var::from_tensor(&(randn(&[13], 82) * 2.0).unwrap()).unwrap();
         let b = Var::from_tensor(&(randn(&[13], 83) + 2.0).unwrap()).unwrap();
         let (mean, var) = channel_stats(x.as_tensor()).unwrap();
-        for stats in [true, false] {
-            let bn = |act| {
-                batch_norm(
-                    x.as_tensor(),
-                    w.as_tensor(),
-                    b.as_tensor(),
-                    &mean,
-                    &var,
+        for (case, (act, hi)) in [(BnAct::Relu6, 6f32), (BnAct::Relu, f32::MAX)]
+            .into_iter()
+            .enumerate()
+        {
+            for stats in [true, false] {
+                let bn = |act| {
+                    batch_norm(
+                        x.as_tensor(),
+                        w.as_tensor(),
+                        b.as_tensor(),
+                        &mean,
+                        &var,
+                        1e-3,
+                        stats,
+                        act,
+                    )
+                    .unwrap()
+                };
+                let ours = bn(act);
+                let theirs = bn(BnAct::None).clamp(0f32, hi).unwrap();
+                assert!(max_diff(&ours, &theirs) < 1e-6);
+                // Some outputs are clamped, so the mask is exercised.
+                let zeros = values(&ours).iter().filter(|&&v| v == 0.0).count();
+                assert!(zeros > 0, "case {case}");
+                same_grads(
+                    &ours,
+                    &theirs,
+                    &[&x, &w, &b],
                     1e-3,
-                    stats,
-                    act,
-                )
-                .unwrap()
-            };
-            let ours = bn(true);
-            let theirs = bn(false).clamp(0f32, 6f32).unwrap();
-            assert!(max_diff(&ours, &theirs) < 1e-6);
-            same_grads(&ours, &theirs, &[&x, &w, &b], 1e-3, stats as usize);
+                    2 * case + stats as usize,
+                );
+            }
         }
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// PyTorch's max pooling built from candle ops: the input padded with a very negative
+    /// number, then the elementwise maximum of the k·k strided views (differentiable, and
+    /// with distinct inputs the gradient goes to the one maximum, as PyTorch's).
+    fn reference_max_pool(x: &Tensor, k: usize, s: usize, p: usize) -> Tensor {
+        let (b, h, w, c) = x.dims4().unwrap();
+        let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        // Padding p before, and enough after that every tap's strided view fits.
+        let (hp, wp) = (s * ho + k, s * wo + k);
+        let pad = |t: &Tensor| {
+            t.pad_with_zeros(1, p, hp - h - p)
+                .unwrap()
+                .pad_with_zeros(2, p, wp - w - p)
+                .unwrap()
+        };
+        let low = (pad(&x.ones_like().unwrap()) - 1.0).unwrap() * 1e9;
+        let xp = (pad(x) + low.unwrap()).unwrap();
+        let mut out: Option<Tensor> = None;
+        for ky in 0..k {
+            for kx in 0..k {
+                let v = xp
+                    .narrow(1, ky, s * ho)
+                    .unwrap()
+                    .narrow(2, kx, s * wo)
+                    .unwrap()
+                    .reshape((b, ho, s, wo, s, c))
+                    .unwrap()
+                    .narrow(2, 0, 1)
+                    .unwrap()
+                    .narrow(4, 0, 1)
+                    .unwrap()
+                    .reshape((b, ho, wo, c))
+                    .unwrap();
+                out = Some(match out {
+                    None => v,
+                    Some(o) => o.maximum(&v).unwrap(),
+                });
+            }
+        }
+        out.unwrap()
+    }
+
+    /// Max pooling equals candle's `max_pool2d` (NCHW, the padding as −∞) forward, and the
+    /// composition of maxima in the input's gradient, on odd shapes, strides and
+    /// paddings (ResNet's 3×3, stride 2, padding 1 among them).
+    #[test]
+    fn max_pool_matches_candle() {
+        for (i, &(b, h, w, c, k, s, p)) in [
+            (2, 9, 7, 5, 3, 2, 1),
+            (1, 8, 8, 3, 3, 2, 1),
+            (3, 5, 6, 4, 2, 2, 0),
+            (2, 7, 7, 6, 3, 1, 1),
+            (1, 11, 10, 2, 5, 3, 2),
+            (2, 32, 30, 16, 3, 2, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let x = Var::from_tensor(&randn(&[b, h, w, c], 110 + i as u64)).unwrap();
+            let ours = max_pool(x.as_tensor(), k, s, Padding::symmetric(p)).unwrap();
+            let padded = x.as_tensor().permute((0, 3, 1, 2)).unwrap();
+            let minus_inf = |t: &Tensor, dim: usize| {
+                let mut dims = t.dims().to_vec();
+                dims[dim] = p;
+                let edge = Tensor::full(f32::NEG_INFINITY, dims, &Device::Cpu).unwrap();
+                Tensor::cat(&[&edge, t, &edge], dim).unwrap()
+            };
+            let candle = minus_inf(&minus_inf(&padded, 2), 3)
+                .contiguous()
+                .unwrap()
+                .max_pool2d_with_stride(k, s)
+                .unwrap()
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            assert_eq!(ours.dims(), candle.dims(), "case {i}");
+            assert_eq!(max_diff(&ours, &candle), 0.0, "case {i}");
+            let theirs = reference_max_pool(x.as_tensor(), k, s, p);
+            assert_eq!(max_diff(&ours, &theirs), 0.0, "case {i}");
+            same_grads(&ours, &theirs, &[&x], 1e-6, i);
+        }
+        // Padding wider than half the window is refused.
+        assert!(max_pool(&randn(&[1, 4, 4, 1], 1), 3, 2, Padding::symmetric(2)).is_err());
+    }
+
+    /// Among equal values the first in the window (row-major) gets the gradient, each
+    /// output's once, summed where windows overlap: PyTorch's choice.
+    #[test]
+    fn max_pool_gradient_goes_to_the_first_maximum() {
+        // One image, one channel, 3×3 all ones: with a 2×2 window, stride 1, each of the
+        // 4 windows picks its top-left pixel.
+        let x = Var::from_tensor(&Tensor::ones((1, 3, 3, 1), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let y = max_pool(x.as_tensor(), 2, 1, Padding::symmetric(0)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dx = values(g.get(&x).unwrap());
+        assert_eq!(dx, [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    /// The residual add with its ReLU equals `(a + b).relu()` forward and in both
+    /// gradients.
+    #[test]
+    fn add_relu_matches_the_two_ops() {
+        for (i, dims) in [vec![2, 5, 3, 7], vec![3, 40, 30, 9], vec![1, 1, 1, 1]]
+            .into_iter()
+            .enumerate()
+        {
+            let a = Var::from_tensor(&randn(&dims, 120 + i as u64)).unwrap();
+            let b = Var::from_tensor(&randn(&dims, 130 + i as u64)).unwrap();
+            let ours = add_relu(a.as_tensor(), b.as_tensor()).unwrap();
+            let theirs = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+            assert_eq!(max_diff(&ours, &theirs), 0.0, "case {i}");
+            same_grads(&ours, &theirs, &[&a, &b], 1e-6, i);
+        }
+        assert!(add_relu(&randn(&[2, 3], 1), &randn(&[3, 2], 2)).is_err());
     }
 
     /// ReLU6 equals the clamp, forward and backward (away from the kinks).
@@ -793,7 +1107,7 @@ mod tests {
                 &var,
                 eps,
                 true,
-                false,
+                BnAct::None,
             )
             .unwrap();
             let rows = x.as_tensor().reshape(((), c)).unwrap();
@@ -848,7 +1162,7 @@ mod tests {
                 &var,
                 eps,
                 false,
-                false,
+                BnAct::None,
             )
             .unwrap();
             let g = (&ours * &probe)

@@ -1,5 +1,6 @@
 //! The layers of image models, channels-last (`(batch, height, width, channels)`):
-//! convolution (k×k, 1×1, depthwise), batch normalisation with running statistics, ReLU6
+//! convolution (k×k, 1×1, depthwise), batch normalisation with running statistics (and
+//! its activation in the same pass), ReLU6, max pooling, the residual add with its ReLU,
 //! and global average pooling. Weights keep PyTorch's layouts (`(out, in, kh, kw)`), so
 //! checkpoints load and export unchanged; the kernels are in [`crate::kernels::conv`].
 
@@ -7,6 +8,8 @@ use candle_core::{Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::kernels::conv::{self, Padding};
+
+pub use crate::kernels::conv::BnAct;
 use crate::nn::builder::{Builder, Init};
 use crate::nn::Ctx;
 
@@ -160,11 +163,11 @@ impl BatchNorm2d {
 
     /// Normalises `x` (channels last).
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        self.forward_act(ctx, x, false)
+        self.forward_act(ctx, x, BnAct::None)
     }
 
-    /// [`BatchNorm2d::forward`], then ReLU6 when `relu6`, in one pass.
-    pub fn forward_act(&self, ctx: &Ctx, x: &Tensor, relu6: bool) -> Result<Tensor> {
+    /// [`BatchNorm2d::forward`], then the activation `act` (ReLU, ReLU6), in one pass.
+    pub fn forward_act(&self, ctx: &Ctx, x: &Tensor, act: BnAct) -> Result<Tensor> {
         let w = ctx.w(&self.weight, self.group);
         let b = ctx.w(&self.bias, self.group);
         let frozen_group = self.group_frozen(ctx);
@@ -172,11 +175,11 @@ impl BatchNorm2d {
             let (mean, var) = conv::channel_stats(x)?;
             let n = x.elem_count() / mean.len().max(1);
             self.update(&mean, &var, n)?;
-            conv::batch_norm(x, &w, &b, &mean, &var, self.eps, true, relu6)
+            conv::batch_norm(x, &w, &b, &mean, &var, self.eps, true, act)
         } else {
             let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
             let var = self.running_var.as_tensor().to_vec1::<f32>()?;
-            conv::batch_norm(x, &w, &b, &mean, &var, self.eps, false, relu6)
+            conv::batch_norm(x, &w, &b, &mean, &var, self.eps, false, act)
         }
     }
 
@@ -215,6 +218,17 @@ impl BatchNorm2d {
 /// `min(max(x, 0), 6)`, fused ([`conv::relu6`]).
 pub fn relu6(x: &Tensor) -> Result<Tensor> {
     conv::relu6(x)
+}
+
+/// Max pooling over `k × k` windows with `stride` and `pad` on every side (PyTorch's
+/// `MaxPool2d(k, stride, pad)`, the padding never chosen), fused ([`conv::max_pool`]).
+pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    conv::max_pool(x, k, stride, Padding::symmetric(pad))
+}
+
+/// `max(a + b, 0)`, a residual block's sum and ReLU, fused ([`conv::add_relu`]).
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    conv::add_relu(a, b)
 }
 
 /// The mean over height and width: `(batch, h, w, c)` → `(batch, c)`.

@@ -43,7 +43,11 @@ impl Family for EfficientNetLite {
 
     /// timm's keys: `num_classes` and `label_names` (its `architecture` and
     /// `pretrained_cfg` come with the pretrained config).
-    fn export_keys(&self, labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
+    fn export_keys(
+        &self,
+        _cfg: &HfConfig,
+        labels: &[String],
+    ) -> serde_json::Map<String, serde_json::Value> {
         let mut m = serde_json::Map::new();
         m.insert("num_classes".into(), json!(labels.len()));
         m.insert("label_names".into(), json!(labels));

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::families::{HeadSpec, HfConfig, Loaded, Model};
-use crate::nn::conv::{global_avg_pool, BatchNorm2d, Conv2d, PadMode};
+use crate::nn::conv::{global_avg_pool, BatchNorm2d, BnAct, Conv2d, PadMode};
 use crate::nn::layers::Linear;
 use crate::nn::{Batch, Builder, Ctx, GroupKind, Pooling, Weights};
 
@@ -259,7 +259,7 @@ impl Block {
                 bn2,
                 skip,
             } => {
-                let h = bn1.forward_act(ctx, &dw.forward(ctx, x)?, true)?;
+                let h = bn1.forward_act(ctx, &dw.forward(ctx, x)?, BnAct::Relu6)?;
                 (bn2.forward(ctx, &pw.forward(ctx, &h)?)?, *skip)
             }
             Block::Inverted {
@@ -271,8 +271,8 @@ impl Block {
                 bn3,
                 skip,
             } => {
-                let h = bn1.forward_act(ctx, &pw.forward(ctx, x)?, true)?;
-                let h = bn2.forward_act(ctx, &dw.forward(ctx, &h)?, true)?;
+                let h = bn1.forward_act(ctx, &pw.forward(ctx, x)?, BnAct::Relu6)?;
+                let h = bn2.forward_act(ctx, &dw.forward(ctx, &h)?, BnAct::Relu6)?;
                 (bn3.forward(ctx, &pwl.forward(ctx, &h)?)?, *skip)
             }
         };
@@ -304,12 +304,12 @@ impl EfficientNetLite0 {
         }
         let mut h = self
             .bn1
-            .forward_act(ctx, &self.stem.forward(ctx, x)?, true)?;
+            .forward_act(ctx, &self.stem.forward(ctx, x)?, BnAct::Relu6)?;
         for b in &self.blocks {
             h = b.forward(ctx, &h)?;
         }
         self.bn2
-            .forward_act(ctx, &self.conv_head.forward(ctx, &h)?, true)
+            .forward_act(ctx, &self.conv_head.forward(ctx, &h)?, BnAct::Relu6)
     }
 }
 
@@ -337,7 +337,8 @@ impl Model for EfficientNetLite0 {
 
 /// Builds EfficientNet-Lite0 from `weights` (timm's or `efficientnet_pytorch`'s names)
 /// with a classifier of `head.num_labels` outputs: the checkpoint's when it has that
-/// size, else a new one.
+/// size, else a new one. A checkpoint classifier of another size than the config
+/// declares is an error.
 pub fn build(
     cfg: &HfConfig,
     weights: &Weights,
@@ -348,6 +349,7 @@ pub fn build(
     let c = LiteConfig::from_config(cfg)?;
     let renamed = renamed(weights);
     let weights = renamed.as_ref().unwrap_or(weights);
+    crate::families::check_classifier(cfg, weights, "classifier.weight")?;
     let mut b = Builder::new(weights, "", "conv_stem.weight", 0.02, seed, device);
     let pad = |k: usize| {
         if c.same_padding {
