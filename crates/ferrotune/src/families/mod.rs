@@ -319,6 +319,26 @@ pub fn check_classifier(cfg: &HfConfig, weights: &Weights, tensor: &str) -> Resu
     Ok(())
 }
 
+/// The keys of a timm-format export's `config.json` for `labels`: `num_classes`,
+/// `label_names`, and `model_args.num_classes` when the loaded config `cfg` records the
+/// model's arguments (timm's `save_for_hf` does), so no stale class count stays behind.
+pub fn timm_export_keys(
+    cfg: &HfConfig,
+    labels: &[String],
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("num_classes".into(), serde_json::json!(labels.len()));
+    m.insert("label_names".into(), serde_json::json!(labels));
+    if let Some(serde_json::Value::Object(args)) = cfg.raw.get("model_args") {
+        if args.contains_key("num_classes") {
+            let mut args = args.clone();
+            args.insert("num_classes".into(), serde_json::json!(labels.len()));
+            m.insert("model_args".into(), serde_json::Value::Object(args));
+        }
+    }
+    m
+}
+
 /// An image model's preprocessing from timm's `pretrained_cfg` object `p` (of `cfg`'s
 /// file): `base` with the `input_size`, `mean`, `std`, `crop_pct` and `interpolation` it
 /// gives. Errors name the file and the field.
@@ -523,4 +543,35 @@ pub fn load_weights(
     let weights = weights_file(&weights_path(dir)?, device)?;
     check_weights(fam, &weights)?;
     fam.build(cfg, &weights, head, seed, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A timm export gets the new class count everywhere the loaded config had one.
+    #[test]
+    fn timm_export_keys_leave_no_stale_class_count() {
+        let labels: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let raw = serde_json::json!({
+            "architecture": "resnet18",
+            "num_classes": 1000,
+            "model_args": {"num_classes": 1000, "layers": [2, 2, 2, 2]},
+        });
+        let serde_json::Value::Object(raw) = raw else {
+            unreachable!()
+        };
+        let cfg = HfConfig::from_object(raw, Path::new("config.json")).unwrap();
+        let m = timm_export_keys(&cfg, &labels);
+        assert_eq!(m["num_classes"], 2);
+        assert_eq!(m["label_names"], serde_json::json!(["a", "b"]));
+        assert_eq!(m["model_args"]["num_classes"], 2);
+        assert_eq!(m["model_args"]["layers"], serde_json::json!([2, 2, 2, 2]));
+        for fam in FAMILIES.iter().filter(|f| f.input() == InputKind::Image) {
+            let keys = fam.export_keys(&cfg, &labels);
+            if keys.contains_key("num_classes") {
+                assert_eq!(keys, m, "{}", fam.model_type());
+            }
+        }
+    }
 }

@@ -45,13 +45,10 @@ impl Family for EfficientNetLite {
     /// `pretrained_cfg` come with the pretrained config).
     fn export_keys(
         &self,
-        _cfg: &HfConfig,
+        cfg: &HfConfig,
         labels: &[String],
     ) -> serde_json::Map<String, serde_json::Value> {
-        let mut m = serde_json::Map::new();
-        m.insert("num_classes".into(), json!(labels.len()));
-        m.insert("label_names".into(), json!(labels));
-        m
+        super::timm_export_keys(cfg, labels)
     }
 
     fn image_preprocessing(&self, cfg: &HfConfig) -> Result<Option<ImagePreprocessing>> {

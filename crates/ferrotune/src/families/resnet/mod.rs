@@ -56,21 +56,11 @@ impl Family for ResNetFamily {
         cfg: &HfConfig,
         labels: &[String],
     ) -> serde_json::Map<String, serde_json::Value> {
-        let mut m = serde_json::Map::new();
-        if cfg.model_type == "resnet" {
-            m.insert("architectures".into(), json!([self.architecture()]));
-        } else {
-            m.insert("num_classes".into(), json!(labels.len()));
-            m.insert("label_names".into(), json!(labels));
-            // timm's `save_for_hf` records `num_classes` among the model's arguments too.
-            if let Some(serde_json::Value::Object(args)) = cfg.raw.get("model_args") {
-                if args.contains_key("num_classes") {
-                    let mut args = args.clone();
-                    args.insert("num_classes".into(), json!(labels.len()));
-                    m.insert("model_args".into(), serde_json::Value::Object(args));
-                }
-            }
+        if cfg.model_type != "resnet" {
+            return super::timm_export_keys(cfg, labels);
         }
+        let mut m = serde_json::Map::new();
+        m.insert("architectures".into(), json!([self.architecture()]));
         m
     }
 
