@@ -891,6 +891,12 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The column a CSV/JSONL example's input comes from: `image_column` (image paths)
+    /// when set, else `text_column`.
+    pub fn input_column(&self) -> &str {
+        self.image_column.as_deref().unwrap_or(&self.text_column)
+    }
+
     /// Whether batches are mixed (mixup or CutMix on, with a chance above 0).
     pub fn mixing(&self) -> bool {
         (self.mixup_alpha > 0.0 || self.cutmix_alpha > 0.0) && self.mixup_prob > 0.0

@@ -81,11 +81,7 @@ fn encode(
 
 fn reader_options(cfg: &TrainConfig) -> ReaderOptions {
     ReaderOptions {
-        text_column: cfg
-            .image_column
-            .as_ref()
-            .unwrap_or(&cfg.text_column)
-            .clone(),
+        text_column: cfg.input_column().to_string(),
         text_pair_column: cfg.text_pair_column.clone(),
         label_column: Some(cfg.label_column.clone()),
         encoding_errors: cfg.encoding_errors,
@@ -179,31 +175,41 @@ impl SkipLog {
         kept
     }
 
-    /// The examples that encoded, with their places; the others are skipped rows. Returns
-    /// them and how many were left out.
+    /// The examples that encoded, their inputs and targets; the others (their input an
+    /// error) are skipped rows, counted in `notes`.
     fn keep_encoded(
         &mut self,
         examples: Vec<Example>,
-        features: Vec<Result<Features>>,
+        encoded: Vec<Result<Features>>,
+        targets: TargetData,
         path: &Path,
-    ) -> (Vec<(usize, Example, Features)>, usize) {
-        let mut kept = Vec::with_capacity(examples.len());
-        let mut dropped = 0;
-        for (i, (e, f)) in examples.into_iter().zip(features).enumerate() {
+        notes: &mut Vec<String>,
+    ) -> (Vec<Example>, Vec<Features>, TargetData) {
+        let (mut kept, mut features, mut places) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, (e, f)) in examples.into_iter().zip(encoded).enumerate() {
             match f {
-                Ok(f) => kept.push((i, e, f)),
-                Err(err) => {
-                    dropped += 1;
-                    self.rows.push(json!({
-                        "file": path,
-                        "line": e.line,
-                        "id": e.id,
-                        "reason": err.to_string(),
-                    }));
+                Ok(f) => {
+                    kept.push(e);
+                    features.push(f);
+                    places.push(i);
                 }
+                Err(err) => self.rows.push(json!({
+                    "file": path,
+                    "line": e.line,
+                    "id": e.id,
+                    "reason": err.to_string(),
+                })),
             }
         }
-        (kept, dropped)
+        let dropped = targets.len() - kept.len();
+        if dropped == 0 {
+            return (kept, features, targets);
+        }
+        notes.push(format!(
+            "{dropped} example(s) of {} skipped: could not be read (see skipped_rows.jsonl)",
+            path.display()
+        ));
+        (kept, features, targets.keep(&places))
     }
 
     fn write(&self, dir: &Path) -> Result<()> {
@@ -494,30 +500,14 @@ pub fn prepare_for(
     } else {
         ("tokenize train", "tokenize eval")
     };
-    let mut train_f = encode(encoder.as_ref(), &train, train_what, progress, skip)?;
-    let mut eval_f = encode(encoder.as_ref(), &eval, eval_what, progress, skip)?;
     // Under `on_bad_row = "skip"`, examples that did not encode (images that do not
     // decode) are left out with their targets, and listed in skipped_rows.jsonl.
-    let (mut train_y, mut eval_y) = (train_y, eval_y);
-    for (ex, f, y, path) in [
-        (&mut train, &mut train_f, &mut train_y, &cfg.train_file),
-        (&mut eval, &mut eval_f, &mut eval_y, &eval_path),
-    ] {
-        let (kept, dropped) = skipped.keep_encoded(std::mem::take(ex), std::mem::take(f), path);
-        if dropped > 0 {
-            *y = y.keep(&kept.iter().map(|(i, _, _)| *i).collect::<Vec<_>>());
-            notes.push(format!(
-                "{dropped} example(s) of {} skipped: could not be read (see skipped_rows.jsonl)",
-                path.display()
-            ));
-        }
-        let (e, ff): (Vec<Example>, Vec<Features>) =
-            kept.into_iter().map(|(_, e, f)| (e, f)).unzip();
-        *ex = e;
-        *f = ff.into_iter().map(Ok).collect();
-    }
-    let train_f = train_f.into_iter().collect::<Result<Vec<_>>>()?;
-    let eval_f = eval_f.into_iter().collect::<Result<Vec<_>>>()?;
+    let train_enc = encode(encoder.as_ref(), &train, train_what, progress, skip)?;
+    let eval_enc = encode(encoder.as_ref(), &eval, eval_what, progress, skip)?;
+    let (train, train_f, train_y) =
+        skipped.keep_encoded(train, train_enc, train_y, &cfg.train_file, &mut notes);
+    let (eval, eval_f, eval_y) =
+        skipped.keep_encoded(eval, eval_enc, eval_y, &eval_path, &mut notes);
     if train.is_empty() {
         return Err(Error::file(
             &cfg.train_file,

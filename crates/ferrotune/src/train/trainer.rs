@@ -1202,12 +1202,7 @@ impl Run {
                 info: ExportInfo {
                     pooling: self.model.pooling(),
                     max_seq_length: cfg.max_seq_length,
-                    // An image model's column of image paths is its input column.
-                    text_column: cfg
-                        .image_column
-                        .as_ref()
-                        .unwrap_or(&cfg.text_column)
-                        .clone(),
+                    text_column: cfg.input_column().to_string(),
                     text_pair_column: cfg.text_pair_column.clone(),
                     label_column: cfg.label_column.clone(),
                     threshold: cfg.threshold,
