@@ -95,6 +95,22 @@ fn tensors(path: &Path) -> std::collections::HashMap<String, Vec<f32>> {
         .collect()
 }
 
+/// `ferrotune eval` of `model` on `test` succeeds and reports accuracy.
+fn evaluates(model: &Path, test: &Path) {
+    let (code, report, err) = run(
+        &[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            test.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(report.contains("accuracy"), "{report}");
+}
+
 /// Trains on IDX files, exports timm's format (no tokenizer; `label_names`, the trained
 /// input size), predicts IDX images and a PNG alike, and evaluates on the IDX test set.
 #[test]
@@ -140,18 +156,7 @@ fn trains_exports_predicts_and_evaluates_on_idx_and_png() {
     assert_eq!(code, 0, "{err}");
     let label = |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].clone();
     assert_eq!(label(one.trim()), label(&first));
-    let (code, report, err) = run(
-        &[
-            "eval",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            test.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
-    assert!(report.contains("accuracy"), "{report}");
+    evaluates(&model, &test);
 }
 
 /// Trains `recipe` uninterrupted into `dir/reference`, and again into `dir/crashed` with a
@@ -689,18 +694,7 @@ fn resnet_trains_exports_and_predicts_in_both_formats() {
         );
         assert_eq!(code, 0, "{err}");
         assert_eq!(preds.lines().count(), 24);
-        let (code, report, err) = run(
-            &[
-                "eval",
-                "--model",
-                model.to_str().unwrap(),
-                "--input",
-                test.to_str().unwrap(),
-            ],
-            None,
-        );
-        assert_eq!(code, 0, "{err}");
-        assert!(report.contains("accuracy"), "{report}");
+        evaluates(&model, &test);
     }
 }
 

@@ -11,6 +11,7 @@ use crate::kernels::conv::{self, Padding};
 
 pub use crate::kernels::conv::BnAct;
 use crate::nn::builder::{Builder, Init};
+use crate::nn::layers::Linear;
 use crate::nn::Ctx;
 
 /// How a convolution pads its input.
@@ -235,4 +236,28 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
     Ok(x.reshape((b, h * w, c))?.mean(1)?)
+}
+
+/// A feature map `(batch, h, w, c)` as `(batch, h·w, c)`: its positions as a sequence
+/// (an image model's hidden states).
+pub fn positions(f: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = f.dims4()?;
+    Ok(f.reshape((b, h * w, c))?)
+}
+
+/// An image classifier's head, as timm and transformers build it: the mean of the last
+/// feature map over height and width, dropout, a linear layer.
+pub struct PooledClassifier {
+    /// The linear layer.
+    pub linear: Linear,
+    /// Dropout before it.
+    pub drop_rate: f64,
+}
+
+impl PooledClassifier {
+    /// Logits `(batch, classes)` of feature map `f` `(batch, h, w, c)`.
+    pub fn forward(&self, ctx: &mut Ctx, f: &Tensor) -> Result<Tensor> {
+        let pooled = ctx.dropout(&global_avg_pool(f)?, self.drop_rate)?;
+        self.linear.forward(ctx, &pooled)
+    }
 }

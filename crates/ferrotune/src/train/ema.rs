@@ -4,9 +4,10 @@
 //! update copies the weights (timm: decay 0 at step 1); with `model_ema_warmup` the decay
 //! at update `t` is `min(decay, 1 − (1 + t − 1)^(−2/3))`.
 
-use candle_core::{Storage, Tensor};
+use candle_core::Tensor;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::kernels::par::with_f32;
 use crate::nn::ParamStore;
 
 /// The average, one f32 vector per parameter and buffer ([`ParamStore::state`] order).
@@ -17,19 +18,6 @@ pub struct Ema {
     pub values: Vec<Vec<f32>>,
     /// Updates so far.
     pub updates: u64,
-}
-
-/// The f32 values of a contiguous CPU tensor, read in place.
-fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::Msg("the weight average runs on the CPU".into()));
-    };
-    let data = cpu.as_slice::<f32>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg("the weight average needs contiguous weights".into()))?;
-    Ok(f(&data[start..end]))
 }
 
 impl Ema {

@@ -7,8 +7,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::families::{HeadSpec, HfConfig, Loaded, Model};
-use crate::nn::conv::{global_avg_pool, BatchNorm2d, BnAct, Conv2d, PadMode};
-use crate::nn::layers::Linear;
+use crate::nn::conv::{positions, BatchNorm2d, BnAct, Conv2d, PadMode, PooledClassifier};
 use crate::nn::{Batch, Builder, Ctx, GroupKind, Pooling, Weights};
 
 /// The stages of EfficientNet-Lite0 (timm's `_gen_efficientnet_lite` at width and depth
@@ -287,8 +286,7 @@ pub struct EfficientNetLite0 {
     blocks: Vec<Block>,
     conv_head: Conv2d,
     bn2: BatchNorm2d,
-    classifier: Linear,
-    drop_rate: f64,
+    head: PooledClassifier,
 }
 
 impl EfficientNetLite0 {
@@ -316,16 +314,12 @@ impl EfficientNetLite0 {
 impl Model for EfficientNetLite0 {
     fn forward(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
         let f = self.features(ctx, batch)?;
-        let pooled = global_avg_pool(&f)?;
-        let pooled = ctx.dropout(&pooled, self.drop_rate)?;
-        self.classifier.forward(ctx, &pooled)
+        self.head.forward(ctx, &f)
     }
 
     /// The last feature map as `(batch, positions, 1280)`.
     fn hidden_states(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
-        let f = self.features(ctx, batch)?;
-        let (b, h, w, c) = f.dims4()?;
-        Ok(f.reshape((b, h * w, c))?)
+        positions(&self.features(ctx, batch)?)
     }
 
     fn pooling(&self) -> Pooling {
@@ -405,8 +399,10 @@ pub fn build(
         blocks,
         conv_head,
         bn2,
-        classifier,
-        drop_rate: head.classifier_dropout.unwrap_or(c.drop_rate),
+        head: PooledClassifier {
+            linear: classifier,
+            drop_rate: head.classifier_dropout.unwrap_or(c.drop_rate),
+        },
     };
     Ok(Loaded {
         model: Box::new(model),

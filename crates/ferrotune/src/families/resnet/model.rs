@@ -8,8 +8,9 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::families::{HeadSpec, HfConfig, ImagePreprocessing, Loaded, Model};
-use crate::nn::conv::{add_relu, global_avg_pool, max_pool, BatchNorm2d, BnAct, Conv2d, PadMode};
-use crate::nn::layers::Linear;
+use crate::nn::conv::{
+    add_relu, max_pool, positions, BatchNorm2d, BnAct, Conv2d, PadMode, PooledClassifier,
+};
 use crate::nn::{Batch, Builder, Ctx, GroupKind, Pooling, Weights};
 
 /// PyTorch's `BatchNorm2d` defaults, which both libraries' ResNets keep.
@@ -520,8 +521,7 @@ pub struct ResNet {
     stem: Conv2d,
     stem_bn: BatchNorm2d,
     blocks: Vec<Block>,
-    classifier: Linear,
-    drop_rate: f64,
+    head: PooledClassifier,
 }
 
 impl ResNet {
@@ -549,16 +549,12 @@ impl ResNet {
 impl Model for ResNet {
     fn forward(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
         let f = self.features(ctx, batch)?;
-        let pooled = global_avg_pool(&f)?;
-        let pooled = ctx.dropout(&pooled, self.drop_rate)?;
-        self.classifier.forward(ctx, &pooled)
+        self.head.forward(ctx, &f)
     }
 
     /// The last feature map as `(batch, positions, channels)`.
     fn hidden_states(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
-        let f = self.features(ctx, batch)?;
-        let (b, h, w, c) = f.dims4()?;
-        Ok(f.reshape((b, h * w, c))?)
+        positions(&self.features(ctx, batch)?)
     }
 
     fn pooling(&self) -> Pooling {
@@ -649,8 +645,10 @@ pub fn build(
         stem,
         stem_bn,
         blocks,
-        classifier,
-        drop_rate: head.classifier_dropout.unwrap_or(c.drop_rate),
+        head: PooledClassifier {
+            linear: classifier,
+            drop_rate: head.classifier_dropout.unwrap_or(c.drop_rate),
+        },
     };
     Ok(Loaded {
         model: Box::new(model),
