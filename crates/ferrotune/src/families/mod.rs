@@ -80,7 +80,8 @@ pub fn text_families() -> Vec<&'static dyn Family> {
 /// What the task asks of the model: the head, and the recipe's dropout overrides.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HeadSpec {
-    /// Outputs of the head (classes, labels or regression targets).
+    /// Outputs of the head (classes, labels or regression targets); 0 asks a decoder for
+    /// its language-model head only ([`Model::lm_logits`]).
     pub num_labels: usize,
     /// How hidden states are pooled for the head; `None`: the family's default (what its
     /// transformers head reads).
@@ -170,6 +171,16 @@ pub trait Model: Send + Sync {
     /// Whether the last layer may run for the first token only when the head reads
     /// nothing else (on by default; off gives the full computation, for comparison).
     fn set_first_token_only(&mut self, on: bool);
+
+    /// A language model's next-token logits at every position, `(batch·seq, vocab)`: row
+    /// `b·seq + t` scores the token after token `t` of sequence `b`. A decoder built with
+    /// `HeadSpec::num_labels == 0` has this head only; models without a language-model
+    /// head refuse.
+    fn lm_logits(&self, _ctx: &mut Ctx, _batch: &Batch) -> Result<Tensor> {
+        Err(Error::Msg(
+            "this model has no language-model head (it is not a decoder)".into(),
+        ))
+    }
 }
 
 /// One model family (see the module documentation).
