@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{read_safetensors_with_i8, I8Tensor};
 use crate::kernels::int8::{self, QWeight};
-use crate::nn::layers::{Embedding, LayerNorm, Linear};
+use crate::nn::layers::{Embedding, LayerNorm, Linear, RmsNorm};
 use crate::nn::params::{GroupKind, Param, ParamStore};
 
 /// Where the weights come from.
@@ -359,6 +359,63 @@ impl<'a> Builder<'a> {
             self.need(&format!("{name}.bias"), &[out], group, Init::Zeros, true)?,
             group,
         ))
+    }
+
+    /// A backbone linear layer `{name}.weight` `(out, inp)` without a bias (Llama's
+    /// projections): its bias is a zero tensor that is not a parameter — never trained,
+    /// never exported.
+    pub fn linear_no_bias(
+        &mut self,
+        name: &str,
+        out: usize,
+        inp: usize,
+        group: usize,
+    ) -> Result<Linear> {
+        self.store
+            .linear_weights
+            .push(format!("{}{name}.weight", self.export_prefix));
+        let w = self.need(
+            &format!("{name}.weight"),
+            &[out, inp],
+            group,
+            Init::Normal,
+            false,
+        )?;
+        let b = Var::from_tensor(&Tensor::zeros(out, DType::F32, &self.device)?)?;
+        Ok(Linear::new(w, b, group))
+    }
+
+    /// A linear layer outside the backbone without a bias (a decoder's `score` head),
+    /// exported as `{export}.weight`: loaded from `{ckpt}.weight` when the checkpoint has
+    /// it with this shape, else new. Returns the layer and whether it is new.
+    pub fn optional_linear_no_bias(
+        &mut self,
+        ckpt: &str,
+        export: &str,
+        out: usize,
+        inp: usize,
+        group: usize,
+    ) -> Result<(Linear, bool)> {
+        self.store.linear_weights.push(format!("{export}.weight"));
+        let (w, new) = self.optional(
+            &format!("{ckpt}.weight"),
+            &format!("{export}.weight"),
+            &[out, inp],
+            group,
+            Init::Normal,
+            false,
+        )?;
+        let b = Var::from_tensor(&Tensor::zeros(out, DType::F32, &self.device)?)?;
+        Ok((Linear::new(w, b, group), new))
+    }
+
+    /// A backbone RMS norm `{name}.weight` of width `n` (no shift).
+    pub fn rms_norm(&mut self, name: &str, n: usize, eps: f64, group: usize) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            g: self.need(&format!("{name}.weight"), &[n], group, Init::Ones, true)?,
+            eps,
+            group,
+        })
     }
 
     /// A backbone layer norm `{name}.weight` and `{name}.bias` of width `n`.
