@@ -130,7 +130,7 @@ pub fn decode_attention(
 
 /// `heads` must be a positive multiple of `kv_heads`.
 fn check_heads(what: &str, heads: usize, kv_heads: usize) -> Result<()> {
-    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(Error::Msg(format!(
             "{what}: {heads} attention heads are not a positive multiple of {kv_heads} \
              key/value heads"
@@ -292,7 +292,7 @@ impl DecodeDims {
         check_heads("decode_attention", heads, kv_heads)?;
         let (batch, total) = key_bias.dims2()?;
         let (rows, cols) = q.dims2()?;
-        let new = if batch == 0 { 0 } else { rows / batch };
+        let new = rows.checked_div(batch).unwrap_or(0);
         if cols == 0 || cols % heads != 0 || rows != batch * new || new > total {
             return Err(Error::Msg(format!(
                 "decode_attention: queries are {rows}x{cols}, expected \
@@ -447,44 +447,40 @@ struct Head {
 impl Head {
     /// Scratch elements of one block's scores.
     fn block_len(&self) -> usize {
-        BLOCK.min(self.nq) * (self.off + self.nq)
+        BLOCK.min(self.nq) * (self.off + self.nq).div_ceil(8) * 8
     }
 
     /// The probabilities of query rows `r0..r1` over keys `0..n` (`n = off + r1`, the
-    /// keys the last of them sees) into `p` (row stride `n`), zero after each row's own
-    /// position. Returns `n`.
+    /// keys the last of them sees) into `p` (row stride `ld`, `n` rounded up to 8), zero
+    /// after each row's own position. Returns `(n, ld)`.
     ///
     /// # Safety
     /// The pointers must reach every row they are read at; `kb` holds `n` keys at least.
-    unsafe fn probs(&self, r0: usize, r1: usize, kb: &[f32], p: &mut [f32]) -> usize {
+    unsafe fn probs(&self, r0: usize, r1: usize, kb: &[f32], p: &mut [f32]) -> (usize, usize) {
         let (m, n) = (r1 - r0, self.off + r1);
+        let ld = n.div_ceil(8) * 8;
         sgemm(
             m,
             n,
             self.dh,
             p.as_mut_ptr(),
-            n,
+            ld,
             false,
             Mat::rows(self.q.add(r0 * self.q_rs), self.q_rs),
             Mat::rows_t(self.k, self.k_rs),
             self.scale,
             false,
         );
-        for (i, row) in p[..m * n].chunks_mut(n).enumerate() {
-            let len = self.off + r0 + i + 1;
-            let (seen, later) = row.split_at_mut(len);
-            simd::softmax_rows(seen, &kb[..len], len);
-            later.fill(0.0);
-        }
-        n
+        causal_softmax_rows(&mut p[..m * ld], ld, kb, self.off + r0 + 1);
+        (n, ld)
     }
 
-    /// The dropout multipliers of rows `r0..r1` (row stride `n`) into `d`, if any.
-    fn drop_mask(&self, r0: usize, r1: usize, n: usize, d: &mut [f32]) -> bool {
+    /// The dropout multipliers of rows `r0..r1` (row stride `ld`) into `d`, if any.
+    fn drop_mask(&self, r0: usize, r1: usize, ld: usize, d: &mut [f32]) -> bool {
         let Some(rd) = self.drop else {
             return false;
         };
-        for (i, row) in d[..(r1 - r0) * n].chunks_mut(n).enumerate() {
+        for (i, row) in d[..(r1 - r0) * ld].chunks_mut(ld).enumerate() {
             // A row's multipliers of its first keys are those of the whole row (each
             // element's draw depends on its index only).
             let len = self.off + r0 + i + 1;
@@ -504,9 +500,9 @@ impl Head {
         let mut d = vec![0f32; if self.drop.is_some() { p.len() } else { 0 }];
         for r0 in (0..self.nq).step_by(BLOCK) {
             let r1 = (r0 + BLOCK).min(self.nq);
-            let n = self.probs(r0, r1, kb, &mut p);
-            let mn = (r1 - r0) * n;
-            if self.drop_mask(r0, r1, n, &mut d) {
+            let (n, ld) = self.probs(r0, r1, kb, &mut p);
+            let mn = (r1 - r0) * ld;
+            if self.drop_mask(r0, r1, ld, &mut d) {
                 p[..mn].iter_mut().zip(&d[..mn]).for_each(|(p, d)| *p *= d);
             }
             sgemm(
@@ -516,7 +512,7 @@ impl Head {
                 y.add(r0 * y_rs),
                 y_rs,
                 false,
-                Mat::rows(p.as_ptr(), n),
+                Mat::rows(p.as_ptr(), ld),
                 Mat::rows(self.v, self.v_rs),
                 1.0,
                 false,
@@ -554,10 +550,10 @@ impl Head {
             let add = j + 1 < starts.len();
             let r1 = (r0 + BLOCK).min(self.nq);
             let m = r1 - r0;
-            let n = self.probs(r0, r1, kb, &mut p);
-            let mn = m * n;
+            let (n, ld) = self.probs(r0, r1, kb, &mut p);
+            let mn = m * ld;
             // Pd = P ⊙ D (the probabilities after dropout).
-            if self.drop_mask(r0, r1, n, &mut d) {
+            if self.drop_mask(r0, r1, ld, &mut d) {
                 pd[..mn]
                     .iter_mut()
                     .zip(p[..mn].iter().zip(&d[..mn]))
@@ -573,7 +569,7 @@ impl Head {
                 dv,
                 dv_rs,
                 add,
-                Mat::rows_t(pd_ptr, n),
+                Mat::rows_t(pd_ptr, ld),
                 Mat::rows(d_o, dy_rs),
                 1.0,
                 false,
@@ -585,7 +581,7 @@ impl Head {
                 n,
                 self.dh,
                 ds.as_mut_ptr(),
-                n,
+                ld,
                 false,
                 Mat::rows(d_o, dy_rs),
                 Mat::rows_t(self.v, self.v_rs),
@@ -595,7 +591,10 @@ impl Head {
             if dropout {
                 ds[..mn].iter_mut().zip(&d[..mn]).for_each(|(g, d)| *g *= d);
             }
-            simd::softmax_rows_backward(&p[..mn], &mut ds[..mn], n);
+            for i in 0..m {
+                let r = i * ld..i * ld + n;
+                simd::softmax_rows_backward(&p[r.clone()], &mut ds[r], n);
+            }
             // dQ = scale · dS K;  dK (+)= scale · dSᵀ Q.
             sgemm(
                 m,
@@ -604,7 +603,7 @@ impl Head {
                 dq.add(r0 * dq_rs),
                 dq_rs,
                 false,
-                Mat::rows(ds.as_ptr(), n),
+                Mat::rows(ds.as_ptr(), ld),
                 Mat::rows(self.k, self.k_rs),
                 self.scale,
                 false,
@@ -616,11 +615,42 @@ impl Head {
                 dk,
                 dk_rs,
                 add,
-                Mat::rows_t(ds.as_ptr(), n),
+                Mat::rows_t(ds.as_ptr(), ld),
                 Mat::rows(self.q.add(r0 * self.q_rs), self.q_rs),
                 self.scale,
                 false,
             );
+        }
+    }
+}
+
+simd::dispatch! {
+    /// In place, for every row `i` of `ld` elements of `p` (`ld` a multiple of 8): the
+    /// softmax of its first `len = len0 + i` elements plus `kb`'s, zeros after. The row is
+    /// processed in whole groups of 8 lanes (`-inf` past `len`, whose exp is exactly 0), so
+    /// that no row of a causal mask, whatever its length, runs a scalar tail (rows of
+    /// every length made the exp loop of a plain softmax mostly scalar).
+    fn causal_softmax_rows(p: &mut [f32], ld: usize, kb: &[f32], len0: usize) {
+        for (i, row) in p.chunks_mut(ld).enumerate() {
+            let len = len0 + i;
+            let (live, rest) = row.split_at_mut(len.div_ceil(8) * 8);
+            live.iter_mut().zip(&kb[..len]).for_each(|(y, b)| *y += b);
+            live[len..].fill(f32::NEG_INFINITY);
+            let m = simd::max(live);
+            for c in live.chunks_exact_mut(8) {
+                let c: &mut [f32; 8] = c.try_into().unwrap();
+                for y in c.iter_mut() {
+                    *y = simd::exp(*y - m);
+                }
+            }
+            let inv = 1.0 / simd::sum(live);
+            for c in live.chunks_exact_mut(8) {
+                let c: &mut [f32; 8] = c.try_into().unwrap();
+                for y in c.iter_mut() {
+                    *y *= inv;
+                }
+            }
+            rest.fill(0.0);
         }
     }
 }
@@ -1136,30 +1166,44 @@ mod tests {
     }
 
     /// Fused vs composed, forward + backward, on SmolLM2-135M's shape (batch 8, seq 256,
-    /// 9 heads over 3 KV heads of 64): `cargo test -p ferrotune --release --lib
-    /// kernels::decode::tests::speed -- --ignored --nocapture`.
+    /// 9 heads over 3 KV heads of 64), with dropout: `cargo test -p ferrotune --release
+    /// --lib kernels::decode::tests::speed -- --ignored --nocapture` (`RAYON_NUM_THREADS`
+    /// sets the threads). Prints wall and process CPU milliseconds per step.
     #[test]
     #[ignore]
     fn speed() {
         let (batch, seq, heads, kv, dh) = (8, 256, 9, 3, 64);
         let (qkv, kb, d) = inputs((batch, seq, heads, kv, dh, true), Pad::Right, 1);
         let up = randn(&[batch * seq, heads * dh], 2);
-        let time = |f: &dyn Fn() -> Tensor| {
+        let cpu_ms = || {
+            let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+            // Safety: getrusage writes the struct it is given.
+            unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+            let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 * 1e-3;
+            ms(u.ru_utime) + ms(u.ru_stime)
+        };
+        let time = |f: &dyn Fn() -> Tensor, backward: bool| {
             let step = || {
                 let y = f();
-                let g = grads_of(y, &up);
-                assert!(g.get(&qkv).is_some());
+                if backward {
+                    assert!(grads_of(y, &up).get(&qkv).is_some());
+                }
             };
             step();
             let n = 5;
-            let t = std::time::Instant::now();
+            let (t, c) = (std::time::Instant::now(), cpu_ms());
             for _ in 0..n {
                 step();
             }
-            t.elapsed().as_secs_f64() * 1e3 / n as f64
+            (
+                t.elapsed().as_secs_f64() * 1e3 / n as f64,
+                (cpu_ms() - c) / n as f64,
+            )
         };
-        let fused = time(&|| causal_attention(&qkv, &kb, d, heads, kv).unwrap());
-        let composed = time(&|| causal_attention_composed(&qkv, &kb, d, heads, kv).unwrap());
+        let fused = || causal_attention(&qkv, &kb, d, heads, kv).unwrap();
+        let composed = || causal_attention_composed(&qkv, &kb, d, heads, kv).unwrap();
+        let (ff, fc) = (time(&fused, false), time(&composed, false));
+        let (bf, bc) = (time(&fused, true), time(&composed, true));
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| {
@@ -1169,10 +1213,21 @@ mod tests {
             })
             .unwrap_or_default();
         println!(
-            "causal attention fwd+bwd {batch}x{seq} heads {heads}/{kv}x{dh}, dropout, {} threads, {cpu}: \
-             fused {fused:.1} ms, composed {composed:.1} ms, ratio {:.2}x",
+            "causal attention {batch}x{seq} heads {heads}/{kv}x{dh}, dropout 0.2, {} threads, \
+             {cpu} (ms per step, wall / cpu)\n\
+             forward:          fused {:.1} / {:.1}, composed {:.1} / {:.1}: {:.2}x wall\n\
+             forward+backward: fused {:.1} / {:.1}, composed {:.1} / {:.1}: {:.2}x wall",
             candle_core::utils::get_num_threads(),
-            composed / fused
+            ff.0,
+            ff.1,
+            fc.0,
+            fc.1,
+            fc.0 / ff.0,
+            bf.0,
+            bf.1,
+            bc.0,
+            bc.1,
+            bc.0 / bf.0,
         );
     }
 }
