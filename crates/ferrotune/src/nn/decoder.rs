@@ -9,8 +9,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::error::{Error, Result};
-use crate::kernels::fused;
+use crate::error::Result;
+use crate::kernels::decode;
+use crate::nn::encoder::key_bias;
 use crate::nn::Ctx;
 
 /// Rotary position embeddings as transformers' Llama applies them (`rotate_half`: the
@@ -78,6 +79,22 @@ impl Rope {
         ))
     }
 
+    /// `x` `(batch·seq, heads·head_dim)` (tokens first) rotated by the tables of
+    /// [`Rope::tables`] `(seq, head_dim)`, in the same layout.
+    pub fn apply_rows(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let (rows, w) = x.dims2()?;
+        let seq = rows / batch.max(1);
+        let heads = w / self.head_dim;
+        let y = self.apply(&x.reshape((batch, seq, heads, self.head_dim))?, cos, sin)?;
+        Ok(y.reshape((rows, w))?)
+    }
+
     /// `x` `(batch, seq, heads, head_dim)` rotated by the tables of [`Rope::tables`]
     /// `(seq, head_dim)`: `x·cos + rotate_half(x)·sin`. Differentiable.
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -92,8 +109,8 @@ impl Rope {
     }
 }
 
-/// The keys and values of one layer for the tokens seen so far, `(batch, kv_heads, total,
-/// head_dim)` each, after rotary embedding.
+/// The keys and values of one layer for the tokens seen so far, `(batch, total,
+/// kv_heads·head_dim)` each, after rotary embedding.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
     /// Keys.
@@ -135,125 +152,61 @@ pub trait Generator: Send + Sync {
     fn max_positions(&self) -> usize;
 }
 
-/// `(batch, seq, heads, head_dim)` → `(batch, heads, seq, head_dim)`, contiguous.
-fn heads_first(t: &Tensor) -> Result<Tensor> {
-    Ok(t.transpose(1, 2)?.contiguous()?)
-}
-
-/// `kv` `(batch, kv_heads, n, head_dim)` repeated so that query head `h` reads kv head
-/// `h / rep` (transformers' `repeat_kv`): `(batch, kv_heads·rep, n, head_dim)`.
-fn repeat_kv(kv: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(kv.clone());
-    }
-    let (b, kvh, n, dh) = kv.dims4()?;
-    Ok(kv
-        .unsqueeze(2)?
-        .broadcast_as((b, kvh, rep, n, dh))?
-        .contiguous()?
-        .reshape((b, kvh * rep, n, dh))?)
-}
-
-/// Causal self-attention of `q` `(batch, seq, heads, head_dim)` over `k`, `v` `(batch,
-/// seq, kv_heads, head_dim)` (after rotary embedding), with padding `attention_mask`
-/// `(batch, seq)` (1 token, 0 padding) and probability dropout `p`. Returns `(batch·seq,
-/// heads·head_dim)`, tokens first. Composed of differentiable candle operations (the
-/// reference the fused kernel is tested against), transformers' eager attention.
+/// Causal self-attention of `q` `(batch·seq, heads·head_dim)` over `k`, `v` `(batch·seq,
+/// kv_heads·head_dim)` (after rotary embedding), with padding `attention_mask` `(batch,
+/// seq)` (1 token, 0 padding) and probability dropout `p`: the fused kernel
+/// ([`decode::causal_attention`], forward and backward), or with the fused operations off
+/// its composition of candle operations (transformers' eager attention). Returns
+/// `(batch·seq, heads·head_dim)`, tokens first.
+#[allow(clippy::too_many_arguments)]
 pub fn causal_attention(
     ctx: &mut Ctx,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     attention_mask: &Tensor,
+    heads: usize,
+    kv_heads: usize,
     p: f64,
 ) -> Result<Tensor> {
-    let (b, s, nh, dh) = q.dims4()?;
-    let kvh = k.dim(2)?;
-    if kvh == 0 || nh % kvh != 0 {
-        return Err(Error::Msg(format!(
-            "attention: {nh} query heads do not share {kvh} key/value heads evenly"
-        )));
+    let qkv = Tensor::cat(&[q, k, v], 1)?;
+    let key_bias = key_bias(attention_mask)?;
+    let drop = ctx.dropout_seed(p);
+    if ctx.fused() {
+        decode::causal_attention(&qkv, &key_bias, drop, heads, kv_heads)
+    } else {
+        decode::causal_attention_composed(&qkv, &key_bias, drop, heads, kv_heads)
     }
-    let q = heads_first(q)?;
-    let k = repeat_kv(&heads_first(k)?, nh / kvh)?;
-    let v = repeat_kv(&heads_first(v)?, nh / kvh)?;
-    let bias = causal_bias(attention_mask, s)?;
-    let scale = 1.0 / (dh as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-    let mut probs = fused::softmax_last_composed(&scores)?;
-    if let Some(d) = ctx.dropout_seed(p) {
-        let mask = fused::dropout_mask(&[b, nh, s, s], d)?.to_device(q.device())?;
-        probs = (probs * mask)?;
-    }
-    Ok(probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b * s, nh * dh))?)
 }
 
-/// The additive attention bias `(batch, 1, new, total)` of `new` queries at positions
-/// `total − new ..` over `total` keys: 0 where the key is a token at or before the query,
-/// the most negative f32 where it is later or padding (as transformers' masks).
-pub fn causal_bias(attention_mask: &Tensor, new: usize) -> Result<Tensor> {
-    let (b, total) = attention_mask.dims2()?;
-    let mask = attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let off = total - new;
-    let mut out = Vec::with_capacity(b * new * total);
-    for row in &mask {
-        for i in 0..new {
-            for (j, &m) in row.iter().enumerate() {
-                out.push(if j <= off + i && m > 0.0 {
-                    0.0
-                } else {
-                    f32::MIN
-                });
-            }
-        }
-    }
-    Ok(Tensor::from_vec(
-        out,
-        (b, 1, new, total),
-        attention_mask.device(),
-    )?)
-}
-
-/// Attention of new queries `q` `(1, new, heads, head_dim)` against the cache of their
-/// layer, after appending their keys and values `k`, `v` `(1, new, kv_heads, head_dim)`
-/// to it (inference: generation). Returns `(new, heads·head_dim)`.
+/// Attention of new queries `q` `(new, heads·head_dim)` of one sequence against the cache
+/// of their layer, after appending their keys and values `k`, `v` `(new,
+/// kv_heads·head_dim)` to it (inference: generation). Returns `(new, heads·head_dim)`.
 pub fn cached_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
     cache: &mut LayerCache,
 ) -> Result<Tensor> {
-    let (b, new, nh, dh) = q.dims4()?;
-    let kvh = k.dim(2)?;
-    let (k, v) = (heads_first(k)?, heads_first(v)?);
+    let (new, w) = k.dims2()?;
+    let k = k.reshape((1, new, w))?;
+    let v = v.reshape((1, new, w))?;
     let k = match &cache.k {
-        Some(old) => Tensor::cat(&[old, &k], 2)?,
+        Some(old) => Tensor::cat(&[old, &k], 1)?,
         None => k,
     };
     let v = match &cache.v {
-        Some(old) => Tensor::cat(&[old, &v], 2)?,
+        Some(old) => Tensor::cat(&[old, &v], 1)?,
         None => v,
     };
-    cache.k = Some(k.clone());
-    cache.v = Some(v.clone());
-    let total = k.dim(2)?;
-    let q = heads_first(q)?;
-    let k = repeat_kv(&k, nh / kvh)?;
-    let v = repeat_kv(&v, nh / kvh)?;
-    let mask = Tensor::ones((b, total), DType::F32, q.device())?;
-    let bias = causal_bias(&mask, new)?;
-    let scale = 1.0 / (dh as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    Ok(probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b * new, nh * dh))?)
+    let total = k.dim(1)?;
+    let bias = Tensor::zeros((1, total), DType::F32, q.device())?;
+    let out = decode::decode_attention(q, &k, &v, &bias, heads, kv_heads)?;
+    cache.k = Some(k);
+    cache.v = Some(v);
+    Ok(out)
 }
 
 /// Row `b·seq + last_b` of `hidden` `(batch·seq, width)` for each sequence `b`, where

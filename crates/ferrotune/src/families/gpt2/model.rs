@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::families::{pooling, HeadSpec, HfConfig, Loaded, Model};
+use crate::kernels::decode;
 use crate::nn::decoder::{self, Generator, KvCache, LayerCache};
 use crate::nn::layers::{Activation, Embedding, LayerNorm, Linear};
 use crate::nn::{Batch, Builder, Ctx, GroupKind, Pooling, TokenBatch, Weights};
@@ -184,21 +185,25 @@ impl Gpt2Model {
         ctx: &mut Ctx,
         k: &Block,
         x: &Tensor,
-        (b, s): (usize, usize),
         attend: Option<&Tensor>,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let nh = self.heads;
         let h = x.dim(1)?;
-        let dh = h / nh;
         let qkv = k.attn.forward(ctx, &k.ln1.forward(ctx, x)?)?;
-        let part =
-            |i: usize| -> Result<Tensor> { Ok(qkv.narrow(1, i * h, h)?.reshape((b, s, nh, dh))?) };
-        let (q, kk, v) = (part(0)?, part(1)?, part(2)?);
         let a = match (attend, cache) {
-            (_, Some(c)) => decoder::cached_attention(&q, &kk, &v, c)?,
+            (_, Some(c)) => {
+                let part = |i: usize| qkv.narrow(1, i * h, h)?.contiguous();
+                decoder::cached_attention(&part(0)?, &part(1)?, &part(2)?, nh, nh, c)?
+            }
             (Some(mask), None) => {
-                decoder::causal_attention(ctx, &q, &kk, &v, mask, self.attn_drop)?
+                let drop = ctx.dropout_seed(self.attn_drop);
+                let key_bias = crate::nn::encoder::key_bias(mask)?;
+                if ctx.fused() {
+                    decode::causal_attention(&qkv, &key_bias, drop, nh, nh)?
+                } else {
+                    decode::causal_attention_composed(&qkv, &key_bias, drop, nh, nh)?
+                }
             }
             (None, None) => unreachable!("a mask or a cache"),
         };
@@ -210,10 +215,9 @@ impl Gpt2Model {
     }
 
     fn hidden(&self, ctx: &mut Ctx, t: &TokenBatch) -> Result<Tensor> {
-        let (b, s) = t.input_ids.dims2()?;
         let mut x = self.embed(ctx, &t.input_ids, 0)?;
         for k in &self.blocks {
-            x = self.block(ctx, k, &x, (b, s), Some(&t.attention_mask), None)?;
+            x = self.block(ctx, k, &x, Some(&t.attention_mask), None)?;
         }
         self.ln_f.forward(ctx, &x)
     }
@@ -280,7 +284,7 @@ impl Generator for Gpt2Model {
         let ids_t = Tensor::from_vec(ids.to_vec(), (1, n), dev)?;
         let mut x = self.embed(&mut ctx, &ids_t, cache.len)?;
         for (k, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = self.block(&mut ctx, k, &x, (1, n), None, Some(c))?;
+            x = self.block(&mut ctx, k, &x, None, Some(c))?;
         }
         cache.len += n;
         let last = self.ln_f.forward(&ctx, &x.narrow(0, n - 1, 1)?)?;
