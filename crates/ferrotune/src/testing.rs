@@ -195,6 +195,16 @@ fn write_bpe(dir: &Path) -> Result<usize> {
     Ok(tokens.len())
 }
 
+/// The prefix of a family's backbone tensors in transformers' task models (`bert.`,
+/// `model.` for Llama, `transformer.` for GPT-2).
+pub fn backbone_prefix(model_type: &str) -> String {
+    match model_type {
+        "llama" => "model.".into(),
+        "gpt2" => "transformer.".into(),
+        f => format!("{f}."),
+    }
+}
+
 /// Writes a random pretrained model of `spec.family` (no task head) to `dir`:
 /// `config.json`, `model.safetensors` and its tokenizer files.
 pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> Result<()> {
@@ -213,8 +223,9 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> Result<()> {
         spec.seed,
         &device,
     )?;
-    let prefix = format!("{}.", fam.model_type());
+    let prefix = backbone_prefix(fam.model_type());
     let groups = &loaded.params.groups;
+    let mut exported = loaded.params.export_tensors()?;
     let tensors: HashMap<String, candle_core::Tensor> = loaded
         .params
         .params
@@ -226,7 +237,12 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> Result<()> {
             } else {
                 p.name.trim_start_matches(&prefix).to_string()
             };
-            (k, p.var.as_tensor().clone())
+            (
+                k,
+                exported
+                    .remove(&p.name)
+                    .expect("every parameter is exported"),
+            )
         })
         .collect();
     let sp = dir.join("model.safetensors");

@@ -101,6 +101,7 @@ impl Family for Llama {
             "max_position_embeddings": s.max_positions,
             "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0,
+            "attention_dropout": 0.1,
             "tie_word_embeddings": true,
             "initializer_range": s.initializer_range,
             "bos_token_id": 0,
