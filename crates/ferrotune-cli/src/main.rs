@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ferrotune::data::reader::{open_examples, read_examples, EncodingErrors, ReaderOptions};
+use ferrotune::formats::gguf::resolve_model;
 use ferrotune::predict::{is_csv, Predictor};
 use ferrotune::serve::ServeConfig;
 use ferrotune::train::{Control, Progress};
@@ -86,7 +87,7 @@ enum Cmd {
     },
     /// Evaluate an exported model on a labelled file.
     Eval {
-        /// The exported model directory.
+        /// The exported model directory (or a .gguf file, converted once into the cache).
         #[arg(long)]
         model: PathBuf,
         /// Labelled data (CSV, TSV, JSONL or a directory per class).
@@ -110,7 +111,7 @@ enum Cmd {
     },
     /// Predict labels for a file of texts.
     Predict {
-        /// The exported model directory.
+        /// The exported model directory (or a .gguf file, converted once into the cache).
         #[arg(long)]
         model: PathBuf,
         /// Texts (CSV, TSV, JSONL, or .txt with one text per line).
@@ -138,7 +139,7 @@ enum Cmd {
     /// Serve a model over HTTP: POST /predict (TEI's request shape), GET /health, /info,
     /// /metrics, /openapi.json. SIGTERM or Ctrl-C drains requests in flight, then exits.
     Serve {
-        /// The exported model directory.
+        /// The exported model directory (or a .gguf file, converted once into the cache).
         #[arg(long)]
         model: PathBuf,
         /// Address to listen on.
@@ -214,7 +215,7 @@ enum Cmd {
     /// Sentence embeddings from a model directory (pretrained or fine-tuned): one JSONL
     /// line `{"embedding": [...]}` per input, as sentence-transformers computes them.
     Embed {
-        /// The model directory.
+        /// The model directory (or a .gguf file, converted once into the cache).
         #[arg(long)]
         model: PathBuf,
         /// Texts (CSV, TSV, JSONL, or .txt with one text per line).
@@ -260,7 +261,7 @@ enum Cmd {
     },
     /// Describe a model directory.
     Inspect {
-        /// The model directory.
+        /// The model directory (or a .gguf file, converted once into the cache).
         #[arg(long)]
         model: PathBuf,
     },
@@ -587,7 +588,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             no_header,
             precision,
         } => {
-            let mut p = Predictor::load(&model)?;
+            let mut p = Predictor::load(&resolve_model(&model)?)?;
             let why = p.set_precision(precision.into())?;
             if p.precision != ferrotune::precision::Precision::F32 {
                 eprintln!("precision: {why}");
@@ -639,7 +640,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             chunk_size,
             precision,
         } => {
-            let mut p = Predictor::load(&model)?;
+            let mut p = Predictor::load(&resolve_model(&model)?)?;
             p.stream_chunk = chunk_size.max(1);
             let why = p.set_precision(precision.into())?;
             if p.precision != ferrotune::precision::Precision::F32 {
@@ -776,7 +777,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 max_image_bytes,
                 max_image_pixels,
             };
-            ferrotune::serve::run(&model, cfg)?;
+            ferrotune::serve::run(&resolve_model(&model)?, cfg)?;
         }
         Cmd::Bench {
             mode,
@@ -816,6 +817,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--pooling: expected mean or cls");
             }
             let device = ferrotune::nn::device();
+            let model = resolve_model(&model)?;
             let (m, enc) = ferrotune::infer::load_embedder(&model, max_length, &device)?;
             let ex = read_examples(&input, &reader_for(text_column, None))?;
             use ferrotune::data::InputEncoder;
@@ -838,7 +840,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Inspect { model } => {
-            let info = ferrotune::artifact::inspect(&model)?;
+            let info = ferrotune::artifact::inspect(&resolve_model(&model)?)?;
             print_out(&info)?;
         }
         Cmd::Generate {

@@ -124,7 +124,9 @@ fn string_or_list<'de, D: serde::Deserializer<'de>>(
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Directory of the pretrained model (`config.json`, `model.safetensors`, tokenizer).
+    /// Directory of the pretrained model (`config.json`, `model.safetensors`, tokenizer),
+    /// or a llama.cpp `.gguf` file, replaced on loading by the directory it converts to
+    /// ([`crate::formats::gguf::resolve_model`]).
     pub model_name_or_path: PathBuf,
     /// Training data: a CSV, TSV or JSONL file, or a directory with one folder per class.
     pub train_file: PathBuf,
@@ -561,6 +563,8 @@ impl TrainConfig {
             }
             e => e,
         })?;
+        // A GGUF file stands for the Hugging Face directory it converts to (once, cached).
+        cfg.model_name_or_path = crate::formats::gguf::resolve_model(&cfg.model_name_or_path)?;
         Ok(cfg)
     }
 

@@ -177,3 +177,225 @@ pub fn from_bpe_files(dir: &Path) -> Result<Tokenizer> {
     ));
     Ok(tok)
 }
+
+/// The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata (llama.cpp's
+/// keys), the part [`from_gguf_vocab`] needs.
+#[derive(Debug, Clone, Default)]
+pub struct GgufVocab {
+    /// `tokenizer.ggml.model`: `gpt2` (byte-level BPE) is the one supported.
+    pub model: String,
+    /// `tokenizer.ggml.pre`: how text is split before BPE (`smollm`, `llama-bpe`, `qwen2`, ...).
+    pub pre: Option<String>,
+    /// `tokenizer.ggml.tokens`: the vocabulary, by id.
+    pub tokens: Vec<String>,
+    /// `tokenizer.ggml.token_type`, by id (1 normal, 3 control, 4 user-defined); may be empty.
+    pub token_types: Vec<i64>,
+    /// `tokenizer.ggml.merges`: `"left right"`, best first.
+    pub merges: Vec<String>,
+    /// `tokenizer.ggml.add_bos_token` (default false): BOS is put before every text.
+    pub add_bos: Option<u32>,
+    /// `tokenizer.ggml.add_eos_token` (default false): EOS is put after every text.
+    pub add_eos: Option<u32>,
+}
+
+/// llama.cpp's GGML token type of a control token (`<|im_start|>`): a special added token.
+const GGUF_CONTROL: i64 = 3;
+/// llama.cpp's GGML token type of a user-defined token (`<think>`): an added, non-special
+/// token, always matched whole.
+const GGUF_USER_DEFINED: i64 = 4;
+
+/// The regex llama.cpp splits text with before BPE, for the `tokenizer.ggml.pre` values
+/// that are not GPT-2's own split (transformers' table for GGUF files, which is
+/// llama.cpp's). `None`: GPT-2's regex (`gpt2`, `default`, anything unknown).
+fn gguf_split_regex(pre: &str) -> Option<&'static str> {
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" | "dbrx" | "smaug-bpe" => {
+            Some(LLAMA3)
+        }
+        "qwen2" | "deepseek-r1-qwen" | "megrez" => Some(QWEN2),
+        _ => None,
+    }
+}
+
+/// Whether llama.cpp splits every digit off before GPT-2's regex for this
+/// `tokenizer.ggml.pre` (its `\p{N}` rule): StarCoder's and SmolLM's tokenizers, whose
+/// `tokenizer.json` has a `Digits(individual_digits)` pre-tokenizer for it.
+fn gguf_splits_digits(pre: &str) -> bool {
+    matches!(
+        pre,
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b"
+    )
+}
+
+/// GPT-2's map from bytes to the printable characters byte-level BPE vocabularies spell
+/// them with (`Ġ` for a space).
+fn gpt2_byte_chars() -> [char; 256] {
+    let mut out = ['\0'; 256];
+    let mut extra = 0u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        out[b as usize] = if printable {
+            char::from(b)
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra).expect("256..=323 are characters")
+        };
+    }
+    out
+}
+
+/// A byte-level BPE tokenizer from a GGUF file's vocabulary (`path` names the file in
+/// errors): the vocabulary and merges as the file lists them, its control tokens as
+/// special added tokens and its user-defined ones as added tokens, the split llama.cpp
+/// uses for `tokenizer.ggml.pre`, and BOS/EOS added where the file says so. The ids equal
+/// those `transformers` gives (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`).
+pub fn from_gguf_vocab(v: &GgufVocab, path: &Path) -> Result<Tokenizer> {
+    use tokenizers::pre_tokenizers::digits::Digits;
+    use tokenizers::pre_tokenizers::sequence::Sequence;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+    if v.model != "gpt2" {
+        return Err(Error::at(
+            path,
+            None,
+            Some("tokenizer.ggml.model"),
+            format!(
+                "tokenizer `{}` is not supported (supported: gpt2, byte-level BPE)",
+                v.model
+            ),
+        ));
+    }
+    // Tokens are spelled in GPT-2's byte alphabet; one that is not (a control token
+    // written in plain UTF-8) is respelled from its bytes, as transformers does.
+    let chars = gpt2_byte_chars();
+    let alphabet: std::collections::HashSet<char> = chars.iter().copied().collect();
+    let spell = |t: &str| -> String {
+        if t.chars().all(|c| alphabet.contains(&c)) {
+            t.to_string()
+        } else {
+            t.bytes().map(|b| chars[b as usize]).collect()
+        }
+    };
+    let vocab: tokenizers::models::bpe::Vocab = v
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (spell(t), i as u32))
+        .collect();
+    let mut merges = Vec::with_capacity(v.merges.len());
+    for (i, m) in v.merges.iter().enumerate() {
+        let Some((a, b)) = m.split_once(' ') else {
+            return Err(Error::at(
+                path,
+                None,
+                Some("tokenizer.ggml.merges"),
+                format!("merge {i} `{m}` is not two tokens separated by a space"),
+            ));
+        };
+        merges.push((a.to_string(), b.to_string()));
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| {
+            Error::at(
+                path,
+                None,
+                Some("tokenizer.ggml.merges"),
+                format!("not a valid BPE vocabulary: {e}"),
+            )
+        })?;
+    let mut tok = Tokenizer::new(bpe);
+    let pre = v.pre.as_deref().unwrap_or("default");
+    let byte_level = ByteLevel::new(false, true, true);
+    if let Some(re) = gguf_split_regex(pre) {
+        let split = Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| Error::Msg(format!("internal: the split regex of `{pre}`: {e}")))?;
+        tok.with_pre_tokenizer(Some(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])));
+    } else if gguf_splits_digits(pre) {
+        tok.with_pre_tokenizer(Some(Sequence::new(vec![
+            Digits::new(true).into(),
+            byte_level.into(),
+        ])));
+    } else {
+        tok.with_pre_tokenizer(Some(byte_level));
+    }
+    tok.with_decoder(Some(ByteLevel::default()));
+
+    let typed = |want: i64| -> Vec<&String> {
+        v.tokens
+            .iter()
+            .zip(&v.token_types)
+            .filter(|(_, &ty)| ty == want)
+            .map(|(t, _)| t)
+            .collect()
+    };
+    let control: Vec<AddedToken> = typed(GGUF_CONTROL)
+        .into_iter()
+        // A control token outside the byte alphabet is a llama.cpp mislabel that no
+        // text can produce (transformers skips them too).
+        .filter(|t| t.chars().all(|c| alphabet.contains(&c)))
+        .map(|t| AddedToken::from(t.clone(), true).normalized(false))
+        .collect();
+    tok.add_special_tokens(&control);
+    let user: Vec<AddedToken> = typed(GGUF_USER_DEFINED)
+        .into_iter()
+        .map(|t| AddedToken::from(t.clone(), false).normalized(false))
+        .collect();
+    tok.add_tokens(&user);
+
+    if v.add_bos.is_some() || v.add_eos.is_some() {
+        let name = |id: u32, key: &str| -> Result<String> {
+            v.tokens.get(id as usize).cloned().ok_or_else(|| {
+                Error::at(
+                    path,
+                    None,
+                    Some(key),
+                    format!("token id {id} is outside the vocabulary"),
+                )
+            })
+        };
+        let bos = v
+            .add_bos
+            .map(|id| Ok::<_, Error>((name(id, "tokenizer.ggml.bos_token_id")?, id)))
+            .transpose()?;
+        let eos = v
+            .add_eos
+            .map(|id| Ok::<_, Error>((name(id, "tokenizer.ggml.eos_token_id")?, id)))
+            .transpose()?;
+        let wrap = |seq: &str| -> String {
+            let mut parts = Vec::new();
+            if let Some((b, _)) = &bos {
+                parts.push(b.clone());
+            }
+            parts.push(seq.to_string());
+            if let Some((e, _)) = &eos {
+                parts.push(e.clone());
+            }
+            parts.join(" ")
+        };
+        let single = wrap("$A");
+        let pair = format!("{} {}", single, wrap("$B:1"));
+        let specials: Vec<(String, u32)> = bos.iter().chain(eos.iter()).cloned().collect();
+        let tp = TemplateProcessing::builder()
+            .try_single(single.as_str())
+            .and_then(|b| b.try_pair(pair.as_str()))
+            .map_err(|e| Error::Msg(format!("internal: BOS/EOS template: {e}")))?
+            .special_tokens(specials)
+            .build()
+            .map_err(|e| Error::file(path, format!("BOS/EOS template: {e}")))?;
+        tok.with_post_processor(Some(tp));
+    }
+    Ok(tok)
+}

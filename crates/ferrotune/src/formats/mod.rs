@@ -3,9 +3,11 @@
 //! - [`safetensors`]: Hugging Face's safetensors files (and their headers alone).
 //! - [`pickle`]: PyTorch weight files (`.bin`, `.pth`) through an unpickler that can only
 //!   rebuild tensors: no code in the file ever runs.
+//! - [`gguf`]: llama.cpp's GGUF files, converted to a Hugging Face model directory.
 //! - [`tfevents`]: TensorBoard event files (written; read back for checks).
 //! - [`write_whole`]: any small file, written whole or not at all.
 
+pub mod gguf;
 pub mod pickle;
 pub mod safetensors;
 pub mod tfevents;
