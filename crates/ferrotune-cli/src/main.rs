@@ -858,6 +858,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 (None, Some(f)) => std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?,
                 (None, None) => unreachable!("clap requires one"),
             };
+            let model = ferrotune::formats::gguf::resolve_model(&model)?;
             let generator = ferrotune::generate::TextGenerator::load(&model)?;
             let sampling = ferrotune::generate::Sampling {
                 max_new_tokens,

@@ -20,7 +20,7 @@ fn main() -> ferrotune::Result<()> {
         eprintln!("usage: lm_logits MODEL IDS.json [--classify N]");
         std::process::exit(2);
     }
-    let model = PathBuf::from(&args[0]);
+    let model = ferrotune::formats::gguf::resolve_model(&PathBuf::from(&args[0]))?;
     let input: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&args[1]).map_err(|e| ferrotune::Error::io(&args[1], e))?,
     )
