@@ -89,6 +89,10 @@ enum Cmd {
         /// The exported model directory.
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter directory (`adapter_config.json`,
+        /// `adapter_model.safetensors`) applied to `--model` (then the base model).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Labelled data (CSV, TSV, JSONL or a directory per class).
         #[arg(long)]
         input: PathBuf,
@@ -113,6 +117,10 @@ enum Cmd {
         /// The exported model directory.
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter directory (`adapter_config.json`,
+        /// `adapter_model.safetensors`) applied to `--model` (then the base model).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Texts (CSV, TSV, JSONL, or .txt with one text per line).
         #[arg(long)]
         input: PathBuf,
@@ -553,13 +561,14 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Eval {
             model,
+            adapter,
             input,
             text_column,
             label_column,
             no_header,
             precision,
         } => {
-            let mut p = Predictor::load(&model)?;
+            let mut p = Predictor::load_with_adapter(&model, adapter.as_deref())?.0;
             let why = p.set_precision(precision.into())?;
             if p.precision != ferrotune::precision::Precision::F32 {
                 eprintln!("precision: {why}");
@@ -604,6 +613,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Predict {
             model,
+            adapter,
             input,
             output,
             text_column,
@@ -611,7 +621,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             chunk_size,
             precision,
         } => {
-            let mut p = Predictor::load(&model)?;
+            let mut p = Predictor::load_with_adapter(&model, adapter.as_deref())?.0;
             p.stream_chunk = chunk_size.max(1);
             let why = p.set_precision(precision.into())?;
             if p.precision != ferrotune::precision::Precision::F32 {

@@ -39,6 +39,10 @@ pub enum GroupKind {
     Pooler,
     /// The task head.
     Head,
+    /// The pretrained weights LoRA leaves as they are ([`crate::nn::lora`]): always
+    /// frozen, whatever the recipe's freezing. Not a layer: its parameters sit at every
+    /// depth of the model.
+    Frozen,
 }
 
 impl GroupKind {
@@ -74,6 +78,8 @@ pub struct ParamStore {
     /// and variance, updated by the forward pass in training. Exported, checkpointed and
     /// restored with the parameters; never given a gradient or an optimizer step.
     pub buffers: Vec<Param>,
+    /// The LoRA adapters and what else trains beside them (`None` without LoRA).
+    pub lora: Option<crate::nn::lora::LoraState>,
 }
 
 impl ParamStore {
@@ -88,6 +94,7 @@ impl ParamStore {
             GroupKind::Layer(i) => format!("layer.{i}"),
             GroupKind::Pooler => "pooler".to_string(),
             GroupKind::Head => "head".to_string(),
+            GroupKind::Frozen => "frozen".to_string(),
         };
         self.groups.push(Group { name, kind });
         self.groups.len() - 1
