@@ -991,7 +991,10 @@ impl TrainConfig {
             return Ok(());
         }
         if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
-            return bad("lora_alpha", format!("must be positive, got {}", self.lora_alpha));
+            return bad(
+                "lora_alpha",
+                format!("must be positive, got {}", self.lora_alpha),
+            );
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return bad(
@@ -1006,8 +1009,7 @@ impl TrainConfig {
             ),
             Some(LoraTargets::List(l)) if l.is_empty() || l.iter().any(|s| s.is_empty()) => bad(
                 "lora_target_modules",
-                "expected a non-empty list of module names (e.g. [\"query\", \"value\"])"
-                    .into(),
+                "expected a non-empty list of module names (e.g. [\"query\", \"value\"])".into(),
             ),
             _ => Ok(()),
         }

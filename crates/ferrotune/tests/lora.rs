@@ -116,7 +116,11 @@ fn gradients_reach_the_adapters_and_the_head_only() {
             base += 1;
         } else if p.name.ends_with(".lora_A.weight") {
             let g = g.as_ref().expect("A trains");
-            assert!(g.iter().all(|&v| v == 0.0), "{}: B = 0, so no gradient", p.name);
+            assert!(
+                g.iter().all(|&v| v == 0.0),
+                "{}: B = 0, so no gradient",
+                p.name
+            );
             a += 1;
         } else if p.name.ends_with(".lora_B.weight") {
             assert!(nonzero(g), "{} has no gradient", p.name);
@@ -133,7 +137,9 @@ fn gradients_reach_the_adapters_and_the_head_only() {
     for (p, g) in params.params.iter().zip(&g) {
         if p.name.ends_with(".lora_B.weight") {
             let g = Tensor::from_vec(g.clone().unwrap(), p.var.dims(), &dev).unwrap();
-            p.var.set(&(p.var.as_tensor() - (g * 10.0).unwrap()).unwrap()).unwrap();
+            p.var
+                .set(&(p.var.as_tensor() - (g * 10.0).unwrap()).unwrap())
+                .unwrap();
         }
     }
     let g = grads(params);
@@ -145,16 +151,21 @@ fn gradients_reach_the_adapters_and_the_head_only() {
 }
 
 fn examples() -> Vec<Example> {
-    ["the movie was very good .", "bad film !", "the plot was awful", "great acting"]
-        .iter()
-        .map(|t| Example {
-            id: "x".into(),
-            line: 1,
-            text: t.to_string(),
-            text_pair: None,
-            label: None,
-        })
-        .collect()
+    [
+        "the movie was very good .",
+        "bad film !",
+        "the plot was awful",
+        "great acting",
+    ]
+    .iter()
+    .map(|t| Example {
+        id: "x".into(),
+        line: 1,
+        text: t.to_string(),
+        text_pair: None,
+        label: None,
+    })
+    .collect()
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -190,12 +201,11 @@ fn lora_run_keeps_the_base_and_exports_adapter_and_merged_model() {
     // The checkpoint's tensors in the model's order: the frozen ones are the base's, bit
     // for bit.
     let loaded = build(&model, &spec(&["query", "value"]));
-    let ck = ferrotune::train::checkpoint::list(&ferrotune::train::checkpoint::checkpoints_dir(
-        &out,
-    ))
-    .pop()
-    .unwrap()
-    .1;
+    let ck =
+        ferrotune::train::checkpoint::list(&ferrotune::train::checkpoint::checkpoints_dir(&out))
+            .pop()
+            .unwrap()
+            .1;
     let saved = tensors(&ck.join("model.safetensors"));
     let base = tensors(&model.join("model.safetensors"));
     let mut checked = 0;
@@ -226,12 +236,17 @@ fn lora_run_keeps_the_base_and_exports_adapter_and_merged_model() {
     assert_eq!(ac["lora_dropout"], 0.1);
     assert_eq!(ac["fan_in_fan_out"], false);
     assert_eq!(ac["target_modules"], serde_json::json!(["query", "value"]));
-    assert_eq!(ac["modules_to_save"], serde_json::json!(["classifier", "score"]));
+    assert_eq!(
+        ac["modules_to_save"],
+        serde_json::json!(["classifier", "score"])
+    );
     let at = tensors(&adapter.join("adapter_model.safetensors"));
     let mut keys: Vec<&str> = at.keys().map(String::as_str).collect();
     keys.sort();
     assert_eq!(keys.len(), 2 * 4 + 2, "{keys:?}");
-    assert!(keys.contains(&"base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"));
+    assert!(
+        keys.contains(&"base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight")
+    );
     assert!(keys.contains(&"base_model.model.classifier.weight"));
     assert_eq!(
         at["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"].dims(),
@@ -300,10 +315,18 @@ fn targets_that_match_nothing_list_the_linear_layers() {
     assert!(mods.contains(&"bert.pooler.dense"));
     assert!(!mods.iter().any(|m| m.starts_with("classifier")));
     // A string other than "all-linear" is refused when the recipe is read.
-    let e = config(&model, &csv, &out, &["lora_r=4", "lora_target_modules=\"q.*\""])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("lora_target_modules") && e.contains("all-linear"), "{e}");
+    let e = config(
+        &model,
+        &csv,
+        &out,
+        &["lora_r=4", "lora_target_modules=\"q.*\""],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("lora_target_modules") && e.contains("all-linear"),
+        "{e}"
+    );
 }
 
 /// An adapter that does not fit the base model (a module the model lacks, an A of another

@@ -208,7 +208,8 @@ impl Lora {
         }
         let mut rng = ctx.rng.as_deref()?.clone();
         let next: u64 = rng.random();
-        let seed = crate::dist::hash64(&[next, self.id, 0x6c6f_7261].map(u64::to_le_bytes).concat());
+        let seed =
+            crate::dist::hash64(&[next, self.id, 0x6c6f_7261].map(u64::to_le_bytes).concat());
         Some(fused::Dropout {
             p: self.dropout as f32,
             seed,
@@ -411,7 +412,10 @@ pub fn adapter_tensors(params: &ParamStore) -> HashMap<String, Tensor> {
     }
     for p in params.state() {
         if state.is_saved(&p.name) {
-            out.insert(format!("{PEFT_PREFIX}{}", p.name), p.var.as_tensor().clone());
+            out.insert(
+                format!("{PEFT_PREFIX}{}", p.name),
+                p.var.as_tensor().clone(),
+            );
         }
     }
     out
@@ -546,7 +550,10 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
             .as_f64()
             .ok_or_else(|| bad("lora_dropout", "expected a number"))?,
     };
-    let use_rslora = v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false);
+    let use_rslora = v
+        .get("use_rslora")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(false);
     let targets = match v.get("target_modules") {
         Some(Value::String(s)) if s.eq_ignore_ascii_case("all-linear") => Targets::AllLinear,
         Some(Value::Array(a)) => Targets::List(
@@ -577,7 +584,10 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
     }
     if let Some(b) = v.get("bias").and_then(|x| x.as_str()) {
         if b != "none" {
-            return Err(bad("bias", &format!("`{b}` is not supported (only \"none\")")));
+            return Err(bad(
+                "bias",
+                &format!("`{b}` is not supported (only \"none\")"),
+            ));
         }
     }
     for field in ["rank_pattern", "alpha_pattern"] {
@@ -596,8 +606,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
         .get("task_type")
         .and_then(|x| x.as_str())
         .map(str::to_string);
-    let tensors =
-        crate::formats::safetensors::read_safetensors(&dir.join(ADAPTER_FILE), device)?;
+    let tensors = crate::formats::safetensors::read_safetensors(&dir.join(ADAPTER_FILE), device)?;
     Ok(Adapter {
         dir: dir.to_path_buf(),
         spec: LoraSpec {
@@ -733,8 +742,14 @@ mod tests {
         // `myquery` does not end with `.query`.
         assert!(!s.targets("bert.myquery"));
         // PEFT's `_set_trainable` matches by plain suffix: `pre_classifier` too.
-        assert_eq!(s.saved_module("pre_classifier").as_deref(), Some("pre_classifier"));
-        assert_eq!(s.saved_module("classifier.dense").as_deref(), Some("classifier"));
+        assert_eq!(
+            s.saved_module("pre_classifier").as_deref(),
+            Some("pre_classifier")
+        );
+        assert_eq!(
+            s.saved_module("classifier.dense").as_deref(),
+            Some("classifier")
+        );
         assert_eq!(s.saved_module("bert.pooler.dense"), None);
         let all = spec(Targets::AllLinear, &["classifier"]);
         assert!(all.targets("bert.pooler.dense"));

@@ -486,7 +486,8 @@ pub fn prepare_for(
     families::pooling(family, &head)?;
     let encoder = encoder_for(family, &hf, dir, cfg.max_seq_length, &image_recipe(cfg))?;
     // With `lora_r`, the model is built with adapters (see `nn::lora`).
-    let lora = crate::nn::lora::LoraSpec::from_train_config(cfg, &hf.model_type, !labels.is_empty())?;
+    let lora =
+        crate::nn::lora::LoraSpec::from_train_config(cfg, &hf.model_type, !labels.is_empty())?;
     let loaded = crate::nn::lora::build(lora.as_ref(), || {
         families::load_weights(&hf, family, dir, &head, cfg.seed, device)
     })?;

@@ -1231,26 +1231,26 @@ impl Run {
     fn export_spec(&self, card: String) -> ExportSpec<'_> {
         let cfg = &self.cfg;
         ExportSpec {
-                base: &self.hf,
-                family: self.family,
-                source_dir: &cfg.model_name_or_path,
-                params: &self.params,
-                tokenizer: self.encoder.tokenizer(),
-                labels: self.labels.labels(),
-                problem_type: self.task.name(),
-                info: ExportInfo {
-                    pooling: self.model.pooling(),
-                    max_seq_length: cfg.max_seq_length,
-                    text_column: cfg.input_column().to_string(),
-                    text_pair_column: cfg.text_pair_column.clone(),
-                    label_column: cfg.label_column.clone(),
-                    threshold: cfg.threshold,
-                    label_separator: cfg.label_separator.clone(),
-                    header: cfg.header,
-                    column_names: cfg.column_names.clone(),
-                    image_eval: self.encoder.image_eval().cloned(),
-                },
-                card: Some(card),
+            base: &self.hf,
+            family: self.family,
+            source_dir: &cfg.model_name_or_path,
+            params: &self.params,
+            tokenizer: self.encoder.tokenizer(),
+            labels: self.labels.labels(),
+            problem_type: self.task.name(),
+            info: ExportInfo {
+                pooling: self.model.pooling(),
+                max_seq_length: cfg.max_seq_length,
+                text_column: cfg.input_column().to_string(),
+                text_pair_column: cfg.text_pair_column.clone(),
+                label_column: cfg.label_column.clone(),
+                threshold: cfg.threshold,
+                label_separator: cfg.label_separator.clone(),
+                header: cfg.header,
+                column_names: cfg.column_names.clone(),
+                image_eval: self.encoder.image_eval().cloned(),
+            },
+            card: Some(card),
         }
     }
 
