@@ -90,6 +90,10 @@ enum Cmd {
         /// The exported model directory (or a .gguf file, converted once into the cache).
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter directory (`adapter_config.json`,
+        /// `adapter_model.safetensors`) applied to `--model` (then the base model).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Labelled data (CSV, TSV, JSONL or a directory per class).
         #[arg(long)]
         input: PathBuf,
@@ -114,6 +118,10 @@ enum Cmd {
         /// The exported model directory (or a .gguf file, converted once into the cache).
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter directory (`adapter_config.json`,
+        /// `adapter_model.safetensors`) applied to `--model` (then the base model).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Texts (CSV, TSV, JSONL, or .txt with one text per line).
         #[arg(long)]
         input: PathBuf,
@@ -582,13 +590,14 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Eval {
             model,
+            adapter,
             input,
             text_column,
             label_column,
             no_header,
             precision,
         } => {
-            let mut p = Predictor::load(&resolve_model(&model)?)?;
+            let mut p = Predictor::load_with_adapter(&resolve_model(&model)?, adapter.as_deref())?.0;
             let why = p.set_precision(precision.into())?;
             if p.precision != ferrotune::precision::Precision::F32 {
                 eprintln!("precision: {why}");
@@ -633,6 +642,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Predict {
             model,
+            adapter,
             input,
             output,
             text_column,
@@ -640,7 +650,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             chunk_size,
             precision,
         } => {
-            let mut p = Predictor::load(&resolve_model(&model)?)?;
+            let mut p = Predictor::load_with_adapter(&resolve_model(&model)?, adapter.as_deref())?.0;
             p.stream_chunk = chunk_size.max(1);
             let why = p.set_precision(precision.into())?;
             if p.precision != ferrotune::precision::Precision::F32 {

@@ -43,6 +43,17 @@ pub enum FreezeMode {
     Backbone,
 }
 
+/// `lora_target_modules`: module names, or `"all-linear"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LoraTargets {
+    /// Module names, each matched as the whole module name or its suffix after a dot
+    /// (PEFT's `target_modules`).
+    List(Vec<String>),
+    /// `"all-linear"`: every linear layer but the output or classifier head.
+    Named(String),
+}
+
 /// The optimizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -313,6 +324,24 @@ pub struct TrainConfig {
     /// Batch norms normalise with their running statistics in training and never update
     /// them (their scale and shift still train).
     pub freeze_bn: bool,
+    /// LoRA rank (PEFT's `r`); 0 (the default) trains the whole model. With LoRA, only
+    /// the adapters and `modules_to_save` train (see `docs/LORA.md`).
+    pub lora_r: usize,
+    /// LoRA's `lora_alpha`: the adapters' output is scaled by `lora_alpha / lora_r`.
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' input.
+    pub lora_dropout: f64,
+    /// The linear layers that get adapters: names matched as PEFT does (the module name
+    /// or its suffix after a dot), or `"all-linear"`; default: PEFT's for the model type.
+    pub lora_target_modules: Option<LoraTargets>,
+    /// Modules that train fully beside the adapters and are saved with them (a sequence
+    /// classifier adds `classifier` and `score`, as PEFT).
+    pub modules_to_save: Vec<String>,
+    /// rsLoRA: scale by `lora_alpha / sqrt(lora_r)`.
+    pub use_rslora: bool,
+    /// With LoRA, also export the merged model (`W + scale·B·A`) to `output_dir/model`
+    /// beside the adapter in `output_dir/adapter`.
+    pub merge_adapters: bool,
     /// An exponential moving average of the weights (timm's `--model-ema-decay`):
     /// evaluated after every epoch beside the model, picks the best epoch and is exported.
     pub model_ema_decay: Option<f64>,
@@ -415,6 +444,13 @@ impl Default for TrainConfig {
             stlr_ratio: 32.0,
             freeze_epochs: 0,
             freeze_bn: false,
+            lora_r: 0,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            lora_target_modules: None,
+            modules_to_save: Vec::new(),
+            use_rslora: false,
+            merge_adapters: true,
             model_ema_decay: None,
             model_ema_warmup: false,
             mixup_alpha: 0.0,
@@ -597,6 +633,7 @@ impl TrainConfig {
         if self.train_file.as_os_str().is_empty() {
             return bad("train_file", "is required".into());
         }
+        self.validate_lora(path)?;
         if self.image_size == Some(0) {
             return bad("image_size", "must be at least 1".into());
         }
@@ -935,6 +972,51 @@ impl TrainConfig {
                 .clone()
                 .unwrap_or_else(|| self.output_dir.join("runs"))
         })
+    }
+
+    /// Checks the LoRA keys; the error names the key.
+    fn validate_lora(&self, path: &Path) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(Error::at(path, None, Some(key), msg));
+        if self.lora_r == 0 {
+            if !self.modules_to_save.is_empty() {
+                return bad(
+                    "modules_to_save",
+                    "applies to LoRA: set lora_r (e.g. 8), or leave it out to train the \
+                     whole model"
+                        .into(),
+                );
+            }
+            if self.lora_target_modules.is_some() {
+                return bad(
+                    "lora_target_modules",
+                    "applies to LoRA: set lora_r (e.g. 8)".into(),
+                );
+            }
+            return Ok(());
+        }
+        if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
+            return bad(
+                "lora_alpha",
+                format!("must be positive, got {}", self.lora_alpha),
+            );
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            );
+        }
+        match &self.lora_target_modules {
+            Some(LoraTargets::Named(s)) if !s.eq_ignore_ascii_case("all-linear") => bad(
+                "lora_target_modules",
+                format!("`{s}`: expected a list of module names, or \"all-linear\""),
+            ),
+            Some(LoraTargets::List(l)) if l.is_empty() || l.iter().any(|s| s.is_empty()) => bad(
+                "lora_target_modules",
+                "expected a non-empty list of module names (e.g. [\"query\", \"value\"])".into(),
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// The resolved recipe as TOML (written to the output directory).

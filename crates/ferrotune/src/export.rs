@@ -81,6 +81,12 @@ pub fn export_config(spec: &ExportSpec) -> Value {
     Value::Object(cfg)
 }
 
+/// The file of a LoRA adapter directory that holds the fine-tuned model's `config.json`
+/// (labels, problem type, ferrotune's settings), for `--adapter`: PEFT reads only
+/// `adapter_config.json`, and a `config.json` there would make transformers take the
+/// directory for a full model.
+pub const ADAPTER_SIDE_CONFIG: &str = "ferrotune_config.json";
+
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
@@ -100,8 +106,16 @@ pub fn export_model(dir: &Path, spec: &ExportSpec) -> Result<()> {
         write(&tmp.join("README.md"), card.as_bytes())?;
     }
 
+    // With LoRA, the adapters folded into their base weights: a full model.
     let st = tmp.join("model.safetensors");
-    crate::formats::safetensors::write_safetensors(&spec.params.export_tensors()?, &st)?;
+    let mut tensors = crate::nn::lora::merged_tensors(spec.params)?;
+    // GPT-2's Conv1D weights back in their `(in, out)` layout.
+    for name in &spec.params.transposed {
+        if let Some(t) = tensors.get_mut(name) {
+            *t = t.t()?.contiguous()?;
+        }
+    }
+    crate::formats::safetensors::write_safetensors(&tensors, &st)?;
 
     if let Some(tokenizer) = spec.tokenizer {
         write_tokenizer(&tmp, spec, tokenizer)?;

@@ -75,7 +75,20 @@ impl Predictor {
     /// [`Predictor::load`], with the parameters as loaded (their export names, groups and
     /// which weights are linear layers').
     pub fn load_with_params(dir: &Path) -> Result<(Self, ParamStore)> {
-        let cfg_path = dir.join("config.json");
+        Self::load_with_adapter(dir, None)
+    }
+
+    /// [`Predictor::load_with_params`] of base model `dir` with the PEFT LoRA adapter
+    /// directory `adapter` applied ([`crate::nn::lora::read_adapter`]): the labels and
+    /// settings come from the adapter's `ferrotune_config.json` when it has one (ferrotune
+    /// wrote it), else from `dir`'s `config.json`; the head from the adapter's modules to
+    /// save. An adapter that does not fit the model is an error naming
+    /// `adapter_model.safetensors` and the tensor.
+    pub fn load_with_adapter(dir: &Path, adapter: Option<&Path>) -> Result<(Self, ParamStore)> {
+        let side = adapter
+            .map(|a| a.join(crate::export::ADAPTER_SIDE_CONFIG))
+            .filter(|p| p.exists());
+        let cfg_path = side.unwrap_or_else(|| dir.join("config.json"));
         let cfg = HfConfig::from_file(&cfg_path)?;
         let family = families::family(&cfg)?;
         let labels = cfg.labels().ok_or_else(|| {
@@ -120,8 +133,13 @@ impl Predictor {
             pooling: Some(info.pooling),
             ..HeadSpec::new(labels.len())
         };
-        let loaded = families::load_weights(&cfg, family, dir, &head, 0, &device)?;
-        if loaded.new_head {
+        let load = || families::load_weights(&cfg, family, dir, &head, 0, &device);
+        let loaded = match adapter {
+            // The head comes from the adapter's modules to save (checked there).
+            Some(a) => crate::nn::lora::read_adapter(a, &device)?.load(load)?,
+            None => load()?,
+        };
+        if loaded.new_head && adapter.is_none() {
             let head_tensor = loaded
                 .params
                 .params

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::formats::safetensors::{read_safetensors_with_i8, I8Tensor};
 use crate::kernels::int8::{self, QWeight};
 use crate::nn::layers::{Embedding, LayerNorm, Linear, RmsNorm};
+use crate::nn::lora::{self, Lora, LoraModule, LoraState};
 use crate::nn::params::{GroupKind, Param, ParamStore};
 
 /// Where the weights come from.
@@ -171,6 +172,22 @@ pub struct Builder<'a> {
     rng: ChaCha8Rng,
     init_std: f64,
     device: Device,
+    /// LoRA, when the build runs inside [`crate::nn::lora::build`].
+    lora: Option<LoraBuild>,
+}
+
+/// The builder's LoRA state: where frozen tensors go, the adapters' generator, and what
+/// was built.
+struct LoraBuild {
+    /// The [`GroupKind::Frozen`] group.
+    frozen: usize,
+    rng: ChaCha8Rng,
+    state: LoraState,
+}
+
+/// The module of a tensor: its export name without the last component.
+fn module_of(name: &str) -> &str {
+    name.rsplit_once('.').map_or(name, |(m, _)| m)
 }
 
 /// One normal sample per element, by Box–Muller (two uniforms give one normal sample; the
@@ -203,15 +220,100 @@ impl<'a> Builder<'a> {
         } else {
             String::new()
         };
+        let mut store = ParamStore::default();
+        // Inside `lora::build`: the frozen group holds every tensor that does not train.
+        let lora = lora::current().map(|spec| LoraBuild {
+            frozen: store.add_group(GroupKind::Frozen),
+            rng: lora::init_rng(spec.seed),
+            state: LoraState::new(spec),
+        });
         Builder {
             weights,
             ckpt_prefix,
             export_prefix: export_prefix.to_string(),
-            store: ParamStore::default(),
+            store,
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_4ead),
             init_std,
             device: device.clone(),
+            lora,
         }
+    }
+
+    /// The group the tensors of module `module` (an export name) train in: `group`, or
+    /// with LoRA the frozen group unless the module is one to save (or `new`: not in the
+    /// checkpoint, so it must train, and is saved with the adapter).
+    fn placed(&self, module: &str, group: usize, new: bool) -> usize {
+        match &self.lora {
+            Some(l) if !new && l.state.spec.saved_module(module).is_none() => l.frozen,
+            _ => group,
+        }
+    }
+
+    /// Records module `module` as one to save when LoRA trains it.
+    fn note_saved(&mut self, module: &str, new: bool) {
+        if let Some(l) = &mut self.lora {
+            match l.state.spec.saved_module(module) {
+                Some(m) => l.state.add_saved(&m),
+                None if new => l.state.add_saved(module),
+                None => {}
+            }
+        }
+    }
+
+    /// With LoRA, the layer of module `module` (export name) as the builder hands it out:
+    /// in the group its tensors were placed in, with an adapter when the module is
+    /// targeted. Families that build a linear layer themselves call this with it.
+    pub fn adapt_linear(
+        &mut self,
+        mut lin: Linear,
+        module: &str,
+        group: usize,
+        new: bool,
+    ) -> Result<Linear> {
+        if self.lora.is_none() {
+            return Ok(lin);
+        }
+        lin.group = self.placed(module, group, new);
+        let device = self.device.clone();
+        let l = self.lora.as_mut().expect("checked above");
+        l.state.linears.push(module.to_string());
+        if new || !l.state.spec.targets(module) {
+            return Ok(lin);
+        }
+        if lin.int8_only {
+            return Err(Error::Config(format!(
+                "LoRA on `{module}`: the model is quantized (int8 weights only); train                  adapters on the f32 model it was quantized from"
+            )));
+        }
+        let (out, inp) = lin.w.dims2()?;
+        let spec = &l.state.spec;
+        let (r, scale, dropout) = (spec.r, spec.scale(), spec.dropout);
+        let a = Var::from_tensor(&lora::init_a(&mut l.rng, r, inp, &device)?)?;
+        let b = Var::from_tensor(&Tensor::zeros((out, r), DType::F32, &device)?)?;
+        let id = l.state.modules.len() as u64;
+        l.state.modules.push(LoraModule {
+            module: module.to_string(),
+            w: lin.w.clone(),
+            a: a.clone(),
+            b: b.clone(),
+        });
+        for (which, v) in [("A", &a), ("B", &b)] {
+            self.store.params.push(Param {
+                name: lora::tensor_name(module, which),
+                var: v.clone(),
+                group,
+                no_decay: false,
+            });
+        }
+        lin.lora = Some(Lora {
+            a,
+            b,
+            scale,
+            dropout,
+            group,
+            id,
+        });
+        Ok(lin)
     }
 
     /// The prefix the checkpoint's backbone tensors carry (`"bert."` or `""`).
@@ -224,8 +326,11 @@ impl<'a> Builder<'a> {
         self.store.add_group(kind)
     }
 
-    /// The parameters built so far.
-    pub fn finish(self) -> ParamStore {
+    /// The parameters built so far (with LoRA, its state in [`ParamStore::lora`]).
+    pub fn finish(mut self) -> ParamStore {
+        if let Some(l) = self.lora.take() {
+            self.store.lora = Some(l.state);
+        }
         self.store
     }
 
@@ -309,7 +414,8 @@ impl<'a> Builder<'a> {
             Some(t) => (t.to_dtype(DType::F32)?.to_device(&self.device)?, false),
             None => (self.random(shape, init)?, true),
         };
-        Ok((self.push(export_name.to_string(), t, group, no_decay)?, new))
+        let var = self.push_new(export_name.to_string(), t, group, no_decay, new)?;
+        Ok((var, new))
     }
 
     fn random(&mut self, shape: &[usize], init: Init) -> Result<Tensor> {
@@ -323,6 +429,22 @@ impl<'a> Builder<'a> {
     }
 
     fn push(&mut self, name: String, t: Tensor, group: usize, no_decay: bool) -> Result<Var> {
+        self.push_new(name, t, group, no_decay, false)
+    }
+
+    /// [`Builder::push`] of a tensor that is new (`new`) or loaded; with LoRA it goes to
+    /// the frozen group unless it trains.
+    fn push_new(
+        &mut self,
+        name: String,
+        t: Tensor,
+        group: usize,
+        no_decay: bool,
+        new: bool,
+    ) -> Result<Var> {
+        let module = module_of(&name).to_string();
+        let group = self.placed(&module, group, new);
+        self.note_saved(&module, new);
         let var = Var::from_tensor(&t)?;
         self.store.params.push(Param {
             name,
@@ -343,12 +465,13 @@ impl<'a> Builder<'a> {
                 .linear_weights
                 .push(format!("{}{name}.weight", self.export_prefix));
             self.store.int8_layers += 1;
-            return Linear::quantized(q, b, group);
+            let module = format!("{}{name}", self.export_prefix);
+            return self.adapt_linear(Linear::quantized(q, b, group)?, &module, group, false);
         }
         self.store
             .linear_weights
             .push(format!("{}{name}.weight", self.export_prefix));
-        Ok(Linear::new(
+        let lin = Linear::new(
             self.need(
                 &format!("{name}.weight"),
                 &[out, inp],
@@ -358,7 +481,9 @@ impl<'a> Builder<'a> {
             )?,
             self.need(&format!("{name}.bias"), &[out], group, Init::Zeros, true)?,
             group,
-        ))
+        );
+        let module = format!("{}{name}", self.export_prefix);
+        self.adapt_linear(lin, &module, group, false)
     }
 
     /// A backbone linear layer `{name}.weight` `(out, inp)` without a bias (Llama's
@@ -382,7 +507,8 @@ impl<'a> Builder<'a> {
             false,
         )?;
         let b = Var::from_tensor(&Tensor::zeros(out, DType::F32, &self.device)?)?;
-        Ok(Linear::new(w, b, group))
+        let module = format!("{}{name}", self.export_prefix);
+        self.adapt_linear(Linear::new(w, b, group), &module, group, false)
     }
 
     /// A linear layer outside the backbone without a bias (a decoder's `score` head),
@@ -406,7 +532,8 @@ impl<'a> Builder<'a> {
             false,
         )?;
         let b = Var::from_tensor(&Tensor::zeros(out, DType::F32, &self.device)?)?;
-        Ok((Linear::new(w, b, group), new))
+        let lin = self.adapt_linear(Linear::new(w, b, group), export, group, new)?;
+        Ok((lin, new))
     }
 
     /// A backbone linear layer stored transposed, as GPT-2's `Conv1D`: `{name}.weight` is
@@ -437,7 +564,8 @@ impl<'a> Builder<'a> {
         p.var = w.clone();
         self.store.transposed.push(export);
         let b = self.need(&format!("{name}.bias"), &[out], group, Init::Zeros, true)?;
-        Ok(Linear::new(w, b, group))
+        let module = format!("{}{name}", self.export_prefix);
+        self.adapt_linear(Linear::new(w, b, group), &module, group, false)
     }
 
     /// A backbone RMS norm `{name}.weight` of width `n` (no shift).
@@ -457,12 +585,10 @@ impl<'a> Builder<'a> {
         eps: f64,
         group: usize,
     ) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            g: self.need(&format!("{name}.weight"), &[n], group, Init::Ones, true)?,
-            b: self.need(&format!("{name}.bias"), &[n], group, Init::Zeros, true)?,
-            eps,
-            group,
-        })
+        let g = self.need(&format!("{name}.weight"), &[n], group, Init::Ones, true)?;
+        let b = self.need(&format!("{name}.bias"), &[n], group, Init::Zeros, true)?;
+        let group = self.placed(&format!("{}{name}", self.export_prefix), group, false);
+        Ok(LayerNorm { g, b, eps, group })
     }
 
     /// A backbone embedding table `{name}.weight` `(rows, dim)`.
@@ -473,16 +599,15 @@ impl<'a> Builder<'a> {
         dim: usize,
         group: usize,
     ) -> Result<Embedding> {
-        Ok(Embedding {
-            table: self.need(
-                &format!("{name}.weight"),
-                &[rows, dim],
-                group,
-                Init::Normal,
-                false,
-            )?,
+        let table = self.need(
+            &format!("{name}.weight"),
+            &[rows, dim],
             group,
-        })
+            Init::Normal,
+            false,
+        )?;
+        let group = self.placed(&format!("{}{name}", self.export_prefix), group, false);
+        Ok(Embedding { table, group })
     }
 
     /// A linear layer outside the backbone (pooler, head), exported as `{export}.weight`
@@ -519,7 +644,8 @@ impl<'a> Builder<'a> {
                 true,
             )?;
             self.store.int8_layers += 1;
-            return Ok((Linear::quantized(q, b, group)?, new));
+            let lin = self.adapt_linear(Linear::quantized(q, b, group)?, export, group, new)?;
+            return Ok((lin, new));
         }
         let (w, n1) = self.optional(
             &format!("{ckpt}.weight"),
@@ -537,6 +663,8 @@ impl<'a> Builder<'a> {
             Init::Zeros,
             true,
         )?;
-        Ok((Linear::new(w, b, group), n1 || n2))
+        let new = n1 || n2;
+        let lin = self.adapt_linear(Linear::new(w, b, group), export, group, new)?;
+        Ok((lin, new))
     }
 }

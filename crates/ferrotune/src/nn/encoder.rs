@@ -157,10 +157,32 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    /// The query, key and value projections side by side, `(tokens, 3·hidden)`, from one
-    /// GEMM over the concatenated weights (the input is read once; the weights, a few
-    /// hundred KiB, are concatenated per forward pass).
+    /// The query, key and value projections side by side, `(tokens, 3·hidden)`: the base
+    /// projections from one GEMM, plus the LoRA adapters' outputs of those that have one.
     fn qkv(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let base = self.qkv_base(ctx, x)?;
+        let lins = [&self.q, &self.k, &self.v];
+        if lins.iter().all(|l| l.lora.is_none()) {
+            return Ok(base);
+        }
+        let parts = lins
+            .iter()
+            .map(|l| match l.lora_delta(ctx, x)? {
+                Some(d) => Ok(d),
+                None => Ok(Tensor::zeros(
+                    (x.dim(0)?, l.b.dim(0)?),
+                    x.dtype(),
+                    x.device(),
+                )?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((base + Tensor::cat(&parts, 1)?)?)
+    }
+
+    /// The base query, key and value projections side by side, `(tokens, 3·hidden)`, from
+    /// one GEMM over the concatenated weights (the input is read once; the weights, a few
+    /// hundred KiB, are concatenated per forward pass).
+    fn qkv_base(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         if ctx.low_precision() || (self.q.int8_only && !ctx.train) {
             let l = match self.qkv_low.get() {
                 Some(l) => l,
@@ -182,7 +204,7 @@ impl EncoderLayer {
                     self.qkv_low.get().expect("set above")
                 }
             };
-            return l.forward(ctx, x);
+            return l.forward_base(ctx, x);
         }
         if self.q.int8_only {
             return Err(Linear::int8_only_error());

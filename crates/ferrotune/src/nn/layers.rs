@@ -12,6 +12,7 @@ use crate::kernels::bf16::{self, BWeight};
 use crate::kernels::int8::{self, QWeight};
 use crate::kernels::par::with_f32;
 use crate::kernels::{embedding, fused, linear};
+use crate::nn::lora::Lora;
 use crate::nn::Ctx;
 
 /// A linear layer `y = x Wᵀ + b` on 2-D input.
@@ -30,6 +31,9 @@ pub struct Linear {
     pub int8_only: bool,
     /// The bf16 weights, made from `w` at the first bf16 inference (see [`Ctx::bf16`]).
     pub bw: OnceLock<BWeight>,
+    /// A LoRA adapter added to the output ([`crate::nn::lora`]); its base weights are then
+    /// in the frozen group, so the base GEMM runs on detached weights.
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
@@ -42,6 +46,7 @@ impl Linear {
             q: OnceLock::new(),
             int8_only: false,
             bw: OnceLock::new(),
+            lora: None,
         }
     }
 
@@ -58,6 +63,7 @@ impl Linear {
             q: cell,
             int8_only: true,
             bw: OnceLock::new(),
+            lora: None,
         })
     }
 
@@ -140,8 +146,25 @@ impl Linear {
         Ok(Some(Tensor::from_vec(y, (m, bw.out), x.device())?))
     }
 
-    /// `x Wᵀ + b`. An int8-only layer (a quantized model) runs int8 in any inference.
+    /// `x Wᵀ + b`, plus the LoRA adapter's output if the layer has one. An int8-only layer
+    /// (a quantized model) runs int8 in any inference.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_base(ctx, x)?;
+        match self.lora_delta(ctx, x)? {
+            Some(d) => Ok((y + d)?),
+            None => Ok(y),
+        }
+    }
+
+    /// The LoRA adapter's output `s·(dropout(x) Aᵀ) Bᵀ` (`None` without an adapter), for
+    /// callers that run the base GEMM fused with others (the encoder's query, key and
+    /// value).
+    pub fn lora_delta(&self, ctx: &Ctx, x: &Tensor) -> Result<Option<Tensor>> {
+        self.lora.as_ref().map(|l| l.delta(ctx, x)).transpose()
+    }
+
+    /// `x Wᵀ + b` without the adapter.
+    pub fn forward_base(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         if (ctx.int8 || self.int8_only) && !ctx.train {
             if let Some(y) = self.forward_int8(x)? {
                 return Ok(y);
@@ -165,6 +188,14 @@ impl Linear {
 
     /// `act(x Wᵀ + b)`; the exact GELU runs inside the fused linear op.
     pub fn forward_act(&self, ctx: &Ctx, x: &Tensor, act: Activation) -> Result<Tensor> {
+        if self.lora.is_some() {
+            // The adapter's output is added before the activation.
+            let y = self.forward(ctx, x)?;
+            return match act {
+                Activation::Gelu if ctx.fused() => fused::gelu_erf(&y),
+                act => act.apply(&y),
+            };
+        }
         match act {
             // int8 or bf16 (or a quantized layer in inference): that GEMM, then the fused
             // (vectorised) GELU.

@@ -9,6 +9,7 @@
 //! - [`head`]: pooling and the sequence-classification heads.
 //! - [`builder`]: loading a model's parameters by name from a checkpoint (or at random).
 //! - [`params`]: the parameters and their layer groups.
+//! - [`lora`]: LoRA adapters on linear layers, as Hugging Face PEFT.
 
 pub mod batch;
 pub mod builder;
@@ -18,6 +19,7 @@ pub mod decoder;
 pub mod encoder;
 pub mod head;
 pub mod layers;
+pub mod lora;
 pub mod params;
 
 pub use batch::{Batch, PixelBatch, TokenBatch};

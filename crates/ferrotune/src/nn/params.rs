@@ -39,6 +39,10 @@ pub enum GroupKind {
     Pooler,
     /// The task head.
     Head,
+    /// The pretrained weights LoRA leaves as they are ([`crate::nn::lora`]): always
+    /// frozen, whatever the recipe's freezing. Not a layer: its parameters sit at every
+    /// depth of the model.
+    Frozen,
 }
 
 impl GroupKind {
@@ -77,6 +81,8 @@ pub struct ParamStore {
     /// Export names of weights whose Hugging Face tensor is the transpose of ours (GPT-2's
     /// `Conv1D` layers store `(in, out)`; ferrotune's linear layers hold `(out, in)`).
     pub transposed: Vec<String>,
+    /// The LoRA adapters and what else trains beside them (`None` without LoRA).
+    pub lora: Option<crate::nn::lora::LoraState>,
 }
 
 impl ParamStore {
@@ -91,6 +97,7 @@ impl ParamStore {
             GroupKind::Layer(i) => format!("layer.{i}"),
             GroupKind::Pooler => "pooler".to_string(),
             GroupKind::Head => "head".to_string(),
+            GroupKind::Frozen => "frozen".to_string(),
         };
         self.groups.push(Group { name, kind });
         self.groups.len() - 1

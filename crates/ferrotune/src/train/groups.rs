@@ -15,7 +15,7 @@ pub fn depth_from_top(kind: GroupKind, layers: usize) -> Option<usize> {
     match kind {
         GroupKind::Embeddings => Some(layers + 1),
         GroupKind::Layer(i) => Some(layers.saturating_sub(i)),
-        GroupKind::Pooler | GroupKind::Head => None,
+        GroupKind::Pooler | GroupKind::Head | GroupKind::Frozen => None,
     }
 }
 
@@ -76,7 +76,9 @@ pub fn frozen_groups(cfg: &TrainConfig, groups: &[Group], epoch: usize, step: us
             };
             // fastai's `fine_tune`: the head alone for the first `freeze_epochs`.
             let head_only = epoch <= cfg.freeze_epochs && g.kind.is_backbone();
-            fixed || first_layers || not_yet || head_only
+            // LoRA's base weights never train.
+            let base = g.kind == GroupKind::Frozen;
+            fixed || first_layers || not_yet || head_only || base
         })
         .collect()
 }

@@ -485,8 +485,36 @@ pub fn prepare_for(
     };
     families::pooling(family, &head)?;
     let encoder = encoder_for(family, &hf, dir, cfg.max_seq_length, &image_recipe(cfg))?;
-    let loaded = families::load_weights(&hf, family, dir, &head, cfg.seed, device)?;
+    // With `lora_r`, the model is built with adapters (see `nn::lora`).
+    let lora =
+        crate::nn::lora::LoraSpec::from_train_config(cfg, &hf.model_type, !labels.is_empty())?;
+    let loaded = crate::nn::lora::build(lora.as_ref(), || {
+        families::load_weights(&hf, family, dir, &head, cfg.seed, device)
+    })?;
     let mut notes = skipped.notes.clone();
+    if let Some(l) = &loaded.params.lora {
+        let trainable: usize = loaded
+            .params
+            .params
+            .iter()
+            .filter(|p| loaded.params.groups[p.group].kind != crate::nn::GroupKind::Frozen)
+            .map(|p| p.var.elem_count())
+            .sum();
+        notes.push(format!(
+            "LoRA r={} alpha={} on {} linear layers; {} of {} parameters train (modules to \
+             save: {})",
+            l.spec.r,
+            l.spec.alpha,
+            l.modules.len(),
+            trainable,
+            loaded.params.count(),
+            if l.saved.is_empty() {
+                "none".to_string()
+            } else {
+                l.saved.join(", ")
+            }
+        ));
+    }
     notes.extend(loaded.notes);
     let skip = cfg.on_bad_row == OnBadRow::Skip;
     if loaded.new_head {

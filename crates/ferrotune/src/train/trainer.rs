@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
@@ -162,6 +162,7 @@ pub fn train_with(
 pub const RUN_FILES: &[&str] = &[
     "checkpoints",
     "model",
+    "adapter",
     "metrics.jsonl",
     "runs",
     "recipe.resolved.toml",
@@ -853,6 +854,11 @@ impl Run {
             // Where this rank's part begins in the global batch (the dropout masks
             // follow the sequence: the same as one process's).
             let row0 = part.start as u64;
+            // LoRA's dropout seeds derive from the generator's position without drawing
+            // (`nn::lora::Lora::delta`): one draw per micro-batch moves them on.
+            if self.cfg.lora_r > 0 && self.cfg.lora_dropout > 0.0 {
+                let _: u64 = self.dropout_rng.random();
+            }
             let ctx = Ctx {
                 train: true,
                 frozen: &self.frozen,
@@ -1185,35 +1191,67 @@ impl Run {
         Ok(TrainSummary::of(st, best_epoch, model_dir))
     }
 
-    /// Writes the model as it is now to `dir` (a Hugging Face directory).
+    /// Writes the model as it is now to `dir` (a Hugging Face directory). With LoRA, the
+    /// PEFT adapter goes to `adapter` beside it (see [`Trainer::export_adapter`]) and
+    /// `dir` holds the merged model unless `merge_adapters` is off.
     fn export(&self, dir: &Path, best_epoch: usize) -> Result<()> {
         let cfg = &self.cfg;
         let card = self.model_card(best_epoch);
-        export_model(
+        let spec = self.export_spec(card);
+        if self.params.lora.is_some() {
+            let adapter = dir.with_file_name("adapter");
+            self.export_adapter(&adapter, &spec)?;
+            if !cfg.merge_adapters {
+                return Ok(());
+            }
+        }
+        export_model(dir, &spec)
+    }
+
+    /// Writes the PEFT adapter directory `dir` (`adapter_config.json`,
+    /// `adapter_model.safetensors`) and `ferrotune_config.json`
+    /// (the exported model's `config.json`: labels and settings for `--adapter`).
+    fn export_adapter(&self, dir: &Path, spec: &ExportSpec) -> Result<()> {
+        let cfg = serde_json::to_vec_pretty(&crate::export::export_config(spec))
+            .map_err(|e| Error::Msg(format!("cannot serialise the config: {e}")))?;
+        // The base model as the run loaded it (PEFT writes the path or id given to
+        // `from_pretrained`).
+        let base = self.cfg.model_name_or_path.display().to_string();
+        let task = crate::nn::lora::task_type(self.labels.labels().len());
+        crate::nn::lora::write_adapter(
             dir,
-            &ExportSpec {
-                base: &self.hf,
-                family: self.family,
-                source_dir: &cfg.model_name_or_path,
-                params: &self.params,
-                tokenizer: self.encoder.tokenizer(),
-                labels: self.labels.labels(),
-                problem_type: self.task.name(),
-                info: ExportInfo {
-                    pooling: self.model.pooling(),
-                    max_seq_length: cfg.max_seq_length,
-                    text_column: cfg.input_column().to_string(),
-                    text_pair_column: cfg.text_pair_column.clone(),
-                    label_column: cfg.label_column.clone(),
-                    threshold: cfg.threshold,
-                    label_separator: cfg.label_separator.clone(),
-                    header: cfg.header,
-                    column_names: cfg.column_names.clone(),
-                    image_eval: self.encoder.image_eval().cloned(),
-                },
-                card: Some(card),
-            },
+            &self.params,
+            &base,
+            task,
+            &[(crate::export::ADAPTER_SIDE_CONFIG, cfg)],
         )
+    }
+
+    /// What [`export_model`] writes for the model as it is now.
+    fn export_spec(&self, card: String) -> ExportSpec<'_> {
+        let cfg = &self.cfg;
+        ExportSpec {
+            base: &self.hf,
+            family: self.family,
+            source_dir: &cfg.model_name_or_path,
+            params: &self.params,
+            tokenizer: self.encoder.tokenizer(),
+            labels: self.labels.labels(),
+            problem_type: self.task.name(),
+            info: ExportInfo {
+                pooling: self.model.pooling(),
+                max_seq_length: cfg.max_seq_length,
+                text_column: cfg.input_column().to_string(),
+                text_pair_column: cfg.text_pair_column.clone(),
+                label_column: cfg.label_column.clone(),
+                threshold: cfg.threshold,
+                label_separator: cfg.label_separator.clone(),
+                header: cfg.header,
+                column_names: cfg.column_names.clone(),
+                image_eval: self.encoder.image_eval().cloned(),
+            },
+            card: Some(card),
+        }
     }
 
     /// The exported model's card: the run's settings and per-epoch results.

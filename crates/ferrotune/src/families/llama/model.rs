@@ -270,11 +270,28 @@ impl Layer {
             let [q, k, v] = parts;
             return Ok(Tensor::cat(&[q?, k?, v?], 1)?);
         }
-        let ws = [&self.q, &self.k, &self.v].map(|l| ctx.w(&l.w, l.group));
-        let bs = [&self.q, &self.k, &self.v].map(|l| ctx.w(&l.b, l.group));
+        let lins = [&self.q, &self.k, &self.v];
+        let ws = lins.map(|l| ctx.w(&l.w, l.group));
+        let bs = lins.map(|l| ctx.w(&l.b, l.group));
         let w = grad_sink::concat(&ws.each_ref())?;
         let b = grad_sink::concat(&bs.each_ref())?;
-        linear::linear_mixed(x, &w, &b, ctx.bf16 && ctx.train)
+        let base = linear::linear_mixed(x, &w, &b, ctx.bf16 && ctx.train)?;
+        if lins.iter().all(|l| l.lora.is_none()) {
+            return Ok(base);
+        }
+        // LoRA: the adapters' outputs beside the base projections.
+        let parts = lins
+            .iter()
+            .map(|l| match l.lora_delta(ctx, x)? {
+                Some(d) => Ok(d),
+                None => Ok(Tensor::zeros(
+                    (x.dim(0)?, l.b.dim(0)?),
+                    x.dtype(),
+                    x.device(),
+                )?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((base + Tensor::cat(&parts, 1)?)?)
     }
 }
 
