@@ -268,6 +268,34 @@ enum Cmd {
         #[arg(long)]
         model: PathBuf,
     },
+    /// Generate text with a decoder (Llama, GPT-2): the prompt's continuation, streamed to
+    /// standard output as it is made (KV cache; greedy at temperature 0).
+    Generate {
+        /// The model directory (or GGUF file) of a decoder.
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt.
+        #[arg(long, conflicts_with = "input", required_unless_present = "input")]
+        prompt: Option<String>,
+        /// A file whose whole text is the prompt.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0: greedy; above: sample from softmax(logits / temperature).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Nucleus sampling: the most likely tokens up to this probability mass.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print only the generated text (no summary line on standard error).
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Convert a PyTorch weight file (pytorch_model.bin, .pth; zip or legacy format) to
     /// safetensors. Only tensors are read: a file that would run code is refused.
     Convert {
@@ -837,6 +865,46 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Inspect { model } => {
             let info = ferrotune::artifact::inspect(&model)?;
             print_out(&info)?;
+        }
+        Cmd::Generate {
+            model,
+            prompt,
+            input,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            quiet,
+        } => {
+            let prompt = match (prompt, input) {
+                (Some(p), _) => p,
+                (None, Some(f)) => std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let generator = ferrotune::generate::TextGenerator::load(&model)?;
+            let sampling = ferrotune::generate::Sampling {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+            };
+            let start = std::time::Instant::now();
+            let mut out = std::io::stdout().lock();
+            let g = generator.run(&prompt, &sampling, |piece| {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            })?;
+            drop(out);
+            if !quiet {
+                let secs = start.elapsed().as_secs_f64();
+                eprintln!(
+                    "\n[{} prompt tokens, {} new, {:.1} tokens/s, stopped: {}]",
+                    g.prompt_tokens,
+                    g.ids.len(),
+                    g.ids.len() as f64 / secs.max(1e-9),
+                    g.finish.as_str()
+                );
+            }
         }
         Cmd::Convert { input, output } => {
             let n = ferrotune::formats::pickle::convert_to_safetensors(&input, &output)?;

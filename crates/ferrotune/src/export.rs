@@ -106,7 +106,7 @@ pub fn export_model(dir: &Path, spec: &ExportSpec) -> Result<()> {
     }
 
     let st = tmp.join("model.safetensors");
-    crate::formats::safetensors::write_safetensors(&spec.params.named_tensors(), &st)?;
+    crate::formats::safetensors::write_safetensors(&spec.params.export_tensors()?, &st)?;
 
     if let Some(tokenizer) = spec.tokenizer {
         write_tokenizer(&tmp, spec, tokenizer)?;

@@ -9,8 +9,8 @@
 //! 2. [`data`] — readers (CSV, TSV, JSONL, directory per class), labels, the seeded
 //!    stratified split, and the input encoder (tokenizer, dynamically padded batches).
 //! 3. [`tasks`] — what each `problem_type` means: targets, default loss, metrics, output.
-//! 4. [`families`] — model families (BERT, RoBERTa, DistilBERT, MPNet), one folder each,
-//!    registered by `config.json`'s `model_type`.
+//! 4. [`families`] — model families (BERT, RoBERTa, DistilBERT, MPNet, EfficientNet,
+//!    ResNet, Llama), one folder each, registered by `config.json`'s `model_type`.
 //! 5. [`nn`] — layers families share (linear, layer norm, the transformer encoder,
 //!    classification heads), the parameter store with its layer groups, the weight loader.
 //! 6. [`kernels`] — CPU kernels with forward and backward passes.
@@ -18,7 +18,7 @@
 //! 8. [`train`] — the training loop, one step, checkpoints, parameter groups.
 //! 9. [`eval`] — metrics.
 //! 10. [`infer`], [`predict`] — inference for any family; a fine-tuned model loaded from
-//!     its exported directory ([`artifact`]).
+//!     its exported directory ([`artifact`]); [`generate`] — text from a decoder.
 //! 11. [`export`] — the Hugging Face directory written at the end of a run;
 //!     [`quantize`] — an exported model's int8 copy.
 //! 12. `serve` (cargo feature `serve`) — the HTTP inference server over [`predict`].
@@ -38,6 +38,7 @@ pub mod eval;
 pub mod export;
 pub mod families;
 pub mod formats;
+pub mod generate;
 pub mod infer;
 pub mod kernels;
 pub mod loss;

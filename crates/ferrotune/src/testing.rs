@@ -92,6 +92,25 @@ fn write(path: &Path, text: &str) -> Result<()> {
 fn write_tokenizer(dir: &Path, tokenizer_class: &str) -> Result<usize> {
     match tokenizer_class {
         "RobertaTokenizer" => write_bpe(dir),
+        // Decoders: the same byte-level BPE as one `tokenizer.json` that adds no special
+        // tokens (as GPT-2's and SmolLM2's), `</s>` its end of sequence.
+        "PreTrainedTokenizerFast" => {
+            let n = write_bpe(dir)?;
+            let mut tok = crate::data::tokenizer::from_bpe_files(dir)?;
+            tok.with_post_processor(None::<tokenizers::processors::PostProcessorWrapper>);
+            let path = dir.join("tokenizer.json");
+            tok.save(&path, false)
+                .map_err(|e| Error::file(&path, format!("{e}")))?;
+            for f in ["vocab.json", "merges.txt"] {
+                std::fs::remove_file(dir.join(f)).map_err(|e| Error::io(dir.join(f), e))?;
+            }
+            let cfg = json!({
+                "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>",
+            });
+            write(&dir.join("tokenizer_config.json"), &cfg.to_string())?;
+            Ok(n)
+        }
         "MPNetTokenizer" => {
             let mut vocab = vec!["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>"];
             vocab.extend_from_slice(TINY_WORDS);
@@ -210,6 +229,38 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> Result<()> {
             (k, p.var.as_tensor().clone())
         })
         .collect();
+    let sp = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &sp).map_err(|e| Error::file(&sp, format!("{e}")))
+}
+
+/// Writes a random pretrained decoder (`llama`, `gpt2`) to `dir` as transformers saves a
+/// causal language model: its `config.json` (the tiny shape of [`TinySpec::of`], then
+/// changed by `edit`: grouped-query heads, untied head, rotary scaling...),
+/// `model.safetensors` with the language-model head when it is not tied, and a byte-level
+/// BPE `tokenizer.json`.
+pub fn write_tiny_decoder(
+    dir: &Path,
+    family: &'static str,
+    seed: u64,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let fam = families::by_model_type(family)
+        .ok_or_else(|| Error::Msg(format!("no family `{family}`")))?;
+    let vocab_size = write_tokenizer(dir, fam.tokenizer_class())?;
+    let mut cfg = tiny_config(&TinySpec::of(family), vocab_size)?;
+    edit(&mut cfg);
+    let cp = dir.join("config.json");
+    write(&cp, &cfg.to_string())?;
+    let cfg = HfConfig::from_file(&cp)?;
+    let loaded = fam.build(
+        &cfg,
+        &Weights::Random,
+        &HeadSpec::new(0),
+        seed,
+        &crate::nn::device(),
+    )?;
+    let tensors: HashMap<String, Tensor> = loaded.params.export_tensors()?;
     let sp = dir.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &sp).map_err(|e| Error::file(&sp, format!("{e}")))
 }

@@ -15,12 +15,16 @@
 //! | `mpnet` | [`mpnet`] | `MPNetForSequenceClassification` |
 //! | `efficientnet_lite0`, `tf_efficientnet_lite0` (timm `architecture`) | [`efficientnet`] | timm's model of that name |
 //! | `resnet`; `resnet18`, `resnet50` (timm `architecture`) | [`resnet`] | `ResNetForImageClassification`; timm's model of that name |
+//! | `gpt2` | [`gpt2`] | `GPT2LMHeadModel` (`num_labels = 0`), `GPT2ForSequenceClassification` |
+//! | `llama` | [`llama`] | `LlamaForCausalLM` (`num_labels = 0`), `LlamaForSequenceClassification` |
 
 pub mod bert;
 pub mod config;
 pub mod distilbert;
 pub mod efficientnet;
 pub mod encoder;
+pub mod gpt2;
+pub mod llama;
 pub mod mpnet;
 pub mod resnet;
 pub mod roberta;
@@ -42,6 +46,8 @@ pub static FAMILIES: &[&dyn Family] = &[
     &mpnet::MpNet,
     &efficientnet::EfficientNetLite,
     &resnet::ResNetFamily,
+    &llama::Llama,
+    &gpt2::Gpt2,
 ];
 
 /// What a family's models read.
@@ -180,6 +186,11 @@ pub trait Model: Send + Sync {
         Err(Error::Msg(
             "this model has no language-model head (it is not a decoder)".into(),
         ))
+    }
+
+    /// The model as a text generator (decoders), or `None`.
+    fn generator(&self) -> Option<&dyn crate::nn::decoder::Generator> {
+        None
     }
 }
 

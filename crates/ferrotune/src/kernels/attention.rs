@@ -21,6 +21,9 @@ use super::par::{f32_data, filled, fusable, par_for, with_f32, Out};
 use super::simd;
 use crate::error::{Error, Result};
 
+/// The causal grouped-query attention of decoders lives in [`super::decode`].
+pub use super::decode::{causal_attention, causal_attention_composed, decode_attention};
+
 /// Multi-head self-attention over a fused projection.
 ///
 /// - `qkv`: `(batch·seq, 3·hidden)`, the Q, K and V projections side by side (each

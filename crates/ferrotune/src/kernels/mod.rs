@@ -7,6 +7,7 @@
 //! - [`fused`]: layer norm, residual + dropout + layer norm, GELU, softmax, dropout.
 //! - [`linear`]: `x Wᵀ + b` (and with GELU) in one GEMM.
 //! - [`attention`]: multi-head self-attention over a fused QKV projection.
+//! - [`decode`]: causal grouped-query self-attention of decoders, and over a KV cache.
 //! - [`embedding`]: the embedding lookup whose table gradient goes to the sink.
 //! - [`conv`]: channels-last convolution (im2col, depthwise), batch norm: image models.
 //! - [`int8`]: int8 weights and the integer GEMM of int8 inference (`par` only).
@@ -18,6 +19,7 @@
 pub mod attention;
 pub mod bf16;
 pub mod conv;
+pub mod decode;
 pub mod embedding;
 pub mod fused;
 pub mod gemm;

@@ -409,6 +409,37 @@ impl<'a> Builder<'a> {
         Ok((Linear::new(w, b, group), new))
     }
 
+    /// A backbone linear layer stored transposed, as GPT-2's `Conv1D`: `{name}.weight` is
+    /// `(inp, out)` in the checkpoint and the export, `(out, inp)` in the layer (so it runs,
+    /// trains and takes adapters as any linear layer); `{name}.bias` `(out)`.
+    pub fn linear_transposed(
+        &mut self,
+        name: &str,
+        out: usize,
+        inp: usize,
+        group: usize,
+    ) -> Result<Linear> {
+        let export = format!("{}{name}.weight", self.export_prefix);
+        self.store.linear_weights.push(export.clone());
+        self.need(
+            &format!("{name}.weight"),
+            &[inp, out],
+            group,
+            Init::Normal,
+            false,
+        )?;
+        let p = self
+            .store
+            .params
+            .last_mut()
+            .expect("need pushed the weight");
+        let w = Var::from_tensor(&p.var.as_tensor().t()?.contiguous()?)?;
+        p.var = w.clone();
+        self.store.transposed.push(export);
+        let b = self.need(&format!("{name}.bias"), &[out], group, Init::Zeros, true)?;
+        Ok(Linear::new(w, b, group))
+    }
+
     /// A backbone RMS norm `{name}.weight` of width `n` (no shift).
     pub fn rms_norm(&mut self, name: &str, n: usize, eps: f64, group: usize) -> Result<RmsNorm> {
         Ok(RmsNorm {

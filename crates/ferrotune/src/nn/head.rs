@@ -25,6 +25,9 @@ pub enum Pooling {
     Cls,
     /// The mean of the hidden states of the non-padding tokens.
     Mean,
+    /// The last non-padding token's hidden state (decoders' classifiers, as transformers'
+    /// `LlamaForSequenceClassification`).
+    Last,
 }
 
 impl std::str::FromStr for Pooling {
@@ -34,8 +37,9 @@ impl std::str::FromStr for Pooling {
             "pooler" => Ok(Pooling::Pooler),
             "cls" => Ok(Pooling::Cls),
             "mean" => Ok(Pooling::Mean),
+            "last" => Ok(Pooling::Last),
             _ => Err(format!(
-                "unknown pooling `{s}` (expected pooler, cls or mean)"
+                "unknown pooling `{s}` (expected pooler, cls, mean or last)"
             )),
         }
     }
@@ -48,13 +52,14 @@ impl Pooling {
             Pooling::Pooler => "pooler",
             Pooling::Cls => "cls",
             Pooling::Mean => "mean",
+            Pooling::Last => "last",
         }
     }
 
     /// True when only the first token's hidden state is read (so the last layer may run
     /// for that row alone).
     pub fn reads_first_token_only(self) -> bool {
-        self != Pooling::Mean
+        matches!(self, Pooling::Pooler | Pooling::Cls)
     }
 
     /// The pooled representation `(batch, hidden)` of `hidden` `(batch, seq, hidden)` (or
@@ -70,6 +75,10 @@ impl Pooling {
                 Ok(sum.broadcast_div(&count)?)
             }
             Pooling::Pooler | Pooling::Cls => Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?),
+            Pooling::Last => {
+                let (b, s, h) = hidden.dims3()?;
+                crate::nn::decoder::last_token_rows(&hidden.reshape((b * s, h))?, attention_mask)
+            }
         }
     }
 }

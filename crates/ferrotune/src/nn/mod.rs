@@ -4,6 +4,7 @@
 //! - [`batch`]: the model input.
 //! - [`layers`]: linear, layer norm, RMS norm, embedding, activations.
 //! - [`conv`]: convolution, batch norm, ReLU6, pooling (image models, channels last).
+//! - [`decoder`]: rotary embeddings, causal attention and the KV cache of decoder families.
 //! - [`encoder`]: the post-layer-norm transformer encoder of BERT-style families.
 //! - [`head`]: pooling and the sequence-classification heads.
 //! - [`builder`]: loading a model's parameters by name from a checkpoint (or at random).
@@ -13,6 +14,7 @@ pub mod batch;
 pub mod builder;
 pub mod conv;
 pub mod ctx;
+pub mod decoder;
 pub mod encoder;
 pub mod head;
 pub mod layers;

@@ -74,6 +74,9 @@ pub struct ParamStore {
     /// and variance, updated by the forward pass in training. Exported, checkpointed and
     /// restored with the parameters; never given a gradient or an optimizer step.
     pub buffers: Vec<Param>,
+    /// Export names of weights whose Hugging Face tensor is the transpose of ours (GPT-2's
+    /// `Conv1D` layers store `(in, out)`; ferrotune's linear layers hold `(out, in)`).
+    pub transposed: Vec<String>,
 }
 
 impl ParamStore {
@@ -159,7 +162,20 @@ impl ParamStore {
         Ok(())
     }
 
-    /// The tensors under their export names.
+    /// The tensors under their export names, in the Hugging Face layout (the
+    /// [`ParamStore::transposed`] ones transposed back): what an exported
+    /// `model.safetensors` holds.
+    pub fn export_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = self.named_tensors();
+        for name in &self.transposed {
+            if let Some(t) = out.get_mut(name) {
+                *t = t.t()?.contiguous()?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The tensors under their export names, in ferrotune's layout.
     pub fn named_tensors(&self) -> HashMap<String, Tensor> {
         self.state()
             .map(|p| (p.name.clone(), p.var.as_tensor().clone()))

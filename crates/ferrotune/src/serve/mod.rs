@@ -7,6 +7,7 @@
 //! | `GET /info` | the model, what it reads, its labels and maximum input length (or image size), and the server's limits |
 //! | `GET /metrics` | Prometheus text: requests by status, latency, batch sizes, queue depth |
 //! | `GET /openapi.json` | the OpenAPI 3.0 description |
+//! | `POST /generate` | a language model (a decoder exported as one, or a pretrained one): Text Generation Inference's request and answer ([`generate`]); such a server has `/generate`, `/health` and `/info` only |
 //!
 //! Requests are tokenized (images: decoded) as they arrive, on tokio's blocking pool, then
 //! queued; inference workers — OS threads, never the async runtime's — take as many queued
@@ -24,6 +25,7 @@
 
 pub mod api;
 pub mod batcher;
+pub mod generate;
 pub mod images;
 pub mod metrics;
 pub mod openapi;
@@ -345,6 +347,9 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 's
 /// listening, when shutting down and when stopped.
 pub fn run(dir: &Path, cfg: ServeConfig) -> Result<()> {
     cfg.validate()?;
+    if is_language_model(dir) {
+        return run_generation(dir, cfg);
+    }
     let mut predictor = Predictor::load(dir)?;
     let precision = predictor.set_precision(cfg.precision)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -374,6 +379,50 @@ pub fn run(dir: &Path, cfg: ServeConfig) -> Result<()> {
                 eprintln!("ferrotune serve: shutting down, answering requests in flight");
             })
             .await?;
+        eprintln!("ferrotune serve: stopped");
+        Ok(())
+    })
+}
+
+/// Whether `dir` holds a language model (its `config.json` names a `...ForCausalLM` or
+/// `...LMHeadModel` architecture): served with `POST /generate`.
+pub fn is_language_model(dir: &Path) -> bool {
+    crate::families::HfConfig::from_dir(dir).is_ok_and(|c| {
+        c.architecture()
+            .is_some_and(|a| a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel"))
+    })
+}
+
+/// [`run`] for a language model: `POST /generate` ([`generate`]).
+fn run_generation(dir: &Path, cfg: ServeConfig) -> Result<()> {
+    let generator = crate::generate::TextGenerator::load(dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferrotune-http")
+        .build()
+        .map_err(|e| Error::Msg(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async move {
+        let (host, port) = (cfg.host.clone(), cfg.port);
+        let app = generate::router(generator, &cfg);
+        let listener = TcpListener::bind((host.as_str(), port))
+            .await
+            .map_err(|e| Error::Msg(format!("cannot listen on {host}:{port}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Msg(format!("cannot listen on {host}:{port}: {e}")))?;
+        let signal = shutdown_signal()
+            .map_err(|e| Error::Msg(format!("cannot install signal handlers: {e}")))?;
+        eprintln!(
+            "ferrotune serve: {} (language model, POST /generate) listening on http://{addr}",
+            dir.display()
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                signal.await;
+                eprintln!("ferrotune serve: shutting down, answering requests in flight");
+            })
+            .await
+            .map_err(|e| Error::Msg(format!("server: {e}")))?;
         eprintln!("ferrotune serve: stopped");
         Ok(())
     })
