@@ -59,11 +59,11 @@ pub fn export_config(spec: &ExportSpec) -> Value {
         .enumerate()
         .map(|(i, l)| (l.clone(), json!(i)))
         .collect();
-    // A causal language model keeps its pretrained config's keys (`architectures`:
-    // `…ForCausalLM`): it has no labels, and transformers refuses a `problem_type` other
-    // than its three classification ones.
+    cfg.extend(spec.family.export_keys(spec.base, spec.labels));
+    // A causal language model (no labels: the family names its `…ForCausalLM` class) gets
+    // no label keys, and no `problem_type`: transformers refuses one other than its three
+    // classification values.
     if spec.problem_type != crate::tasks::causal_lm::NAME {
-        cfg.extend(spec.family.export_keys(spec.base, spec.labels));
         cfg.insert("id2label".into(), Value::Object(id2label));
         cfg.insert("label2id".into(), Value::Object(label2id));
         cfg.insert("num_labels".into(), json!(spec.labels.len()));

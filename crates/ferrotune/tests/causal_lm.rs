@@ -466,3 +466,127 @@ fn recipe_refuses_classification_settings() {
         .to_string();
     assert!(e.contains("block_size") && e.contains("causal_lm"), "{e}");
 }
+
+/// A tiny random Llama's recipe on a tiny repetitive text in `dir`.
+fn llama_recipe(dir: &Path, out: &str) -> TrainConfig {
+    let base = dir.join("base");
+    if !base.exists() {
+        ferrotune::testing::write_tiny_decoder(&base, "llama", 7, |_| {}).unwrap();
+        let lines = [
+            "the movie was very good .",
+            "the film was great !",
+            "the plot is bad , the acting is awful .",
+            "a movie is a film .",
+        ];
+        let text: String = (0..48).map(|i| format!("{}\n", lines[i % 4])).collect();
+        write(&dir.join("train.txt"), &text);
+    }
+    TrainConfig {
+        model_name_or_path: base,
+        train_file: dir.join("train.txt"),
+        problem_type: ferrotune::tasks::ProblemType::CausalLm,
+        block_size: Some(16),
+        validation_split: Some(0.25),
+        num_train_epochs: 2,
+        learning_rate: 3e-3,
+        warmup_ratio: 0.1,
+        per_device_train_batch_size: 4,
+        gradient_accumulation_steps: 2,
+        per_device_eval_batch_size: 8,
+        output_dir: dir.join(out),
+        report_to: vec![],
+        logging_steps: 1,
+        ..TrainConfig::default()
+    }
+}
+
+fn epoch_metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["split"] == "eval")
+        .collect()
+}
+
+/// A tiny random Llama trained 2 epochs on a tiny text: the evaluation loss falls, the
+/// perplexity is its exponential, the exported model is a causal LM (no problem_type), and
+/// `ferrotune eval`'s function gives the best epoch's numbers on the same held-out text.
+#[test]
+fn tiny_llama_learns_a_tiny_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = llama_recipe(tmp.path(), "out");
+    let s = ferrotune::train::train(&cfg, &mut ferrotune::train::Silent).unwrap();
+    let ev = epoch_metrics(&cfg.output_dir);
+    assert_eq!(ev.len(), 2);
+    let (l1, l2) = (
+        ev[0]["eval_loss"].as_f64().unwrap(),
+        ev[1]["eval_loss"].as_f64().unwrap(),
+    );
+    eprintln!("eval_loss by epoch: {l1:.4}, {l2:.4}");
+    assert!(l2 < l1, "eval loss did not fall: {l1} then {l2}");
+    for e in &ev {
+        let (l, p) = (
+            e["eval_loss"].as_f64().unwrap(),
+            e["eval_perplexity"].as_f64().unwrap(),
+        );
+        assert!((p - l.exp()).abs() < 1e-6 * p, "{p} vs exp({l})");
+        assert!(e["eval_tokens"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(s.best_epoch, 2);
+    let cj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.model_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert!(cj.get("problem_type").is_none(), "{cj}");
+    assert!(ferrotune::tasks::causal_lm::is_causal_lm_dir(&s.model_dir).unwrap());
+    let preds = std::fs::read_to_string(cfg.output_dir.join("eval_predictions.jsonl")).unwrap();
+    assert!(preds.lines().count() > 0 && preds.contains("\"perplexity\""));
+    // `ferrotune eval` on the exported model: the trained model fits the text better than
+    // the random base did.
+    let eval = |dir: &Path| {
+        ferrotune::tasks::causal_lm::evaluate_dir(dir, &cfg.train_file, Some(16), 8, "text")
+            .unwrap()
+    };
+    let (trained, base) = (eval(&s.model_dir), eval(&cfg.model_name_or_path));
+    eprintln!("eval on the text: trained {trained:?}, base {base:?}");
+    assert!(trained["loss"] < base["loss"], "{trained:?} vs {base:?}");
+    assert!((trained["perplexity"] - trained["loss"].exp()).abs() < 1e-9 * trained["perplexity"]);
+}
+
+/// A run stopped after its first step and resumed ends with the same model, byte for
+/// byte, as the run that was never stopped.
+#[test]
+fn tiny_llama_resumes_exactly() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = llama_recipe(tmp.path(), "whole");
+    ferrotune::train::train(&whole, &mut ferrotune::train::Silent).unwrap();
+    let cut = llama_recipe(tmp.path(), "cut");
+    let stop = Arc::new(AtomicBool::new(true));
+    let control = ferrotune::train::Control {
+        stop: stop.clone(),
+        ..Default::default()
+    };
+    let e =
+        ferrotune::train::train_with(&cut, &mut ferrotune::train::Silent, &control).unwrap_err();
+    assert!(
+        matches!(e, ferrotune::error::Error::Interrupted { .. }),
+        "{e}"
+    );
+    stop.store(false, Ordering::SeqCst);
+    let control = ferrotune::train::Control {
+        resume: Some("latest".into()),
+        ..Default::default()
+    };
+    ferrotune::train::train_with(&cut, &mut ferrotune::train::Silent, &control).unwrap();
+    let bytes = |out: &Path| std::fs::read(out.join("model/model.safetensors")).unwrap();
+    assert!(
+        bytes(&whole.output_dir) == bytes(&cut.output_dir),
+        "the resumed run's model differs"
+    );
+    assert_eq!(
+        epoch_metrics(&whole.output_dir),
+        epoch_metrics(&cut.output_dir)
+    );
+}
