@@ -112,6 +112,10 @@ enum Cmd {
         /// row; embeddings, norms, softmax stay f32), or bf16 (CPUs with avx512_bf16).
         #[arg(long, value_enum, default_value_t = Precision::Auto)]
         precision: Precision,
+        /// A causal language model (`architectures` `…ForCausalLM`): tokens per block the
+        /// text is packed into (default: min(1024, the model's positions)).
+        #[arg(long)]
+        block_size: Option<usize>,
     },
     /// Predict labels for a file of texts.
     Predict {
@@ -596,8 +600,30 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             label_column,
             no_header,
             precision,
+            block_size,
         } => {
-            let mut p = Predictor::load_with_adapter(&resolve_model(&model)?, adapter.as_deref())?.0;
+            let model = resolve_model(&model)?;
+            if ferrotune::tasks::causal_lm::is_causal_lm_dir(&model)? {
+                // Loss and perplexity of the text, as the run's evaluation reports them.
+                let m = ferrotune::tasks::causal_lm::evaluate_dir(
+                    &model,
+                    &input,
+                    block_size,
+                    8,
+                    text_column.as_deref().unwrap_or("text"),
+                )?;
+                eprintln!(
+                    "eval_loss {:.4} eval_perplexity {:.4}",
+                    m["loss"], m["perplexity"]
+                );
+                let line: serde_json::Map<String, serde_json::Value> = m
+                    .iter()
+                    .map(|(k, v)| (format!("eval_{k}"), serde_json::json!(v)))
+                    .collect();
+                print_out(serde_json::Value::Object(line).to_string())?;
+                return Ok(());
+            }
+            let mut p = Predictor::load_with_adapter(&model, adapter.as_deref())?.0;
             let why = p.set_precision(precision.into())?;
             if p.precision != ferrotune::precision::Precision::F32 {
                 eprintln!("precision: {why}");

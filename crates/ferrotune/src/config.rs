@@ -362,6 +362,11 @@ pub struct TrainConfig {
     /// are taken from the data file's folder). Unset: the data is text (or images by
     /// layout: class folders, IDX files).
     pub image_column: Option<String>,
+    /// `problem_type = "causal_lm"`: tokens per training sequence (run_clm's
+    /// `block_size`): documents are packed into blocks of this many, prompt/completion
+    /// rows and conversations truncated to it. Default `min(1024, the model's
+    /// positions)`; more than the model's `max_position_embeddings` is refused.
+    pub block_size: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -458,6 +463,7 @@ impl Default for TrainConfig {
             mixup_prob: 1.0,
             mixup_switch_prob: 0.5,
             image_column: None,
+            block_size: None,
         }
     }
 }
@@ -873,6 +879,48 @@ impl TrainConfig {
                     "must be a non-empty list of numbers >= 0".into(),
                 );
             }
+        }
+        if let Some(b) = self.block_size {
+            if b < 2 {
+                return bad(
+                    "block_size",
+                    format!("must be at least 2 (a token and the next), got {b}"),
+                );
+            }
+        }
+        if self.problem_type == ProblemType::CausalLm {
+            // Features of classifiers that have no meaning for next-token prediction.
+            let refused: [(&str, bool); 8] = [
+                ("label_smoothing", self.label_smoothing != 0.0),
+                ("class_weights", self.class_weights.is_some()),
+                ("pos_weight", self.pos_weight.is_some()),
+                ("focal_alpha", self.focal_alpha.is_some()),
+                ("mixup_alpha", self.mixup_alpha > 0.0),
+                ("cutmix_alpha", self.cutmix_alpha > 0.0),
+                ("image_column", self.image_column.is_some()),
+                ("text_pair_column", self.text_pair_column.is_some()),
+            ];
+            if let Some((key, _)) = refused.iter().find(|(_, on)| *on) {
+                return bad(
+                    key,
+                    "does not apply to problem_type \"causal_lm\" (next-token \
+                     cross-entropy over the text itself)"
+                        .into(),
+                );
+            }
+            if self.loss.is_some_and(|l| l != LossKind::CrossEntropy) {
+                return bad(
+                    "loss",
+                    "problem_type \"causal_lm\" trains with cross_entropy only".into(),
+                );
+            }
+        } else if self.block_size.is_some() {
+            return bad(
+                "block_size",
+                "applies to problem_type = \"causal_lm\" only (classifiers read \
+                 `max_seq_length`)"
+                    .into(),
+            );
         }
         let loss = self.loss_kind();
         let fits = self.problem_type.task().fits(loss);

@@ -60,10 +60,15 @@ pub fn export_config(spec: &ExportSpec) -> Value {
         .map(|(i, l)| (l.clone(), json!(i)))
         .collect();
     cfg.extend(spec.family.export_keys(spec.base, spec.labels));
-    cfg.insert("id2label".into(), Value::Object(id2label));
-    cfg.insert("label2id".into(), Value::Object(label2id));
-    cfg.insert("num_labels".into(), json!(spec.labels.len()));
-    cfg.insert("problem_type".into(), json!(spec.problem_type));
+    // A causal language model (no labels: the family names its `…ForCausalLM` class) gets
+    // no label keys, and no `problem_type`: transformers refuses one other than its three
+    // classification values.
+    if spec.problem_type != crate::tasks::causal_lm::NAME {
+        cfg.insert("id2label".into(), Value::Object(id2label));
+        cfg.insert("label2id".into(), Value::Object(label2id));
+        cfg.insert("num_labels".into(), json!(spec.labels.len()));
+        cfg.insert("problem_type".into(), json!(spec.problem_type));
+    }
     // An image model: timm's `pretrained_cfg` says the input it was trained on.
     if let (Some(p), Some(Value::Object(pc))) =
         (&spec.info.image_eval, cfg.get_mut("pretrained_cfg"))

@@ -128,6 +128,9 @@ pub enum Targets {
     Multi(Tensor),
     /// Regression: `(N, C)` float target values.
     Values(Tensor),
+    /// Causal LM: `(batch, seq)` i64 token labels, -100 where not counted; the logits are
+    /// `(batch·seq, vocab)` ([`crate::tasks::causal_lm::lm_loss`]).
+    Tokens(Tensor),
     /// Two class targets blended (timm's mixup and CutMix): the loss is
     /// `λ·loss(a) + (1 − λ)·loss(b)`, which for cross-entropy (label smoothing included)
     /// and binary cross-entropy is the loss against the blended soft targets.
@@ -147,6 +150,7 @@ impl Targets {
             Targets::Classes(_) => "single-label class-id",
             Targets::Multi(_) => "multi-label 0/1",
             Targets::Values(_) => "real-valued regression",
+            Targets::Tokens(_) => "causal-LM token",
             Targets::Mixed { a, .. } => a.describe(),
         }
     }
@@ -156,6 +160,7 @@ impl Targets {
             Targets::Classes(_) => "cross_entropy or focal",
             Targets::Multi(_) => "binary_cross_entropy or focal",
             Targets::Values(_) => "mse, smooth_l1 or huber",
+            Targets::Tokens(_) => "cross_entropy",
             Targets::Mixed { a, .. } => a.fitting_kinds(),
         }
     }
@@ -297,6 +302,7 @@ pub fn compute(cfg: &LossConfig, logits: &Tensor, targets: &Targets) -> Result<T
     let class_weights = to_f32(&cfg.class_weights);
     let pos_weight = to_f32(&cfg.pos_weight);
     match (cfg.kind, targets) {
+        (LossKind::CrossEntropy, Targets::Tokens(t)) => crate::tasks::causal_lm::lm_loss(logits, t),
         (_, Targets::Mixed { a, b, lam }) => {
             if matches!(**a, Targets::Values(_)) {
                 return Err(config_err("mixed targets apply to classification only"));

@@ -136,7 +136,7 @@ pub fn apply(batch: Batch, targets: Targets, mix: Mix) -> Result<(Batch, Targets
     let reversed = match &targets {
         Targets::Classes(t) => Targets::Classes(t.flip(&[0])?),
         Targets::Multi(t) => Targets::Multi(t.flip(&[0])?),
-        Targets::Values(_) | Targets::Mixed { .. } => {
+        Targets::Values(_) | Targets::Tokens(_) | Targets::Mixed { .. } => {
             return Err(Error::Config(
                 "mixup and CutMix apply to classification targets only".into(),
             ))

@@ -26,6 +26,7 @@ pub mod batch;
 pub mod encoder;
 pub mod image;
 pub mod labels;
+pub mod lm;
 pub mod mixup;
 pub mod reader;
 pub mod split;

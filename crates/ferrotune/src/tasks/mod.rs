@@ -4,9 +4,11 @@
 //! exporter) is shared: the trainer and predictor hold a `&dyn Task` and never match on
 //! the problem type.
 //!
-//! One file per task: [`classify`] (single-label), [`multi_label`], [`regression`]. A new
-//! task is a new file, a [`ProblemType`] variant and its line in [`ProblemType::task`].
+//! One file per task: [`classify`] (single-label), [`multi_label`], [`regression`],
+//! [`causal_lm`] (language-model fine-tuning). A new task is a new file, a [`ProblemType`]
+//! variant and its line in [`ProblemType::task`].
 
+pub mod causal_lm;
 pub mod classify;
 pub mod multi_label;
 pub mod regression;
@@ -33,6 +35,9 @@ pub enum ProblemType {
     MultiLabelClassification,
     /// One or several real-valued targets.
     Regression,
+    /// Next-token prediction (a recipe's `problem_type = "causal_lm"`; not a Hugging Face
+    /// `problem_type`, so never written to an exported `config.json`).
+    CausalLm,
 }
 
 impl ProblemType {
@@ -47,6 +52,7 @@ impl ProblemType {
             ProblemType::SingleLabelClassification => &classify::SingleLabel,
             ProblemType::MultiLabelClassification => &multi_label::MultiLabel,
             ProblemType::Regression => &regression::Regression,
+            ProblemType::CausalLm => &causal_lm::CausalLm,
         }
     }
 
@@ -56,6 +62,7 @@ impl ProblemType {
             ProblemType::SingleLabelClassification,
             ProblemType::MultiLabelClassification,
             ProblemType::Regression,
+            ProblemType::CausalLm,
         ]
         .into_iter()
         .find(|p| p.as_str() == name)
@@ -81,6 +88,9 @@ pub enum TargetData {
         /// Targets per example.
         cols: usize,
     },
+    /// Causal LM: per sequence, its token labels ([`crate::data::lm::IGNORE_INDEX`] where
+    /// the loss does not count).
+    Tokens(Vec<Vec<i64>>),
 }
 
 impl TargetData {
@@ -88,6 +98,7 @@ impl TargetData {
     pub fn extend(&mut self, more: TargetData) -> Result<()> {
         match (self, more) {
             (TargetData::Classes(a), TargetData::Classes(b)) => a.extend(b),
+            (TargetData::Tokens(a), TargetData::Tokens(b)) => a.extend(b),
             (TargetData::Multi { values, cols }, TargetData::Multi { values: v, cols: c })
             | (TargetData::Values { values, cols }, TargetData::Values { values: v, cols: c })
                 if *cols == c =>
@@ -103,6 +114,7 @@ impl TargetData {
     pub fn len(&self) -> usize {
         match self {
             TargetData::Classes(c) => c.len(),
+            TargetData::Tokens(t) => t.len(),
             TargetData::Multi { values, cols } | TargetData::Values { values, cols } => {
                 values.len() / (*cols).max(1)
             }
@@ -123,6 +135,9 @@ impl TargetData {
         };
         match self {
             TargetData::Classes(c) => TargetData::Classes(idx.iter().map(|&i| c[i]).collect()),
+            TargetData::Tokens(t) => {
+                TargetData::Tokens(idx.iter().map(|&i| t[i].clone()).collect())
+            }
             TargetData::Multi { values, cols } => TargetData::Multi {
                 values: rows(values, *cols),
                 cols: *cols,
@@ -150,7 +165,29 @@ impl TargetData {
             }
             TargetData::Multi { values, cols } => Targets::Multi(rows(values, *cols)?),
             TargetData::Values { values, cols } => Targets::Values(rows(values, *cols)?),
+            TargetData::Tokens(t) => {
+                // Padded on the right to the longest, as the batch's ids are.
+                let s = idx.iter().map(|&i| t[i].len()).max().unwrap_or(0).max(1);
+                let mut v = vec![crate::data::lm::IGNORE_INDEX; idx.len() * s];
+                for (r, &i) in idx.iter().enumerate() {
+                    v[r * s..r * s + t[i].len()].copy_from_slice(&t[i]);
+                }
+                Targets::Tokens(Tensor::from_vec(v, (idx.len(), s), device)?)
+            }
         })
+    }
+
+    /// What examples `idx` weigh in a mean over an accumulation window: their count, or
+    /// for causal LM the tokens the loss counts (so that micro-batches weighted by their
+    /// share give the token mean of the whole window).
+    pub fn weight(&self, idx: &[usize]) -> f64 {
+        match self {
+            TargetData::Tokens(t) => idx
+                .iter()
+                .map(|&i| crate::data::lm::counted(&t[i]))
+                .sum::<usize>() as f64,
+            _ => idx.len() as f64,
+        }
     }
 
     /// All targets, as tensors.
@@ -180,6 +217,12 @@ impl Evaluation {
 pub trait Task: Sync {
     /// Hugging Face's `problem_type` spelling.
     fn name(&self) -> &'static str;
+
+    /// Whether the task trains a language model's next-token head
+    /// ([`crate::families::Model::lm_logits`]) rather than a task head.
+    fn language_model(&self) -> bool {
+        false
+    }
 
     /// The label names (classes, or regression target names) found in the training data.
     fn label_map(

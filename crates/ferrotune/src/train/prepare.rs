@@ -342,6 +342,9 @@ pub fn prepare_for(
     progress: &mut dyn Progress,
     writes: bool,
 ) -> Result<Prepared> {
+    if cfg.problem_type == ProblemType::CausalLm {
+        return crate::tasks::causal_lm::prepare(cfg, device, progress, writes);
+    }
     if writes {
         ensure_writable(&cfg.output_dir)?;
     }

@@ -61,7 +61,11 @@ pub fn loss_and_grads_into(
     let bufs = out.iter_mut().map(std::mem::take).collect();
     let sink = GradSink::new(&tensors, bufs, add);
     let (r, sink) = sink.run(|| -> Result<_> {
-        let logits = model.forward(&mut ctx, batch)?;
+        // A causal-LM target scores the language-model head at every position.
+        let logits = match targets {
+            Targets::Tokens(_) => model.lm_logits(&mut ctx, batch)?,
+            _ => model.forward(&mut ctx, batch)?,
+        };
         let loss = compute(loss_cfg, &logits, targets)?;
         let grads = (&loss * scale)?.backward()?;
         Ok((loss, grads))

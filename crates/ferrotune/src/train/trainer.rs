@@ -88,16 +88,38 @@ pub fn evaluate(
     device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<(Evaluation, Vec<Vec<f32>>)> {
-    let logits = infer_logits(
-        model,
-        encoder,
-        items,
-        batch_size,
-        device,
-        Precision::F32,
-        |n| progress.advance(n as u64),
-    )?;
+    let logits = eval_outputs(model, encoder, items, targets, batch_size, device, |n| {
+        progress.advance(n as u64)
+    })?;
     Ok((task.evaluate(&logits, targets, loss, threshold)?, logits))
+}
+
+/// What a task's evaluation reads for each item: the head's outputs, or for causal-LM
+/// targets each sequence's `[nll sum, counted tokens]`
+/// ([`crate::tasks::causal_lm::nll_rows`]: a sequence's logits are never kept).
+fn eval_outputs(
+    model: &dyn Model,
+    encoder: &dyn InputEncoder,
+    items: &[Features],
+    targets: &TargetData,
+    batch_size: usize,
+    device: &Device,
+    on_batch: impl FnMut(usize),
+) -> Result<Vec<Vec<f32>>> {
+    match targets {
+        TargetData::Tokens(labels) => crate::tasks::causal_lm::nll_rows(
+            model, encoder, items, labels, batch_size, device, on_batch,
+        ),
+        _ => infer_logits(
+            model,
+            encoder,
+            items,
+            batch_size,
+            device,
+            Precision::F32,
+            on_batch,
+        ),
+    }
 }
 
 /// Runs the whole recipe: prepare, train with evaluation after every epoch, export the best
@@ -806,7 +828,8 @@ impl Run {
         progress: &mut dyn Progress,
         control: &Control,
     ) -> Result<(f64, Option<String>)> {
-        let window_n: usize = window.iter().map(|c| c.len()).sum();
+        // Examples, or for causal LM counted tokens (`TargetData::weight`).
+        let window_n: f64 = window.iter().map(|c| self.train.1.weight(c)).sum();
         let mut bad = None;
         let mut loss = 0.0f64;
         let mut first = true;
@@ -850,7 +873,7 @@ impl Run {
                 }
                 None => (batch, y),
             };
-            let share = mine.len() as f64 / window_n as f64;
+            let share = self.train.1.weight(mine) / window_n.max(f64::MIN_POSITIVE);
             // Where this rank's part begins in the global batch (the dropout masks
             // follow the sequence: the same as one process's).
             let row0 = part.start as u64;
@@ -996,13 +1019,18 @@ impl Run {
     fn evaluate_shared(&self, progress: &mut dyn Progress) -> Result<(Evaluation, Vec<Vec<f32>>)> {
         let items = &self.eval.0;
         let mine = self.world.part(items);
-        let logits = infer_logits(
+        let start = self.world.range(items.len()).start;
+        let my_targets = self
+            .eval
+            .1
+            .keep(&(start..start + mine.len()).collect::<Vec<_>>());
+        let logits = eval_outputs(
             self.model.as_ref(),
             self.encoder.as_ref(),
             mine,
+            &my_targets,
             self.cfg.per_device_eval_batch_size,
             &self.device,
-            Precision::F32,
             |n| progress.advance(n as u64),
         )?;
         let width = self
@@ -1160,15 +1188,19 @@ impl Run {
                 r.confusion_csv(names).trim_end()
             ));
         }
-        let bytes = predictions_jsonl(
-            self.task,
-            self.labels.labels(),
-            self.cfg.threshold,
-            &self.loss,
-            &self.eval_rows,
-            &logits,
-            &self.eval.1,
-        )?;
+        let bytes = if self.task.language_model() {
+            crate::tasks::causal_lm::predictions_jsonl(&self.eval_rows, &logits)
+        } else {
+            predictions_jsonl(
+                self.task,
+                self.labels.labels(),
+                self.cfg.threshold,
+                &self.loss,
+                &self.eval_rows,
+                &logits,
+                &self.eval.1,
+            )?
+        };
         write_whole(&self.out.join("eval_predictions.jsonl"), &bytes)?;
         let model_dir = self.out.join("model");
         self.export(&model_dir, best_epoch)?;
