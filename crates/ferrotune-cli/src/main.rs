@@ -676,7 +676,8 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             chunk_size,
             precision,
         } => {
-            let mut p = Predictor::load_with_adapter(&resolve_model(&model)?, adapter.as_deref())?.0;
+            let mut p =
+                Predictor::load_with_adapter(&resolve_model(&model)?, adapter.as_deref())?.0;
             p.stream_chunk = chunk_size.max(1);
             let why = p.set_precision(precision.into())?;
             if p.precision != ferrotune::precision::Precision::F32 {

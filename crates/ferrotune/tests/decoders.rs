@@ -13,7 +13,9 @@ use ferrotune::testing::write_tiny_decoder;
 
 /// The decoder families and the config edits each is tested with: grouped-query heads
 /// with an untied head, and plain heads with a tied one.
-fn variants() -> Vec<(&'static str, &'static str, fn(&mut serde_json::Value))> {
+type Variant = (&'static str, &'static str, fn(&mut serde_json::Value));
+
+fn variants() -> Vec<Variant> {
     vec![
         ("llama", "gqa-untied", |c| {
             c["num_attention_heads"] = 4.into();

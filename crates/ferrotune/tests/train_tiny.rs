@@ -246,11 +246,11 @@ fn missing_column_empty_file_bad_utf8_unknown_model_type() {
         let p = model.join("config.json");
         let s = std::fs::read_to_string(&p)
             .unwrap()
-            .replace("\"bert\"", "\"gpt2\"");
+            .replace("\"bert\"", "\"xlnet\"");
         std::fs::write(p, s).unwrap();
     });
     assert!(
-        e.contains("config.json") && e.contains("model_type") && e.contains("gpt2"),
+        e.contains("config.json") && e.contains("model_type") && e.contains("xlnet"),
         "{e}"
     );
 

@@ -102,7 +102,7 @@ impl Gpt2Config {
                 return Err(at(field, "must be at least 1".into()));
             }
         }
-        if c.n_embd % c.n_head != 0 {
+        if !c.n_embd.is_multiple_of(c.n_head) {
             return Err(at(
                 "n_head",
                 format!(

@@ -107,7 +107,7 @@ impl LlamaConfig {
             }
         }
         let kv = c.kv_heads();
-        if kv == 0 || c.num_attention_heads % kv != 0 {
+        if kv == 0 || !c.num_attention_heads.is_multiple_of(kv) {
             return Err(at(
                 "num_key_value_heads",
                 format!(
@@ -116,7 +116,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if c.head_dim.is_none() && c.hidden_size % c.num_attention_heads != 0 {
+        if c.head_dim.is_none() && !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(at(
                 "num_attention_heads",
                 format!(
@@ -125,7 +125,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if c.head_dim() % 2 != 0 {
+        if !c.head_dim().is_multiple_of(2) {
             return Err(at(
                 "head_dim",
                 "rotary embeddings need an even head width".into(),
