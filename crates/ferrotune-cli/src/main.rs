@@ -283,6 +283,9 @@ enum Cmd {
         /// The model directory (or GGUF file) of a decoder.
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter directory applied to `--model` (its base model).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// The prompt.
         #[arg(long, conflicts_with = "input", required_unless_present = "input")]
         prompt: Option<String>,
@@ -882,6 +885,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Generate {
             model,
+            adapter,
             prompt,
             input,
             max_new_tokens,
@@ -896,7 +900,8 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
                 (None, None) => unreachable!("clap requires one"),
             };
             let model = ferrotune::formats::gguf::resolve_model(&model)?;
-            let generator = ferrotune::generate::TextGenerator::load(&model)?;
+            let generator =
+                ferrotune::generate::TextGenerator::load_with_adapter(&model, adapter.as_deref())?;
             let sampling = ferrotune::generate::Sampling {
                 max_new_tokens,
                 temperature,

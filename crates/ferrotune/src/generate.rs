@@ -251,9 +251,24 @@ impl TextGenerator {
     /// Loads the language model of directory `dir` (a decoder's `config.json`, weights
     /// and tokenizer). A model of another kind is a one-line error naming the directory.
     pub fn load(dir: &std::path::Path) -> Result<TextGenerator> {
+        TextGenerator::load_with_adapter(dir, None)
+    }
+
+    /// [`TextGenerator::load`] with a PEFT LoRA adapter directory applied to the model
+    /// (an adapter that does not fit it is an error naming its file and tensor).
+    pub fn load_with_adapter(
+        dir: &std::path::Path,
+        adapter: Option<&std::path::Path>,
+    ) -> Result<TextGenerator> {
         let device = crate::nn::device();
         let head = crate::families::HeadSpec::new(0);
-        let (cfg, fam, loaded) = crate::families::load(dir, &head, 0, &device)?;
+        let cfg = HfConfig::from_dir(dir)?;
+        let fam = crate::families::family(&cfg)?;
+        let build = || crate::families::load_weights(&cfg, fam, dir, &head, 0, &device);
+        let loaded = match adapter {
+            Some(a) => crate::nn::lora::read_adapter(a, &device)?.load(build)?,
+            None => build()?,
+        };
         if loaded.model.generator().is_none() {
             return Err(Error::file(
                 dir,

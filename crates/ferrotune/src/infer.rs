@@ -91,11 +91,8 @@ pub fn load_embedder(
         .and_then(|v| v.get("max_seq_length").and_then(|m| m.as_u64()))
         .map(|m| m as usize);
     let max_len = max_len.or(st_max).unwrap_or(512).min(longest);
-    // Mean pooling is a pooling every family's head can read; the head is not used.
-    let head = HeadSpec {
-        pooling: Some(Pooling::Mean),
-        ..HeadSpec::new(1)
-    };
+    // The head is not used (the hidden states are pooled here): the family's default.
+    let head = HeadSpec::new(1);
     let loaded = families::load_weights(&cfg, family, dir, &head, 0, device)?;
     Ok((loaded.model, TextEncoder::load(dir, max_len)?))
 }

@@ -245,12 +245,15 @@ fn weight_gradients_go_through_the_sink() {
         let (_, wrote) = sink.into_parts();
         for (p, wrote) in l.params.params.iter().zip(wrote) {
             // Tables read as a slice (candle's narrow) rather than looked up: positions
-            // counted from 0 (BERT, DistilBERT) and RoBERTa's single token type.
+            // counted from 0 (BERT, DistilBERT, GPT-2) and RoBERTa's single token type.
             let sliced = (p.name.contains("position_embeddings")
                 && matches!(family, "bert" | "distilbert"))
-                || (p.name.contains("token_type_embeddings") && family == "roberta");
+                || (p.name.contains("token_type_embeddings") && family == "roberta")
+                || (p.name.ends_with("wpe.weight") && family == "gpt2");
             let matrix = p.var.rank() == 2 && !sliced;
-            let norm = p.name.contains("LayerNorm") || p.name.contains("layer_norm");
+            let norm = p.name.contains("LayerNorm")
+                || p.name.contains("layer_norm")
+                || p.name.contains(".ln_");
             let linear_bias = p.name.ends_with(".bias") && !norm;
             // The encoder layers' norms (fused with their residual sum), not the embeddings'.
             let layer_norm = norm && p.name.contains("layer.");

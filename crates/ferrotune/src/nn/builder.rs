@@ -499,6 +499,13 @@ impl<'a> Builder<'a> {
         self.store
             .linear_weights
             .push(format!("{}{name}.weight", self.export_prefix));
+        let module = format!("{}{name}", self.export_prefix);
+        let b = Var::from_tensor(&Tensor::zeros(out, DType::F32, &self.device)?)?;
+        let full = format!("{}{name}.weight", self.ckpt_prefix);
+        if let Some(q) = self.weights.int8_weight(&full, out, inp)? {
+            self.store.int8_layers += 1;
+            return self.adapt_linear(Linear::quantized(q, b, group)?, &module, group, false);
+        }
         let w = self.need(
             &format!("{name}.weight"),
             &[out, inp],
@@ -506,8 +513,6 @@ impl<'a> Builder<'a> {
             Init::Normal,
             false,
         )?;
-        let b = Var::from_tensor(&Tensor::zeros(out, DType::F32, &self.device)?)?;
-        let module = format!("{}{name}", self.export_prefix);
         self.adapt_linear(Linear::new(w, b, group), &module, group, false)
     }
 
@@ -523,6 +528,20 @@ impl<'a> Builder<'a> {
         group: usize,
     ) -> Result<(Linear, bool)> {
         self.store.linear_weights.push(format!("{export}.weight"));
+        let ckpt_w = format!("{ckpt}.weight");
+        // From a quantized model, its int8 weight (of this shape; another is a new head).
+        let fits = match self.weights {
+            Weights::File { int8, .. } => int8.get(&ckpt_w).is_none_or(|t| t.shape == [out, inp]),
+            Weights::Random => true,
+        };
+        if fits {
+            if let Some(q) = self.weights.int8_weight(&ckpt_w, out, inp)? {
+                let b = Var::from_tensor(&Tensor::zeros(out, DType::F32, &self.device)?)?;
+                self.store.int8_layers += 1;
+                let lin = Linear::quantized(q, b, group)?;
+                return Ok((self.adapt_linear(lin, export, group, false)?, false));
+            }
+        }
         let (w, new) = self.optional(
             &format!("{ckpt}.weight"),
             &format!("{export}.weight"),
@@ -548,6 +567,15 @@ impl<'a> Builder<'a> {
     ) -> Result<Linear> {
         let export = format!("{}{name}.weight", self.export_prefix);
         self.store.linear_weights.push(export.clone());
+        // A quantized model holds ferrotune's `(out, inp)` int8 rows (quantized per output
+        // channel from the layer, not from GPT-2's layout).
+        let full = format!("{}{name}.weight", self.ckpt_prefix);
+        if let Some(q) = self.weights.int8_weight(&full, out, inp)? {
+            let b = self.need(&format!("{name}.bias"), &[out], group, Init::Zeros, true)?;
+            self.store.int8_layers += 1;
+            let module = format!("{}{name}", self.export_prefix);
+            return self.adapt_linear(Linear::quantized(q, b, group)?, &module, group, false);
+        }
         self.need(
             &format!("{name}.weight"),
             &[inp, out],
