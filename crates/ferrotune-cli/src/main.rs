@@ -606,9 +606,9 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             block_size,
         } => {
             let model = resolve_model(&model)?;
-            if ferrotune::tasks::causal_lm::is_causal_lm_dir(&model)? {
+            if ferrotune::train::causal_lm::is_causal_lm_dir(&model)? {
                 // Loss and perplexity of the text, as the run's evaluation reports them.
-                let m = ferrotune::tasks::causal_lm::evaluate_dir(
+                let m = ferrotune::train::causal_lm::evaluate_dir(
                     &model,
                     &input,
                     block_size,

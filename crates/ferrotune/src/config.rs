@@ -533,6 +533,51 @@ pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
 }
 
 impl TrainConfig {
+    /// The LoRA settings of a recipe (`None` when `lora_r` is 0). Without
+    /// `lora_target_modules`, PEFT's default for the model type; a sequence classifier
+    /// (`seq_cls`) saves `classifier` and `score` as PEFT does.
+    pub fn lora_spec(
+        &self,
+        model_type: &str,
+        seq_cls: bool,
+    ) -> Result<Option<crate::nn::lora::LoraSpec>> {
+        if self.lora_r == 0 {
+            return Ok(None);
+        }
+        let targets = match &self.lora_target_modules {
+            Some(LoraTargets::List(l)) => crate::nn::lora::Targets::List(l.clone()),
+            Some(LoraTargets::Named(_)) => crate::nn::lora::Targets::AllLinear,
+            None => match crate::nn::lora::default_targets(model_type) {
+                Some(t) => {
+                    crate::nn::lora::Targets::List(t.iter().map(|s| s.to_string()).collect())
+                }
+                None => {
+                    return Err(Error::Config(format!(
+                        "`lora_target_modules` is required for model type `{model_type}` \
+                         (no PEFT default): a list of module names, or \"all-linear\""
+                    )))
+                }
+            },
+        };
+        let mut modules_to_save = self.modules_to_save.clone();
+        if seq_cls {
+            for m in crate::nn::lora::SEQ_CLS_MODULES {
+                if !modules_to_save.iter().any(|s| s == m) {
+                    modules_to_save.push(m.to_string());
+                }
+            }
+        }
+        Ok(Some(crate::nn::lora::LoraSpec {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets,
+            modules_to_save,
+            use_rslora: self.use_rslora,
+            seed: self.seed,
+        }))
+    }
+
     /// Reads a recipe file and applies `--set` overrides, then validates the result.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -15,11 +15,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::kernels::fused::log_softmax_last;
+use crate::kernels::par::{par_for, with_f32, Out, PAR_MIN};
 
 /// Which loss a run trains with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,7 +130,7 @@ pub enum Targets {
     /// Regression: `(N, C)` float target values.
     Values(Tensor),
     /// Causal LM: `(batch, seq)` i64 token labels, -100 where not counted; the logits are
-    /// `(batch·seq, vocab)` ([`crate::tasks::causal_lm::lm_loss`]).
+    /// `(batch·seq, vocab)` ([`lm_loss`]).
     Tokens(Tensor),
     /// Two class targets blended (timm's mixup and CutMix): the loss is
     /// `λ·loss(a) + (1 − λ)·loss(b)`, which for cross-entropy (label smoothing included)
@@ -302,7 +303,7 @@ pub fn compute(cfg: &LossConfig, logits: &Tensor, targets: &Targets) -> Result<T
     let class_weights = to_f32(&cfg.class_weights);
     let pos_weight = to_f32(&cfg.pos_weight);
     match (cfg.kind, targets) {
-        (LossKind::CrossEntropy, Targets::Tokens(t)) => crate::tasks::causal_lm::lm_loss(logits, t),
+        (LossKind::CrossEntropy, Targets::Tokens(t)) => lm_loss(logits, t),
         (_, Targets::Mixed { a, b, lam }) => {
             if matches!(**a, Targets::Values(_)) {
                 return Err(config_err("mixed targets apply to classification only"));
@@ -685,6 +686,171 @@ pub fn l1_penalty(weights: &[Tensor]) -> Result<Tensor> {
 /// first tensor's dtype (f32 for half precision); an empty slice gives a CPU f32 zero.
 pub fn l2_penalty(weights: &[Tensor]) -> Result<Tensor> {
     penalty(weights, |w| Ok(w.sqr()?))
+}
+
+/// The label of a position the causal-LM loss does not count (transformers' `-100`).
+pub const IGNORE_INDEX: i64 = -100;
+
+// The causal language model's next-token loss (`Targets::Tokens`): a fused token-level
+// cross-entropy that never materialises the log-probabilities.
+
+/// The next-token targets of labels `(batch, seq)`: row `b·seq + t` gets label
+/// `(b, t + 1)`, the last position of each sequence [`IGNORE_INDEX`].
+pub fn shifted_targets(labels: &Tensor) -> Result<Vec<i64>> {
+    let (b, s) = labels.dims2()?;
+    let l = labels.flatten_all()?.to_vec1::<i64>()?;
+    let mut t = vec![IGNORE_INDEX; b * s];
+    for r in 0..b {
+        t[r * s..r * s + s - 1].copy_from_slice(&l[r * s + 1..r * s + s]);
+    }
+    Ok(t)
+}
+
+/// The negative log-likelihood of class `t` under logits `z`: `logsumexp(z) − z[t]`.
+#[inline]
+pub fn row_nll(z: &[f32], t: usize) -> f32 {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = z.iter().map(|&v| (v - max).exp()).sum();
+    sum.ln() + max - z[t]
+}
+
+/// Checks that every counted target is a class of `vocab`.
+pub fn check_targets(targets: &[i64], vocab: usize) -> Result<usize> {
+    let mut n = 0;
+    for &t in targets {
+        if t == IGNORE_INDEX {
+            continue;
+        }
+        if t < 0 || t as usize >= vocab {
+            return Err(Error::Msg(format!(
+                "token id {t} is outside the model's vocabulary of {vocab}: the tokenizer \
+                 and the model do not match"
+            )));
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The causal-LM loss of `logits` `(batch·seq, vocab)` against `labels` `(batch, seq)`
+/// (i64, [`IGNORE_INDEX`] where not counted): the mean over counted positions of the
+/// cross-entropy of row `b·seq + t` against label `(b, t + 1)`. Differentiable in
+/// `logits`, fused (see the module documentation). No counted token gives 0.
+pub fn lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let targets = shifted_targets(labels)?;
+    let (rows, vocab) = logits.dims2()?;
+    if rows != targets.len() {
+        return Err(Error::Msg(format!(
+            "internal: {rows} rows of logits for {} labels",
+            targets.len()
+        )));
+    }
+    let count = check_targets(&targets, vocab)?;
+    if count == 0 {
+        return Ok(logits.sum_all()?.affine(0.0, 0.0)?);
+    }
+    let logits = logits.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    if !logits.device().is_cpu() {
+        return lm_loss_composed(&logits, labels);
+    }
+    Ok(logits.apply_op1(TokenNll { targets, count })?)
+}
+
+/// The reference composition of [`lm_loss`] from candle's differentiable operations
+/// (log-softmax, gather, mask), for tests and non-CPU devices.
+pub fn lm_loss_composed(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let targets = shifted_targets(labels)?;
+    let count = check_targets(&targets, logits.dim(1)?)?;
+    if count == 0 {
+        return Ok(logits.sum_all()?.affine(0.0, 0.0)?);
+    }
+    let dev = logits.device();
+    let idx: Vec<u32> = targets.iter().map(|&t| t.max(0) as u32).collect();
+    let mask: Vec<f32> = targets
+        .iter()
+        .map(|&t| if t == IGNORE_INDEX { 0.0 } else { 1.0 })
+        .collect();
+    let n = targets.len();
+    let lp = crate::kernels::fused::log_softmax_last(logits)?;
+    let picked = lp
+        .gather(&Tensor::from_vec(idx, (n, 1), dev)?, 1)?
+        .squeeze(1)?;
+    let m = Tensor::from_vec(mask, n, dev)?;
+    Ok((picked.mul(&m)?.sum_all()?.neg()? / count as f64)?)
+}
+
+/// The fused token cross-entropy (see [`lm_loss`]).
+struct TokenNll {
+    targets: Vec<i64>,
+    count: usize,
+}
+
+/// Rows per parallel part.
+const NLL_ROWS: usize = 16;
+
+impl CustomOp1 for TokenNll {
+    fn name(&self) -> &'static str {
+        "ferrotune-token-nll"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let z = crate::kernels::par::f32_data(s, l)?;
+        let v = l.dims()[1];
+        let n = self.targets.len();
+        let mut per = vec![0f32; n];
+        let o = Out::new(&mut per);
+        par_for(n.div_ceil(NLL_ROWS), n * v >= PAR_MIN, |i| {
+            // Safety: part i is written by this task only.
+            let part = unsafe { o.part(i * NLL_ROWS, NLL_ROWS) };
+            for (k, slot) in part.iter_mut().enumerate() {
+                let r = i * NLL_ROWS + k;
+                let t = self.targets[r];
+                *slot = if t == IGNORE_INDEX {
+                    0.0
+                } else {
+                    row_nll(&z[r * v..(r + 1) * v], t as usize)
+                };
+            }
+        });
+        let total: f64 = per.iter().map(|&x| x as f64).sum();
+        Ok((
+            CpuStorage::F32(vec![(total / self.count as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / self.count as f32;
+        let (n, v) = x.dims2()?;
+        let dx = with_f32(x, |z| {
+            let mut dx = vec![0f32; n * v];
+            let o = Out::new(&mut dx);
+            par_for(n.div_ceil(NLL_ROWS), n * v >= PAR_MIN, |i| {
+                // Safety: rows of part i are written by this task only.
+                let part = unsafe { o.part(i * NLL_ROWS * v, NLL_ROWS * v) };
+                for (k, d) in part.chunks_mut(v).enumerate() {
+                    let r = i * NLL_ROWS + k;
+                    let t = self.targets[r];
+                    if t == IGNORE_INDEX {
+                        continue; // already 0
+                    }
+                    let zr = &z[r * v..(r + 1) * v];
+                    let max = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (d, &zv) in d.iter_mut().zip(zr) {
+                        let e = (zv - max).exp();
+                        *d = e;
+                        sum += e;
+                    }
+                    let scale = g / sum;
+                    d.iter_mut().for_each(|d| *d *= scale);
+                    d[t as usize] -= g;
+                }
+            });
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, (n, v), x.device())?))
+    }
 }
 
 #[cfg(test)]

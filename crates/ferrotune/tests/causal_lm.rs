@@ -538,13 +538,13 @@ fn tiny_llama_learns_a_tiny_text() {
         serde_json::from_str(&std::fs::read_to_string(s.model_dir.join("config.json")).unwrap())
             .unwrap();
     assert!(cj.get("problem_type").is_none(), "{cj}");
-    assert!(ferrotune::tasks::causal_lm::is_causal_lm_dir(&s.model_dir).unwrap());
+    assert!(ferrotune::train::causal_lm::is_causal_lm_dir(&s.model_dir).unwrap());
     let preds = std::fs::read_to_string(cfg.output_dir.join("eval_predictions.jsonl")).unwrap();
     assert!(preds.lines().count() > 0 && preds.contains("\"perplexity\""));
     // `ferrotune eval` on the exported model: the trained model fits the text better than
     // the random base did.
     let eval = |dir: &Path| {
-        ferrotune::tasks::causal_lm::evaluate_dir(dir, &cfg.train_file, Some(16), 8, "text")
+        ferrotune::train::causal_lm::evaluate_dir(dir, &cfg.train_file, Some(16), 8, "text")
             .unwrap()
     };
     let (trained, base) = (eval(&s.model_dir), eval(&cfg.model_name_or_path));

@@ -34,7 +34,7 @@ use crate::data::reader::{open_examples, EncodingErrors, ReaderOptions, SkippedR
 use crate::error::{Error, Result};
 
 /// The label of a position the loss does not count (PyTorch's `ignore_index`).
-pub const IGNORE_INDEX: i64 = -100;
+pub use crate::loss::IGNORE_INDEX;
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -38,7 +38,6 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::families::Loaded;
 use crate::kernels::fused;
 use crate::nn::{Ctx, ParamStore};
 
@@ -99,49 +98,6 @@ impl LoraSpec {
         } else {
             self.alpha / self.r as f64
         }
-    }
-
-    /// The LoRA settings of a recipe (`None` when `lora_r` is 0). Without
-    /// `lora_target_modules`, PEFT's default for the model type; a sequence classifier
-    /// (`seq_cls`) saves `classifier` and `score` as PEFT does.
-    pub fn from_train_config(
-        cfg: &crate::config::TrainConfig,
-        model_type: &str,
-        seq_cls: bool,
-    ) -> Result<Option<LoraSpec>> {
-        if cfg.lora_r == 0 {
-            return Ok(None);
-        }
-        let targets = match &cfg.lora_target_modules {
-            Some(crate::config::LoraTargets::List(l)) => Targets::List(l.clone()),
-            Some(crate::config::LoraTargets::Named(_)) => Targets::AllLinear,
-            None => match default_targets(model_type) {
-                Some(t) => Targets::List(t.iter().map(|s| s.to_string()).collect()),
-                None => {
-                    return Err(Error::Config(format!(
-                        "`lora_target_modules` is required for model type `{model_type}` \
-                         (no PEFT default): a list of module names, or \"all-linear\""
-                    )))
-                }
-            },
-        };
-        let mut modules_to_save = cfg.modules_to_save.clone();
-        if seq_cls {
-            for m in SEQ_CLS_MODULES {
-                if !modules_to_save.iter().any(|s| s == m) {
-                    modules_to_save.push(m.to_string());
-                }
-            }
-        }
-        Ok(Some(LoraSpec {
-            r: cfg.lora_r,
-            alpha: cfg.lora_alpha,
-            dropout: cfg.lora_dropout,
-            targets,
-            modules_to_save,
-            use_rslora: cfg.use_rslora,
-            seed: cfg.seed,
-        }))
     }
 
     /// The outermost module of `module` (itself or one of its parents) that
@@ -307,14 +263,17 @@ impl Drop for ScopeGuard {
 /// it builds through [`crate::nn::Builder`]; `None` builds without. With a `spec`, a
 /// `target_modules` that matches no linear layer is a configuration error listing the
 /// layers' names.
-pub fn build(spec: Option<&LoraSpec>, build: impl FnOnce() -> Result<Loaded>) -> Result<Loaded> {
+pub fn build<T: AsRef<ParamStore>>(
+    spec: Option<&LoraSpec>,
+    build: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     let Some(spec) = spec else {
         return build();
     };
     let prev = SCOPE.with(|s| s.borrow_mut().replace(spec.clone()));
     let _guard = ScopeGuard(prev);
     let loaded = build()?;
-    check(&loaded.params)?;
+    check(loaded.as_ref())?;
     Ok(loaded)
 }
 
@@ -706,9 +665,9 @@ impl Adapter {
 
     /// Builds a model with this adapter (`build` runs the family's build, as in
     /// [`build`]) and loads the adapter's tensors into it.
-    pub fn load(&self, build: impl FnOnce() -> Result<Loaded>) -> Result<Loaded> {
+    pub fn load<T: AsRef<ParamStore>>(&self, build: impl FnOnce() -> Result<T>) -> Result<T> {
         let loaded = self::build(Some(&self.spec), build)?;
-        self.apply(&loaded.params)?;
+        self.apply(loaded.as_ref())?;
         Ok(loaded)
     }
 }

@@ -88,7 +88,7 @@ pub fn predictions_jsonl(
             TargetData::Values { values, cols } => {
                 (json!(&values[i * cols..(i + 1) * cols]), json!(output))
             }
-            // Causal LM writes its own file (`tasks::causal_lm::predictions_jsonl`).
+            // Causal LM writes its own file (`train::causal_lm::predictions_jsonl`).
             TargetData::Tokens(_) => return Err(crate::tasks::mismatch()),
         };
         let mut line = json!({

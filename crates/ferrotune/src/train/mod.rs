@@ -1,9 +1,10 @@
 //! Training: everything before the first step ([`prepare`]), the loop ([`trainer`]), one
 //! step's arithmetic ([`step`]), per-group learning rates and freezing ([`groups`]),
 //! checkpoints ([`checkpoint`]), what a run reports ([`log`]) and the held-out predictions it
-//! leaves ([`held_out`]). Losses are in
+//! leaves ([`held_out`]); a causal-LM run's data and evaluation ([`causal_lm`]). Losses are in
 //! [`crate::loss`], the optimizers and schedules in [`crate::optim`].
 
+pub mod causal_lm;
 pub mod checkpoint;
 pub mod ema;
 pub mod groups;

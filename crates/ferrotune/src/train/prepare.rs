@@ -343,7 +343,9 @@ pub fn prepare_for(
     writes: bool,
 ) -> Result<Prepared> {
     if cfg.problem_type == ProblemType::CausalLm {
-        return crate::tasks::causal_lm::prepare(cfg, device, progress, writes);
+        return Err(Error::Msg(
+            "internal: a causal-LM run is prepared by train::causal_lm::prepare".into(),
+        ));
     }
     if writes {
         ensure_writable(&cfg.output_dir)?;
@@ -489,8 +491,7 @@ pub fn prepare_for(
     families::pooling(family, &head)?;
     let encoder = encoder_for(family, &hf, dir, cfg.max_seq_length, &image_recipe(cfg))?;
     // With `lora_r`, the model is built with adapters (see `nn::lora`).
-    let lora =
-        crate::nn::lora::LoraSpec::from_train_config(cfg, &hf.model_type, !labels.is_empty())?;
+    let lora = cfg.lora_spec(&hf.model_type, !labels.is_empty())?;
     let loaded = crate::nn::lora::build(lora.as_ref(), || {
         families::load_weights(&hf, family, dir, &head, cfg.seed, device)
     })?;

@@ -169,7 +169,12 @@ pub fn train_with(
         None if world.is_main() => claim_output_dir(&cfg.output_dir, control.overwrite_output_dir)?,
         None => {}
     }
-    let prep = prepare_for(cfg, &device, progress, world.is_main())?;
+    // A causal language model reads documents, not labelled examples.
+    let prep = if cfg.problem_type == crate::tasks::ProblemType::CausalLm {
+        crate::train::causal_lm::prepare(cfg, &device, progress, world.is_main())?
+    } else {
+        prepare_for(cfg, &device, progress, world.is_main())?
+    };
     for n in &prep.notes {
         if n.starts_with("warning:") {
             progress.message(n);
@@ -1189,7 +1194,7 @@ impl Run {
             ));
         }
         let bytes = if self.task.language_model() {
-            crate::tasks::causal_lm::predictions_jsonl(&self.eval_rows, &logits)
+            crate::train::causal_lm::predictions_jsonl(&self.eval_rows, &logits)
         } else {
             predictions_jsonl(
                 self.task,
