@@ -163,6 +163,12 @@ pub struct Loaded {
     pub notes: Vec<String>,
 }
 
+impl AsRef<ParamStore> for Loaded {
+    fn as_ref(&self) -> &ParamStore {
+        &self.params
+    }
+}
+
 /// A model with its task head, ready to run.
 pub trait Model: Send + Sync {
     /// Head outputs (logits or regression values), `(batch, num_labels)`.
@@ -339,6 +345,31 @@ pub fn check_classifier(cfg: &HfConfig, weights: &Weights, tensor: &str) -> Resu
         }
     }
     Ok(())
+}
+
+/// The keys of a decoder's exported `config.json`: `architectures` (`lm` for a language
+/// model, no `labels`; else `classifier`), and `pad_token_id` (the end-of-sequence id)
+/// when `cfg` has none, since transformers' decoder classifiers find each sequence's last
+/// token by the padding id and refuse batches without one.
+pub fn decoder_export_keys(
+    cfg: &HfConfig,
+    labels: &[String],
+    lm: &str,
+    classifier: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    let arch = if labels.is_empty() { lm } else { classifier };
+    m.insert("architectures".into(), serde_json::json!([arch]));
+    if cfg.raw.get("pad_token_id").is_none_or(|v| v.is_null()) {
+        let eos = cfg.raw.get("eos_token_id").and_then(|v| match v {
+            serde_json::Value::Array(a) => a.first().cloned(),
+            v => Some(v.clone()),
+        });
+        if let Some(eos) = eos.filter(|v| !v.is_null()) {
+            m.insert("pad_token_id".into(), eos);
+        }
+    }
+    m
 }
 
 /// The keys of a timm-format export's `config.json` for `labels`: `num_classes`,

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::kernels::int8::QWeight;
 use crate::kernels::{attention, fused, grad_sink, linear};
 use crate::nn::builder::Builder;
-use crate::nn::layers::{Activation, LayerNorm, Linear};
+use crate::nn::layers::{add_lora_deltas, Activation, LayerNorm, Linear};
 use crate::nn::params::GroupKind;
 use crate::nn::Ctx;
 
@@ -161,22 +161,7 @@ impl EncoderLayer {
     /// projections from one GEMM, plus the LoRA adapters' outputs of those that have one.
     fn qkv(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let base = self.qkv_base(ctx, x)?;
-        let lins = [&self.q, &self.k, &self.v];
-        if lins.iter().all(|l| l.lora.is_none()) {
-            return Ok(base);
-        }
-        let parts = lins
-            .iter()
-            .map(|l| match l.lora_delta(ctx, x)? {
-                Some(d) => Ok(d),
-                None => Ok(Tensor::zeros(
-                    (x.dim(0)?, l.b.dim(0)?),
-                    x.dtype(),
-                    x.device(),
-                )?),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((base + Tensor::cat(&parts, 1)?)?)
+        add_lora_deltas(ctx, base, &[&self.q, &self.k, &self.v], x)
     }
 
     /// The base query, key and value projections side by side, `(tokens, 3·hidden)`, from

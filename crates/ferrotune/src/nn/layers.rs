@@ -214,6 +214,27 @@ impl Linear {
     }
 }
 
+/// `base` (the side-by-side outputs of `lins` on `x`, from one fused GEMM over their
+/// concatenated weights) plus the LoRA adapters' outputs of those layers that have one,
+/// in the same columns.
+pub fn add_lora_deltas(ctx: &Ctx, base: Tensor, lins: &[&Linear], x: &Tensor) -> Result<Tensor> {
+    if lins.iter().all(|l| l.lora.is_none()) {
+        return Ok(base);
+    }
+    let parts = lins
+        .iter()
+        .map(|l| match l.lora_delta(ctx, x)? {
+            Some(d) => Ok(d),
+            None => Ok(Tensor::zeros(
+                (x.dim(0)?, l.b.dim(0)?),
+                x.dtype(),
+                x.device(),
+            )?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((base + Tensor::cat(&parts, 1)?)?)
+}
+
 /// Layer norm over the last dimension ([`fused::layer_norm`]: one pass forward, one
 /// backward).
 pub struct LayerNorm {

@@ -36,21 +36,12 @@ impl Family for Gpt2 {
         cfg: &HfConfig,
         labels: &[String],
     ) -> serde_json::Map<String, serde_json::Value> {
-        let mut m = serde_json::Map::new();
-        let arch = if labels.is_empty() {
-            "GPT2LMHeadModel"
-        } else {
-            "GPT2ForSequenceClassification"
-        };
-        m.insert("architectures".into(), json!([arch]));
-        // transformers' classifier finds the last token by the padding id (GPT-2 has
-        // none: its end-of-text token pads, as ferrotune's batches do).
-        if cfg.raw.get("pad_token_id").is_none_or(|v| v.is_null()) {
-            if let Some(eos) = cfg.raw.get("eos_token_id").filter(|v| !v.is_null()) {
-                m.insert("pad_token_id".into(), eos.clone());
-            }
-        }
-        m
+        crate::families::decoder_export_keys(
+            cfg,
+            labels,
+            "GPT2LMHeadModel",
+            "GPT2ForSequenceClassification",
+        )
     }
 
     fn tokenizer_class(&self) -> &'static str {

@@ -36,25 +36,12 @@ impl Family for Llama {
         cfg: &HfConfig,
         labels: &[String],
     ) -> serde_json::Map<String, serde_json::Value> {
-        let mut m = serde_json::Map::new();
-        let arch = if labels.is_empty() {
-            "LlamaForCausalLM"
-        } else {
-            "LlamaForSequenceClassification"
-        };
-        m.insert("architectures".into(), json!([arch]));
-        // transformers' classifier finds each sequence's last token by the padding id;
-        // without one it refuses batches of more than one.
-        if cfg.raw.get("pad_token_id").is_none_or(|v| v.is_null()) {
-            let eos = cfg.raw.get("eos_token_id").and_then(|v| match v {
-                serde_json::Value::Array(a) => a.first().cloned(),
-                v => Some(v.clone()),
-            });
-            if let Some(eos) = eos.filter(|v| !v.is_null()) {
-                m.insert("pad_token_id".into(), eos);
-            }
-        }
-        m
+        crate::families::decoder_export_keys(
+            cfg,
+            labels,
+            "LlamaForCausalLM",
+            "LlamaForSequenceClassification",
+        )
     }
 
     fn tokenizer_class(&self) -> &'static str {

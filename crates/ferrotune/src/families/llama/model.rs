@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::families::{pooling, HeadSpec, HfConfig, Loaded, Model};
 use crate::kernels::{grad_sink, linear};
 use crate::nn::decoder::{self, Generator, KvCache, LayerCache, Rope};
-use crate::nn::layers::{Embedding, Linear, RmsNorm};
+use crate::nn::layers::{add_lora_deltas, Embedding, Linear, RmsNorm};
 use crate::nn::{Batch, Builder, Ctx, GroupKind, Pooling, TokenBatch, Weights};
 
 use super::Llama;
@@ -276,22 +276,7 @@ impl Layer {
         let w = grad_sink::concat(&ws.each_ref())?;
         let b = grad_sink::concat(&bs.each_ref())?;
         let base = linear::linear_mixed(x, &w, &b, ctx.bf16 && ctx.train)?;
-        if lins.iter().all(|l| l.lora.is_none()) {
-            return Ok(base);
-        }
-        // LoRA: the adapters' outputs beside the base projections.
-        let parts = lins
-            .iter()
-            .map(|l| match l.lora_delta(ctx, x)? {
-                Some(d) => Ok(d),
-                None => Ok(Tensor::zeros(
-                    (x.dim(0)?, l.b.dim(0)?),
-                    x.dtype(),
-                    x.device(),
-                )?),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((base + Tensor::cat(&parts, 1)?)?)
+        add_lora_deltas(ctx, base, &lins, x)
     }
 }
 
