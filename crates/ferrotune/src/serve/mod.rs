@@ -352,21 +352,12 @@ pub fn run(dir: &Path, cfg: ServeConfig) -> Result<()> {
     }
     let mut predictor = Predictor::load(dir)?;
     let precision = predictor.set_precision(cfg.precision)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ferrotune-http")
-        .build()
-        .map_err(|e| Error::Msg(format!("cannot start the async runtime: {e}")))?;
+    let rt = http_runtime()?;
     rt.block_on(async move {
         let (host, port) = (cfg.host.clone(), cfg.port);
         let n_labels = predictor.labels.len();
         let server = Server::new(predictor, cfg)?;
-        let listener = TcpListener::bind((host.as_str(), port))
-            .await
-            .map_err(|e| Error::Msg(format!("cannot listen on {host}:{port}: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::Msg(format!("cannot listen on {host}:{port}: {e}")))?;
+        let (listener, addr) = listen(&host, port).await?;
         let signal = shutdown_signal()
             .map_err(|e| Error::Msg(format!("cannot install signal handlers: {e}")))?;
         eprintln!(
@@ -384,6 +375,23 @@ pub fn run(dir: &Path, cfg: ServeConfig) -> Result<()> {
     })
 }
 
+/// The multi-threaded runtime the HTTP side of `ferrotune serve` runs on.
+fn http_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferrotune-http")
+        .build()
+        .map_err(|e| Error::Msg(format!("cannot start the async runtime: {e}")))
+}
+
+/// A listener on `host:port` and the address it got (port 0: any free one).
+async fn listen(host: &str, port: u16) -> Result<(TcpListener, std::net::SocketAddr)> {
+    let err = |e: std::io::Error| Error::Msg(format!("cannot listen on {host}:{port}: {e}"));
+    let listener = TcpListener::bind((host, port)).await.map_err(err)?;
+    let addr = listener.local_addr().map_err(err)?;
+    Ok((listener, addr))
+}
+
 /// Whether `dir` holds a language model (its `config.json` names a `...ForCausalLM` or
 /// `...LMHeadModel` architecture): served with `POST /generate`.
 pub fn is_language_model(dir: &Path) -> bool {
@@ -396,20 +404,11 @@ pub fn is_language_model(dir: &Path) -> bool {
 /// [`run`] for a language model: `POST /generate` ([`generate`]).
 fn run_generation(dir: &Path, cfg: ServeConfig) -> Result<()> {
     let generator = crate::generate::TextGenerator::load(dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ferrotune-http")
-        .build()
-        .map_err(|e| Error::Msg(format!("cannot start the async runtime: {e}")))?;
+    let rt = http_runtime()?;
     rt.block_on(async move {
         let (host, port) = (cfg.host.clone(), cfg.port);
         let app = generate::router(generator, &cfg);
-        let listener = TcpListener::bind((host.as_str(), port))
-            .await
-            .map_err(|e| Error::Msg(format!("cannot listen on {host}:{port}: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::Msg(format!("cannot listen on {host}:{port}: {e}")))?;
+        let (listener, addr) = listen(&host, port).await?;
         let signal = shutdown_signal()
             .map_err(|e| Error::Msg(format!("cannot install signal handlers: {e}")))?;
         eprintln!(
