@@ -590,3 +590,22 @@ fn tiny_llama_resumes_exactly() {
         epoch_metrics(&cut.output_dir)
     );
 }
+
+/// `block_size` above the model's positions stops the run before training: one line
+/// naming the field, the model's positions and its config.json.
+#[test]
+fn a_block_size_above_the_models_positions_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = llama_recipe(tmp.path(), "out");
+    cfg.block_size = Some(65);
+    let e = ferrotune::train::train(&cfg, &mut ferrotune::train::Silent)
+        .err()
+        .unwrap();
+    let msg = e.to_string();
+    assert!(matches!(e, ferrotune::Error::Config(_)), "{msg}");
+    assert!(
+        msg.contains("`block_size` 65") && msg.contains("64 positions"),
+        "{msg}"
+    );
+    assert!(msg.contains("config.json") && !msg.contains('\n'), "{msg}");
+}

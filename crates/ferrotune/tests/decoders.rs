@@ -210,3 +210,34 @@ fn an_unknown_rope_scaling_is_named() {
     assert!(err.contains("yarn"), "{err}");
     assert!(!err.contains('\n'), "{err}");
 }
+
+/// Config fields a decoder cannot run with are one-line errors naming config.json and the
+/// field: key/value heads that do not divide the query heads, an activation other than
+/// Llama's, and GPT-2's attention scalings that are not supported.
+#[test]
+fn unsupported_decoder_configs_name_the_field() {
+    let t = tempfile::tempdir().unwrap();
+    let cases: [(&'static str, &str, serde_json::Value); 4] = [
+        ("llama", "num_key_value_heads", 3.into()),
+        ("llama", "hidden_act", "gelu".into()),
+        ("gpt2", "scale_attn_by_inverse_layer_idx", true.into()),
+        ("gpt2", "scale_attn_weights", false.into()),
+    ];
+    for (family, field, value) in cases {
+        let dir = write(t.path(), family, field, |_| {});
+        let cp = dir.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+        cfg[field] = value;
+        std::fs::write(&cp, cfg.to_string()).unwrap();
+        let err = families::load(&dir, &HeadSpec::new(0), 0, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("config.json") && err.contains(field),
+            "{family}: {err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+    }
+}
