@@ -1,12 +1,13 @@
 //! Logits of a decoder, for `scripts/check-decoder-parity`: JSON on stdout.
 //!
-//! `cargo run --release --example lm_logits -- MODEL IDS.json [--classify N]`
+//! `cargo run --release --example lm_logits -- MODEL IDS.json [--classify N] [--adapter DIR]`
 //!
 //! MODEL is a decoder's model directory (or a GGUF file). IDS.json is `{"ids": [[...], ...],
 //! "mask": [[1, 1, 0, ...], ...] | null}` (sequences of one length; the mask marks padding).
 //! Without `--classify`: the language model's next-token logits, `(batch·seq, vocab)`.
 //! With `--classify N`: the sequence classifier of N labels (its `score` from the
-//! checkpoint), `(batch, N)`.
+//! checkpoint), `(batch, N)`. With `--adapter DIR`: the model with that PEFT LoRA adapter
+//! (and its saved modules) on it.
 
 use std::path::PathBuf;
 
@@ -17,7 +18,7 @@ use ferrotune::nn::{Batch, Ctx, TokenBatch};
 fn main() -> ferrotune::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
-        eprintln!("usage: lm_logits MODEL IDS.json [--classify N]");
+        eprintln!("usage: lm_logits MODEL IDS.json [--classify N] [--adapter DIR]");
         std::process::exit(2);
     }
     let model = ferrotune::formats::gguf::resolve_model(&PathBuf::from(&args[0]))?;
@@ -25,10 +26,14 @@ fn main() -> ferrotune::Result<()> {
         &std::fs::read_to_string(&args[1]).map_err(|e| ferrotune::Error::io(&args[1], e))?,
     )
     .map_err(|e| ferrotune::Error::Config(format!("{}: {e}", args[1])))?;
-    let classify: usize = match args.get(2).map(String::as_str) {
-        Some("--classify") => args[3].parse().expect("--classify N"),
-        _ => 0,
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
     };
+    let classify: usize = flag("--classify").map_or(0, |n| n.parse().expect("--classify N"));
+    let adapter = flag("--adapter").map(PathBuf::from);
     let ids: Vec<Vec<u32>> = serde_json::from_value(input["ids"].clone())
         .map_err(|e| ferrotune::Error::Config(format!("ids: {e}")))?;
     let (b, s) = (ids.len(), ids[0].len());
@@ -38,7 +43,16 @@ fn main() -> ferrotune::Result<()> {
             .map_err(|e| ferrotune::Error::Config(format!("mask: {e}")))?,
     };
     let device = ferrotune::nn::device();
-    let (_, _, loaded) = families::load(&model, &HeadSpec::new(classify), 0, &device)?;
+    let head = HeadSpec::new(classify);
+    let loaded = match &adapter {
+        Some(a) => {
+            let cfg = families::HfConfig::from_dir(&model)?;
+            let fam = families::family(&cfg)?;
+            ferrotune::nn::lora::read_adapter(a, &device)?
+                .load(|| families::load_weights(&cfg, fam, &model, &head, 0, &device))?
+        }
+        None => families::load(&model, &head, 0, &device)?.2,
+    };
     let flat: Vec<u32> = ids.concat();
     let t = TokenBatch {
         input_ids: Tensor::from_vec(flat, (b, s), &device)?,

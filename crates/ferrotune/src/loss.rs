@@ -756,6 +756,33 @@ pub fn lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(logits.apply_op1(TokenNll { targets, count })?)
 }
 
+/// [`lm_loss`] of the language-model head `h · wᵀ` (`h` the final hidden rows `(batch·seq,
+/// hidden)`, `w` the head `(vocab, hidden)`) without its logits: the head and the loss run
+/// as one operation over the counted rows only ([`crate::kernels::lm_head`]), so neither
+/// the `(tokens, vocab)` logits nor their gradient exist, and a frozen `w` costs no GEMM.
+/// Differentiable in `h` and `w`.
+pub fn lm_head_loss(h: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let targets = shifted_targets(labels)?;
+    let rows = h.dim(0)?;
+    if rows != targets.len() {
+        return Err(Error::Msg(format!(
+            "internal: {rows} hidden rows for {} labels",
+            targets.len()
+        )));
+    }
+    let count = check_targets(&targets, w.dim(0)?)?;
+    if count == 0 || !crate::kernels::par::fusable(&[h, w]) {
+        return lm_loss(&h.matmul(&w.t()?)?, labels);
+    }
+    let counted = targets
+        .iter()
+        .enumerate()
+        .filter(|&(_, &t)| t != IGNORE_INDEX)
+        .map(|(r, &t)| (r, t as u32))
+        .collect();
+    crate::kernels::lm_head::nll(h, w, counted)
+}
+
 /// The reference composition of [`lm_loss`] from candle's differentiable operations
 /// (log-softmax, gather, mask), for tests and non-CPU devices.
 pub fn lm_loss_composed(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {

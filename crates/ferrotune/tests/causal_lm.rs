@@ -609,3 +609,114 @@ fn a_block_size_above_the_models_positions_is_refused() {
     );
     assert!(msg.contains("config.json") && !msg.contains('\n'), "{msg}");
 }
+
+/// A causal LM with `lora_r`: only the adapters train (every base tensor of the last
+/// checkpoint is the base model's, bit for bit, and some `lora_B` moved), the PEFT adapter
+/// is exported as a CAUSAL_LM adapter beside the merged model, and the adapter reloads on
+/// the base to the merged model's logits.
+#[test]
+fn lora_trains_only_the_adapters_of_a_causal_lm() {
+    use ferrotune::config::LoraTargets;
+    use ferrotune::nn::GroupKind;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        lora_r: 4,
+        lora_alpha: 8.0,
+        lora_target_modules: Some(LoraTargets::Named("all-linear".into())),
+        ..llama_recipe(tmp.path(), "out")
+    };
+    ferrotune::train::train(&cfg, &mut ferrotune::train::Silent).unwrap();
+    let out = &cfg.output_dir;
+    let ac: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ac["task_type"], "CAUSAL_LM");
+    assert_eq!(ac["fan_in_fan_out"], false);
+    let base_dir = &cfg.model_name_or_path;
+    let spec = cfg.lora_spec("llama", false).unwrap();
+    let loaded = ferrotune::nn::lora::build(spec.as_ref(), || {
+        Ok(ferrotune::families::load(
+            base_dir,
+            &ferrotune::families::HeadSpec::new(0),
+            3,
+            &Device::Cpu,
+        )?
+        .2)
+    })
+    .unwrap();
+    let read = |p: &Path| {
+        candle_core::safetensors::load(p, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect::<HashMap<String, Vec<f32>>>()
+    };
+    let ck =
+        ferrotune::train::checkpoint::list(&ferrotune::train::checkpoint::checkpoints_dir(out))
+            .pop()
+            .unwrap()
+            .1;
+    let (saved, base) = (
+        read(&ck.join("model.safetensors")),
+        read(&base_dir.join("model.safetensors")),
+    );
+    let (mut frozen, mut b_moved) = (0, false);
+    for (i, p) in loaded.params.state().enumerate() {
+        let now = &saved[&format!("p.{i:05}")];
+        if loaded.params.groups[p.group].kind == GroupKind::Frozen {
+            assert_eq!(now, &base[&p.name], "{} changed", p.name);
+            frozen += 1;
+        } else {
+            assert!(p.name.contains("lora_"), "{} trains", p.name);
+            b_moved |= p.name.ends_with("lora_B.weight") && now.iter().any(|&v| v != 0.0);
+        }
+    }
+    assert_eq!(frozen, base.len());
+    assert!(b_moved, "no adapter trained");
+    // The adapter on the base gives the merged model's logits.
+    let merged = ferrotune::families::load(
+        &out.join("model"),
+        &ferrotune::families::HeadSpec::new(0),
+        3,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .2;
+    let batch = {
+        let ids: Vec<u32> = (0..10u32).map(|i| 5 + i % 11).collect();
+        ferrotune::nn::Batch::Tokens(ferrotune::nn::TokenBatch {
+            input_ids: Tensor::from_vec(ids, (1, 10), &Device::Cpu).unwrap(),
+            token_type_ids: Tensor::zeros((1, 10), candle_core::DType::U32, &Device::Cpu).unwrap(),
+            attention_mask: Tensor::ones((1, 10), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        })
+    };
+    let adapted = ferrotune::nn::lora::read_adapter(&out.join("adapter"), &Device::Cpu)
+        .unwrap()
+        .load(|| {
+            Ok(ferrotune::families::load(
+                base_dir,
+                &ferrotune::families::HeadSpec::new(0),
+                3,
+                &Device::Cpu,
+            )?
+            .2)
+        })
+        .unwrap();
+    let logits = |m: &ferrotune::families::Loaded| {
+        m.model
+            .lm_logits(&mut ferrotune::nn::Ctx::eval(), &batch)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (logits(&merged), logits(&adapted));
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-4, "merged vs base + adapter: {d}");
+}

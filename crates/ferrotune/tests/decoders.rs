@@ -241,3 +241,70 @@ fn unsupported_decoder_configs_name_the_field() {
         assert!(!err.contains('\n'), "{err}");
     }
 }
+
+/// A causal-LM training step with the head fused with the loss
+/// (`ferrotune::loss::lm_head_loss`; fused RMS norm and SwiGLU in Llama) gives the loss and
+/// every parameter's gradient of the composed model (candle's matmul head, log-softmax
+/// loss), with padding and ignored labels, for tied and untied heads.
+#[test]
+fn the_fused_language_model_step_matches_the_composed_one() {
+    use ferrotune::kernels::fused;
+    use ferrotune::loss::{LossConfig, Targets};
+    use ferrotune::train::step::loss_and_grads;
+    use rand::SeedableRng;
+    let t = tempfile::tempdir().unwrap();
+    for (family, name, edit) in variants() {
+        let dir = write(t.path(), family, name, edit);
+        let l = load(&dir, 0);
+        let rows = vec![ids(9, 1), ids(9, 2)];
+        let mask = vec![vec![1.0; 9], [vec![1.0; 6], vec![0.0; 3]].concat()];
+        let i = -100i64;
+        let labels: Vec<i64> = [
+            vec![i, i, i, 7, 8, 9, 10, 11, 12],
+            vec![5, 6, 7, 8, 9, 10, i, i, i],
+        ]
+        .concat();
+        let labels = Tensor::from_vec(labels, (2, 9), &Device::Cpu).unwrap();
+        let batch = tokens(&rows, &mask);
+        let frozen = vec![false; l.params.num_groups()];
+        let step = |on: bool| {
+            fused::with_enabled(on, || {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+                let ctx = Ctx {
+                    train: true,
+                    frozen: &frozen,
+                    rng: Some(&mut rng),
+                    int8: false,
+                    bf16: false,
+                    row0: 0,
+                    tokens: (0, 0),
+                    freeze_bn: false,
+                };
+                let targets = Targets::Tokens(labels.clone());
+                let m = l.model.as_ref();
+                loss_and_grads(
+                    m,
+                    &l.params,
+                    &batch,
+                    &targets,
+                    &LossConfig::default(),
+                    1.0,
+                    ctx,
+                )
+                .unwrap()
+            })
+        };
+        let ((lf, gf), (lc, gc)) = (step(true), step(false));
+        assert!((lf - lc).abs() < 1e-5, "{family}-{name}: loss {lf} vs {lc}");
+        for ((p, a), b) in l.params.params.iter().zip(&gf).zip(&gc) {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let d = max_diff(a, b);
+            assert!(
+                d < 1e-4 * scale,
+                "{family}-{name} {}: {d} (scale {scale})",
+                p.name
+            );
+        }
+    }
+}

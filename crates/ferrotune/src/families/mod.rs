@@ -194,6 +194,16 @@ pub trait Model: Send + Sync {
         ))
     }
 
+    /// The final hidden rows `(batch·seq, hidden)` and the language-model head's weight
+    /// `(vocab, hidden)` as this pass reads it (detached when frozen), when the head is
+    /// exactly `h · Wᵀ` (no bias, no adapter, f32 weights): the trainer then runs the head
+    /// fused with the loss ([`crate::loss::lm_head_loss`]) instead of
+    /// [`Model::lm_logits`]. `None` (the default), decided before running anything: use
+    /// `lm_logits`.
+    fn lm_head_parts(&self, _ctx: &mut Ctx, _batch: &Batch) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
     /// The model as a text generator (decoders), or `None`.
     fn generator(&self) -> Option<&dyn crate::nn::decoder::Generator> {
         None

@@ -9,12 +9,15 @@
 //! - [`attention`]: multi-head self-attention over a fused QKV projection.
 //! - [`decode`]: causal grouped-query self-attention of decoders, and over a KV cache.
 //! - [`embedding`]: the embedding lookup whose table gradient goes to the sink.
+//! - [`lm_head`]: a language model's head fused with its next-token loss.
+//! - [`rms_norm`]: Llama's RMS norm.
+//! - [`swiglu`]: Llama's gated MLP activation, `silu(gate) · up`.
 //! - [`conv`]: channels-last convolution (im2col, depthwise), batch norm: image models.
 //! - [`int8`]: int8 weights and the integer GEMM of int8 inference (`par` only).
 //! - [`bf16`]: bf16 weights and the bf16 GEMM (f32 sums) of bf16 inference (`par` only).
 //!
 //! Imports point one way: `par`, `gemm`, `simd` ← `grad_sink` ← `fused`, `linear`,
-//! `embedding` ← `attention` (which takes dropout masks from `fused`).
+//! `embedding`, `lm_head`, `rms_norm` ← `attention` (which takes dropout masks from `fused`).
 
 pub mod attention;
 pub mod bf16;
@@ -26,5 +29,8 @@ pub mod gemm;
 pub mod grad_sink;
 pub mod int8;
 pub mod linear;
+pub mod lm_head;
 pub mod par;
+pub mod rms_norm;
 pub mod simd;
+pub mod swiglu;

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::error::Result;
 use crate::kernels::decode;
 use crate::nn::encoder::key_bias;
+use crate::nn::layers::{Embedding, Linear};
 use crate::nn::Ctx;
 
 /// Rotary position embeddings as transformers' Llama applies them (`rotate_half`: the
@@ -150,6 +151,21 @@ pub trait Generator: Send + Sync {
 
     /// The longest sequence the model takes (its position embeddings or `rope` range).
     fn max_positions(&self) -> usize;
+}
+
+/// The weight of a decoder's language-model head as this pass reads it (detached when
+/// frozen) when the head is exactly `h · Wᵀ`: `lm_head` without an adapter or int8-only
+/// weights, or the embedding table when tied (`lm_head` `None`). `None` otherwise, and with
+/// the fused operations off or in low precision (see [`crate::families::Model::lm_head_parts`]).
+pub fn plain_lm_head(ctx: &Ctx, lm_head: Option<&Linear>, embed: &Embedding) -> Option<Tensor> {
+    if !ctx.fused() || ctx.low_precision() {
+        return None;
+    }
+    match lm_head {
+        None => Some(ctx.w(&embed.table, embed.group)),
+        Some(l) if l.lora.is_none() && !l.int8_only => Some(ctx.w(&l.w, l.group)),
+        Some(_) => None,
+    }
 }
 
 /// Causal self-attention of `q` `(batch·seq, heads·head_dim)` over `k`, `v` `(batch·seq,

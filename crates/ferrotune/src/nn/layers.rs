@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::kernels::bf16::{self, BWeight};
 use crate::kernels::int8::{self, QWeight};
 use crate::kernels::par::with_f32;
-use crate::kernels::{embedding, fused, linear};
+use crate::kernels::{embedding, fused, linear, rms_norm};
 use crate::nn::lora::Lora;
 use crate::nn::Ctx;
 
@@ -281,8 +281,8 @@ impl LayerNorm {
 }
 
 /// RMS norm over the last dimension, `x / sqrt(mean(x²) + eps) · g` (Llama's
-/// `LlamaRMSNorm`: the mean of squares in f32, no shift), composed of differentiable
-/// candle operations. For the decoder families; a fused kernel comes when a profile asks.
+/// `LlamaRMSNorm`: the mean of squares in f32, no shift): the fused kernel
+/// ([`rms_norm::rms_norm`]), or with the fused operations off its candle composition.
 pub struct RmsNorm {
     /// Scale.
     pub g: Var,
@@ -296,9 +296,11 @@ impl RmsNorm {
     /// `RmsNorm(x)`.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let g = ctx.w(&self.g, self.group);
-        let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-        let inv = (ms + self.eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&g)?)
+        if ctx.fused() {
+            rms_norm::rms_norm(x, &g, self.eps)
+        } else {
+            rms_norm::rms_norm_composed(x, &g, self.eps)
+        }
     }
 }
 

@@ -408,6 +408,12 @@ pub fn adapter_config(params: &ParamStore, base: &str, task_type: &str) -> Resul
     } else {
         json!(saved)
     };
+    // PEFT's flag for adapters on layers stored `(in, out)` (GPT-2's `Conv1D`): it changes
+    // how PEFT merges, not the adapter's tensors.
+    let fan_in_fan_out = state
+        .modules
+        .iter()
+        .any(|m| params.transposed.contains(&format!("{}.weight", m.module)));
     Ok(json!({
         "peft_type": "LORA",
         "task_type": task_type,
@@ -418,7 +424,7 @@ pub fn adapter_config(params: &ParamStore, base: &str, task_type: &str) -> Resul
         "use_rslora": spec.use_rslora,
         "target_modules": targets,
         "modules_to_save": saved,
-        "fan_in_fan_out": false,
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "init_lora_weights": true,
         "inference_mode": true,
@@ -538,9 +544,8 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
             .ok_or_else(|| bad("modules_to_save", "expected a list of module names"))?,
         Some(_) => return Err(bad("modules_to_save", "expected a list of module names")),
     };
-    if v.get("fan_in_fan_out").and_then(|x| x.as_bool()) == Some(true) {
-        return Err(bad("fan_in_fan_out", "true is not supported"));
-    }
+    // `fan_in_fan_out` (PEFT's flag for `Conv1D` layers, which ferrotune reads transposed
+    // into ordinary linear layers) changes no adapter tensor: either value loads.
     if let Some(b) = v.get("bias").and_then(|x| x.as_str()) {
         if b != "none" {
             return Err(bad(

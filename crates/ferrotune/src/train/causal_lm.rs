@@ -180,7 +180,12 @@ pub fn prepare(
         attention_dropout: cfg.attention_probs_dropout_prob,
         classifier_dropout: None,
     };
-    let loaded = families::load_weights(&hf, family, dir, &head, cfg.seed, device)?;
+    // With `lora_r`, the model is built with adapters (see `nn::lora`).
+    let lora = cfg.lora_spec(&hf.model_type, false)?;
+    let loaded = crate::nn::lora::build(lora.as_ref(), || {
+        families::load_weights(&hf, family, dir, &head, cfg.seed, device)
+    })?;
+    notes.extend(crate::train::prepare::lora_note(&loaded.params));
     notes.extend(loaded.notes);
 
     progress.start("tokenize train", train_rows.len() as u64);

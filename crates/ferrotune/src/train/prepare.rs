@@ -263,6 +263,32 @@ pub fn deduplicate(examples: Vec<Example>, notes: &mut Vec<String>) -> Vec<Examp
     kept
 }
 
+/// The note a LoRA run prints: rank, alpha, adapted layers, trainable parameters, modules
+/// to save (`None` without LoRA).
+pub(crate) fn lora_note(params: &crate::nn::ParamStore) -> Option<String> {
+    let l = params.lora.as_ref()?;
+    let trainable: usize = params
+        .params
+        .iter()
+        .filter(|p| params.groups[p.group].kind != crate::nn::GroupKind::Frozen)
+        .map(|p| p.var.elem_count())
+        .sum();
+    Some(format!(
+        "LoRA r={} alpha={} on {} linear layers; {} of {} parameters train (modules to \
+         save: {})",
+        l.spec.r,
+        l.spec.alpha,
+        l.modules.len(),
+        trainable,
+        params.count(),
+        if l.saved.is_empty() {
+            "none".to_string()
+        } else {
+            l.saved.join(", ")
+        }
+    ))
+}
+
 /// Checks that `dir` can be created and written, before anything slow happens.
 pub fn ensure_writable(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -496,29 +522,7 @@ pub fn prepare_for(
         families::load_weights(&hf, family, dir, &head, cfg.seed, device)
     })?;
     let mut notes = skipped.notes.clone();
-    if let Some(l) = &loaded.params.lora {
-        let trainable: usize = loaded
-            .params
-            .params
-            .iter()
-            .filter(|p| loaded.params.groups[p.group].kind != crate::nn::GroupKind::Frozen)
-            .map(|p| p.var.elem_count())
-            .sum();
-        notes.push(format!(
-            "LoRA r={} alpha={} on {} linear layers; {} of {} parameters train (modules to \
-             save: {})",
-            l.spec.r,
-            l.spec.alpha,
-            l.modules.len(),
-            trainable,
-            loaded.params.count(),
-            if l.saved.is_empty() {
-                "none".to_string()
-            } else {
-                l.saved.join(", ")
-            }
-        ));
-    }
+    notes.extend(lora_note(&loaded.params));
     notes.extend(loaded.notes);
     let skip = cfg.on_bad_row == OnBadRow::Skip;
     if loaded.new_head {

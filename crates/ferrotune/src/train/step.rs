@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use crate::error::Result;
 use crate::families::Model;
 use crate::kernels::grad_sink::GradSink;
-use crate::loss::{compute, LossConfig, Targets};
+use crate::loss::{compute, lm_head_loss, LossConfig, LossKind, Targets};
 use crate::nn::{Batch, Ctx, Param, ParamStore};
 
 /// Forward, loss and backward on one batch in training context `ctx` (its frozen groups
@@ -61,12 +61,18 @@ pub fn loss_and_grads_into(
     let bufs = out.iter_mut().map(std::mem::take).collect();
     let sink = GradSink::new(&tensors, bufs, add);
     let (r, sink) = sink.run(|| -> Result<_> {
-        // A causal-LM target scores the language-model head at every position.
-        let logits = match targets {
-            Targets::Tokens(_) => model.lm_logits(&mut ctx, batch)?,
-            _ => model.forward(&mut ctx, batch)?,
+        // A causal-LM target scores the language-model head at every position: fused
+        // with the loss when the model's head is a plain `h · Wᵀ`.
+        let loss = match targets {
+            Targets::Tokens(labels) if loss_cfg.kind == LossKind::CrossEntropy => {
+                match model.lm_head_parts(&mut ctx, batch)? {
+                    Some((h, w)) => lm_head_loss(&h, &w, labels)?,
+                    None => compute(loss_cfg, &model.lm_logits(&mut ctx, batch)?, targets)?,
+                }
+            }
+            Targets::Tokens(_) => compute(loss_cfg, &model.lm_logits(&mut ctx, batch)?, targets)?,
+            _ => compute(loss_cfg, &model.forward(&mut ctx, batch)?, targets)?,
         };
-        let loss = compute(loss_cfg, &logits, targets)?;
         let grads = (&loss * scale)?.backward()?;
         Ok((loss, grads))
     });

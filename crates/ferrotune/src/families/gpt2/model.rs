@@ -264,6 +264,13 @@ impl Model for Gpt2Model {
         self.lm_head(ctx, &h)
     }
 
+    fn lm_head_parts(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(w) = decoder::plain_lm_head(ctx, self.lm_head.as_ref(), &self.wte) else {
+            return Ok(None);
+        };
+        Ok(Some((self.hidden(ctx, batch.tokens()?)?, w)))
+    }
+
     fn generator(&self) -> Option<&dyn Generator> {
         Some(self)
     }

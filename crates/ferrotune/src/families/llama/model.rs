@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::families::{pooling, HeadSpec, HfConfig, Loaded, Model};
-use crate::kernels::{grad_sink, linear};
+use crate::kernels::{grad_sink, linear, swiglu};
 use crate::nn::decoder::{self, Generator, KvCache, LayerCache, Rope};
 use crate::nn::layers::{add_lora_deltas, Embedding, Linear, RmsNorm};
 use crate::nn::{Batch, Builder, Ctx, GroupKind, Pooling, TokenBatch, Weights};
@@ -311,9 +311,14 @@ impl LlamaModel {
         };
         let x = (x + l.o.forward(ctx, &a)?)?;
         let h = l.ln2.forward(ctx, &x)?;
-        let g = l.gate.forward(ctx, &h)?.silu()?;
+        let g = l.gate.forward(ctx, &h)?;
         let u = l.up.forward(ctx, &h)?;
-        let m = l.down.forward(ctx, &(g * u)?)?;
+        let gu = if ctx.fused() {
+            swiglu::silu_mul(&g, &u)?
+        } else {
+            swiglu::silu_mul_composed(&g, &u)?
+        };
+        let m = l.down.forward(ctx, &gu)?;
         Ok((x + m)?)
     }
 
@@ -378,6 +383,13 @@ impl Model for LlamaModel {
     fn lm_logits(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Tensor> {
         let h = self.hidden(ctx, batch.tokens()?)?;
         self.lm_head(ctx, &h)
+    }
+
+    fn lm_head_parts(&self, ctx: &mut Ctx, batch: &Batch) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(w) = decoder::plain_lm_head(ctx, self.lm_head.as_ref(), &self.embed) else {
+            return Ok(None);
+        };
+        Ok(Some((self.hidden(ctx, batch.tokens()?)?, w)))
     }
 
     fn generator(&self) -> Option<&dyn Generator> {
