@@ -44,15 +44,11 @@ fn main() -> ferrotune::Result<()> {
     };
     let device = ferrotune::nn::device();
     let head = HeadSpec::new(classify);
-    let loaded = match &adapter {
-        Some(a) => {
-            let cfg = families::HfConfig::from_dir(&model)?;
-            let fam = families::family(&cfg)?;
-            ferrotune::nn::lora::read_adapter(a, &device)?
-                .load(|| families::load_weights(&cfg, fam, &model, &head, 0, &device))?
-        }
-        None => families::load(&model, &head, 0, &device)?.2,
-    };
+    let cfg = families::HfConfig::from_dir(&model)?;
+    let fam = families::family(&cfg)?;
+    let loaded = ferrotune::nn::lora::load_with_adapter(adapter.as_deref(), &device, || {
+        families::load_weights(&cfg, fam, &model, &head, 0, &device)
+    })?;
     let flat: Vec<u32> = ids.concat();
     let t = TokenBatch {
         input_ids: Tensor::from_vec(flat, (b, s), &device)?,

@@ -265,10 +265,7 @@ impl TextGenerator {
         let cfg = HfConfig::from_dir(dir)?;
         let fam = crate::families::family(&cfg)?;
         let build = || crate::families::load_weights(&cfg, fam, dir, &head, 0, &device);
-        let loaded = match adapter {
-            Some(a) => crate::nn::lora::read_adapter(a, &device)?.load(build)?,
-            None => build()?,
-        };
+        let loaded = crate::nn::lora::load_with_adapter(adapter, &device, build)?;
         if loaded.model.generator().is_none() {
             return Err(Error::file(
                 dir,

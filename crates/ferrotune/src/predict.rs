@@ -134,11 +134,8 @@ impl Predictor {
             ..HeadSpec::new(labels.len())
         };
         let load = || families::load_weights(&cfg, family, dir, &head, 0, &device);
-        let loaded = match adapter {
-            // The head comes from the adapter's modules to save (checked there).
-            Some(a) => crate::nn::lora::read_adapter(a, &device)?.load(load)?,
-            None => load()?,
-        };
+        // With an adapter, the head comes from its modules to save (checked there).
+        let loaded = crate::nn::lora::load_with_adapter(adapter, &device, load)?;
         if loaded.new_head && adapter.is_none() {
             let head_tensor = loaded
                 .params

@@ -274,11 +274,7 @@ fn the_fused_language_model_step_matches_the_composed_one() {
                     train: true,
                     frozen: &frozen,
                     rng: Some(&mut rng),
-                    int8: false,
-                    bf16: false,
-                    row0: 0,
-                    tokens: (0, 0),
-                    freeze_bn: false,
+                    ..Ctx::eval()
                 };
                 let targets = Targets::Tokens(labels.clone());
                 let m = l.model.as_ref();

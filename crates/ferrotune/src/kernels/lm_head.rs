@@ -248,6 +248,7 @@ dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::fused::tests::max_diff;
     use candle_core::{Device, Var};
 
     /// Value and both gradients equal the composed head and cross-entropy, with skipped
@@ -288,16 +289,10 @@ mod tests {
         let gf = (&fused * 3.0).unwrap().backward().unwrap();
         let gc = (&composed * 3.0).unwrap().backward().unwrap();
         for p in [&h, &w] {
-            let x = gf.get(p.as_tensor()).unwrap();
-            let y = gc.get(p.as_tensor()).unwrap();
-            let diff = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(
+                gf.get(p.as_tensor()).unwrap(),
+                gc.get(p.as_tensor()).unwrap(),
+            );
             assert!(diff < 1e-5, "gradient differs by {diff}");
         }
         // Skipped rows get a zero gradient.

@@ -201,20 +201,8 @@ fn grads(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::fused::tests::{grads_of, max_diff};
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Value and gradients equal the composition (rows of a width that is not a multiple
     /// of 8, more rows than one block).
@@ -227,8 +215,7 @@ mod tests {
         let f = rms_norm(x.as_tensor(), g.as_tensor(), 1e-5).unwrap();
         let c = rms_norm_composed(x.as_tensor(), g.as_tensor(), 1e-5).unwrap();
         assert!(max_diff(&f, &c) < 1e-5);
-        let gf = (f * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (c * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gf, gc) = (grads_of(f, &w), grads_of(c, &w));
         for p in [&x, &g] {
             let d = max_diff(
                 gf.get(p.as_tensor()).unwrap(),

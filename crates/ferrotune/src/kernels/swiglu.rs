@@ -113,6 +113,7 @@ impl CustomOp2 for SiluMul {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::fused::tests::{grads_of, max_diff};
     use candle_core::{Device, Var};
 
     /// Value and both gradients equal the composition, over several parts and large
@@ -125,23 +126,10 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (9, 2000), &dev).unwrap();
         let f = silu_mul(g.as_tensor(), u.as_tensor()).unwrap();
         let c = silu_mul_composed(g.as_tensor(), u.as_tensor()).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(diff(&f, &c) < 1e-5);
-        let gf = (f * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (c * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(&f, &c) < 1e-5);
+        let (gf, gc) = (grads_of(f, &w), grads_of(c, &w));
         for p in [&g, &u] {
-            let d = diff(
+            let d = max_diff(
                 gf.get(p.as_tensor()).unwrap(),
                 gc.get(p.as_tensor()).unwrap(),
             );

@@ -482,9 +482,22 @@ pub struct Adapter {
     pub tensors: HashMap<String, Tensor>,
 }
 
+/// The model `build` makes (the family's build, as in [`build`]), with the PEFT adapter
+/// directory `adapter` loaded onto it when there is one (`--adapter`).
+pub fn load_with_adapter<T: AsRef<ParamStore>>(
+    adapter: Option<&Path>,
+    device: &Device,
+    build: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    match adapter {
+        Some(a) => read_adapter(a, device)?.load(build),
+        None => build(),
+    }
+}
+
 /// Reads the adapter directory `dir`: `adapter_config.json` (a LoRA configuration; what
-/// ferrotune does not implement, such as `fan_in_fan_out`, a `bias` or per-module ranks,
-/// is an error naming the field) and `adapter_model.safetensors`.
+/// ferrotune does not implement, such as a `bias` or per-module ranks, is an error naming
+/// the field) and `adapter_model.safetensors`.
 pub fn read_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
