@@ -339,6 +339,12 @@ pub struct TrainConfig {
     pub modules_to_save: Vec<String>,
     /// rsLoRA: scale by `lora_alpha / sqrt(lora_r)`.
     pub use_rslora: bool,
+    /// QLoRA-style 4-bit base (bitsandbytes' `load_in_4bit` name): with LoRA, the frozen
+    /// linear layers keep their weights as 4-bit Q4_1 blocks, dequantised inside each
+    /// layer's GEMMs (see `docs/LORA.md`). Unset: on when the model is a GGUF file whose
+    /// linear weights are Q4_1 (then nothing is lost: they are the file's own blocks), off
+    /// otherwise. Set on a model of f32 weights, it quantises them (lossy, as QLoRA).
+    pub load_in_4bit: Option<bool>,
     /// With LoRA, also export the merged model (`W + scale·B·A`) to `output_dir/model`
     /// beside the adapter in `output_dir/adapter`.
     pub merge_adapters: bool,
@@ -455,6 +461,7 @@ impl Default for TrainConfig {
             lora_target_modules: None,
             modules_to_save: Vec::new(),
             use_rslora: false,
+            load_in_4bit: None,
             merge_adapters: true,
             model_ema_decay: None,
             model_ema_warmup: false,
@@ -575,6 +582,7 @@ impl TrainConfig {
             modules_to_save,
             use_rslora: self.use_rslora,
             seed: self.seed,
+            base_4bit: self.load_in_4bit == Some(true),
         }))
     }
 
@@ -650,7 +658,17 @@ impl TrainConfig {
             }
             e => e,
         })?;
-        // A GGUF file stands for the Hugging Face directory it converts to (once, cached).
+        // A GGUF file stands for the Hugging Face directory it converts to (once, cached);
+        // with LoRA, its Q4_1 linear weights stay 4-bit unless the recipe says otherwise.
+        if cfg.load_in_4bit.is_none() {
+            let gguf = &cfg.model_name_or_path;
+            cfg.load_in_4bit = Some(
+                cfg.lora_r > 0
+                    && crate::formats::gguf::is_gguf(gguf)
+                    && gguf.is_file()
+                    && crate::formats::gguf::linear_weights_are_q4_1(gguf)?,
+            );
+        }
         cfg.model_name_or_path = crate::formats::gguf::resolve_model(&cfg.model_name_or_path)?;
         Ok(cfg)
     }
@@ -1083,6 +1101,12 @@ impl TrainConfig {
                 return bad(
                     "lora_target_modules",
                     "applies to LoRA: set lora_r (e.g. 8)".into(),
+                );
+            }
+            if self.load_in_4bit == Some(true) {
+                return bad(
+                    "load_in_4bit",
+                    "applies to LoRA (the 4-bit weights are frozen): set lora_r (e.g. 8)".into(),
                 );
             }
             return Ok(());

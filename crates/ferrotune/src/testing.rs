@@ -362,7 +362,7 @@ pub fn write_tiny_image_model(dir: &Path) -> Result<()> {
     let p = dir.join("config.json");
     std::fs::write(&p, serde_json::Value::Object(raw).to_string()).map_err(|e| Error::io(&p, e))?;
     crate::formats::safetensors::write_safetensors(
-        &loaded.params.named_tensors(),
+        &loaded.params.named_tensors()?,
         &dir.join("model.safetensors"),
     )
 }

@@ -720,3 +720,144 @@ fn lora_trains_only_the_adapters_of_a_causal_lm() {
         .fold(0f32, f32::max);
     assert!(d < 1e-4, "merged vs base + adapter: {d}");
 }
+
+/// `load_in_4bit` (QLoRA-style): on a model whose linear weights are 4-bit blocks already
+/// (as a Q4_1 GGUF file's are, dequantised), the run with its frozen linear layers kept in
+/// 4 bits is the run on the f32 weights, bit for bit: the same evaluation losses, adapter
+/// and merged model. The 4-bit build holds no f32 copy of those weights (they leave the
+/// parameters; the export dequantises them), and the key without LoRA is refused.
+#[test]
+fn a_4bit_base_trains_exactly_as_its_f32_weights() {
+    use ferrotune::config::LoraTargets;
+    use ferrotune::kernels::q4::Q4Weight;
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = |out: &str, four: bool| TrainConfig {
+        lora_r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.1,
+        lora_target_modules: Some(LoraTargets::Named("all-linear".into())),
+        load_in_4bit: Some(four),
+        ..llama_recipe(tmp.path(), out)
+    };
+    // Linear widths of whole blocks (64 and 96 inputs), the weights made 4-bit exact.
+    let base = recipe("out4", true).model_name_or_path;
+    std::fs::remove_dir_all(&base).unwrap();
+    ferrotune::testing::write_tiny_decoder(&base, "llama", 7, |c| {
+        c["hidden_size"] = 64.into();
+        c["intermediate_size"] = 96.into();
+    })
+    .unwrap();
+    let st = base.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let mut linear = 0;
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with("_proj.weight") {
+            let (o, i) = t.dims2().unwrap();
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = Q4Weight::quantize(&v, o, i).unwrap().dequantize();
+            *t = Tensor::from_vec(q, (o, i), &Device::Cpu).unwrap();
+            linear += 1;
+        }
+    }
+    assert_eq!(linear, 14);
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+
+    let (c4, c32) = (recipe("out4", true), recipe("out32", false));
+    // The 4-bit build: every linear weight 4-bit, none among the parameters.
+    let spec = c4.lora_spec("llama", false).unwrap();
+    assert!(spec.as_ref().unwrap().base_4bit);
+    let loaded = ferrotune::nn::lora::build(spec.as_ref(), || {
+        Ok(ferrotune::families::load(
+            &base,
+            &ferrotune::families::HeadSpec::new(0),
+            3,
+            &Device::Cpu,
+        )?
+        .2)
+    })
+    .unwrap();
+    assert_eq!(loaded.params.q4.len(), linear);
+    assert!(loaded
+        .params
+        .params
+        .iter()
+        .all(|p| !p.name.ends_with("_proj.weight")));
+
+    for c in [&c4, &c32] {
+        ferrotune::train::train(c, &mut ferrotune::train::Silent).unwrap();
+    }
+    let losses = |out: &Path| -> Vec<f64> {
+        epoch_metrics(out)
+            .iter()
+            .map(|m| m["eval_loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(losses(&c4.output_dir), losses(&c32.output_dir));
+    assert_eq!(losses(&c4.output_dir).len(), 2);
+    for file in [
+        "adapter/adapter_model.safetensors",
+        "model/model.safetensors",
+    ] {
+        let read = |out: &Path| {
+            let mut v: Vec<(String, Vec<f32>)> =
+                candle_core::safetensors::load(out.join(file), &Device::Cpu)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                    .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        assert_eq!(read(&c4.output_dir), read(&c32.output_dir), "{file}");
+    }
+    // Stopped after its first step and resumed (the checkpoint holds no 4-bit weights:
+    // they are rebuilt from the base), it ends with the same model and adapter.
+    let cut = recipe("cut4", true);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let control = ferrotune::train::Control {
+        stop: stop.clone(),
+        ..Default::default()
+    };
+    ferrotune::train::train_with(&cut, &mut ferrotune::train::Silent, &control).unwrap_err();
+    let control = ferrotune::train::Control {
+        resume: Some("latest".into()),
+        ..Default::default()
+    };
+    ferrotune::train::train_with(&cut, &mut ferrotune::train::Silent, &control).unwrap();
+    for file in [
+        "adapter/adapter_model.safetensors",
+        "model/model.safetensors",
+    ] {
+        let bytes = |out: &Path| std::fs::read(out.join(file)).unwrap();
+        assert!(
+            bytes(&c4.output_dir) == bytes(&cut.output_dir),
+            "resumed: {file}"
+        );
+    }
+    // The adapters trained.
+    let adapter = candle_core::safetensors::load(
+        c4.output_dir.join("adapter/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(adapter.iter().any(|(k, t)| k.ends_with("lora_B.weight")
+        && t.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0));
+
+    let e = TrainConfig::from_toml_str(
+        "model_name_or_path = \"m\"\ntrain_file = \"t\"\nload_in_4bit = true\n",
+        Path::new("r.toml"),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("r.toml") && e.contains("load_in_4bit") && e.contains("lora_r"),
+        "{e}"
+    );
+}

@@ -604,6 +604,25 @@ fn real_smollm2_gguf_converts() {
     );
     assert_eq!(shapes["model.layers.0.mlp.down_proj.weight"], [576, 1536]);
 
+    // Its linear weights are Q4_1, and the 4-bit base of a LoRA run (`load_in_4bit`, on
+    // by default for this file) quantises their dequantised values back to the very same
+    // weights: training on the 4-bit base is training on the file's weights.
+    assert!(ferrotune::formats::gguf::linear_weights_are_q4_1(&gguf).unwrap());
+    let tensors = read_safetensors(&out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (mut linear, mut bytes) = (0, 0);
+    for (name, t) in &tensors {
+        if !name.ends_with("_proj.weight") {
+            continue;
+        }
+        let (o, i) = t.dims2().unwrap();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let q = ferrotune::kernels::q4::Q4Weight::quantize(&v, o, i).unwrap();
+        assert!(q.dequantize() == v, "{name} is not kept exactly in 4 bits");
+        (linear, bytes) = (linear + 1, bytes + q.bytes());
+    }
+    assert_eq!(linear, 7 * 30);
+    assert_eq!(bytes, 106_168_320 / 32 * 20);
+
     let tok = ferrotune::data::tokenizer::load_tokenizer(&out, 512).unwrap();
     let ids = |s: &str| tok.encode(s, true).unwrap().get_ids().to_vec();
     // The ids transformers gives, from:

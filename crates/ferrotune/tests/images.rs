@@ -64,7 +64,7 @@ fn timm_directory_round_trip() {
         let cfg = efficientnet::timm_config(tf, 5);
         std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
         ferrotune::formats::safetensors::write_safetensors(
-            &loaded.params.named_tensors(),
+            &loaded.params.named_tensors().unwrap(),
             &dir.path().join("model.safetensors"),
         )
         .unwrap();
@@ -160,7 +160,7 @@ fn bad_timm_config_names_the_field() {
     // A classifier of another size than the config's is an error naming the config, the
     // field and the model file (it used to be a silently new head).
     let loaded = random(false, 4);
-    let mut t: HashMap<String, Tensor> = loaded.params.named_tensors();
+    let mut t: HashMap<String, Tensor> = loaded.params.named_tensors().unwrap();
     t.insert(
         "classifier.weight".into(),
         Tensor::zeros((7, 1280), candle_core::DType::F32, &Device::Cpu).unwrap(),
@@ -183,7 +183,7 @@ fn bad_timm_config_names_the_field() {
         "{e}"
     );
     // The checkpoint's own size, for another task, is a new head.
-    let mut t: HashMap<String, Tensor> = loaded.params.named_tensors();
+    let mut t: HashMap<String, Tensor> = loaded.params.named_tensors().unwrap();
     t.insert(
         "classifier.weight".into(),
         Tensor::zeros((4, 1280), candle_core::DType::F32, &Device::Cpu).unwrap(),

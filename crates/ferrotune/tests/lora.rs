@@ -52,6 +52,7 @@ fn spec(targets: &[&str]) -> LoraSpec {
         modules_to_save: vec!["classifier".into()],
         use_rslora: false,
         seed: 5,
+        base_4bit: false,
     }
 }
 
@@ -397,4 +398,75 @@ fn an_adapter_that_does_not_fit_names_the_tensor() {
         },
         "base_model.model.classifier.weight",
     );
+}
+
+/// `load_in_4bit = true` on f32 weights, every text family (QLoRA-style, lossy): the run
+/// trains, and the merged export holds each frozen linear layer that is not adapted as its
+/// 4-bit weights dequantised (ggml's Q4_1 of the base, in either layout), every other
+/// frozen tensor as the base's. Widths that are not whole blocks of 32 stay f32.
+#[test]
+fn a_4bit_base_trains_every_text_family() {
+    use ferrotune::kernels::q4::Q4Weight;
+    let q4 = |t: &Tensor| -> Option<Vec<f32>> {
+        let (o, i) = t.dims2().ok()?;
+        Some(Q4Weight::quantize(&values(t), o, i)?.dequantize())
+    };
+    for fam in families::text_families() {
+        let name = fam.model_type();
+        let t = tempfile::tempdir().unwrap();
+        let model = t.path().join("model");
+        let spec = TinySpec {
+            hidden: 32,
+            intermediate: 64,
+            ..TinySpec::of(name)
+        };
+        write_tiny_model(&model, &spec).unwrap();
+        let csv = t.path().join("train.csv");
+        write_tiny_csv(&csv, 32).unwrap();
+        let out = t.path().join("run");
+        let cfg = config(
+            &model,
+            &csv,
+            &out,
+            &["lora_r=4", "load_in_4bit=true", "num_train_epochs=1"],
+        )
+        .unwrap();
+        train(&cfg, &mut Silent).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let base = tensors(&model.join("model.safetensors"));
+        let merged = tensors(&out.join("model/model.safetensors"));
+        let adapted: Vec<String> = tensors(&out.join("adapter/adapter_model.safetensors"))
+            .keys()
+            .filter_map(|k| k.strip_suffix(".lora_A.weight"))
+            .map(|k| k.trim_start_matches("base_model.model.").to_string())
+            .collect();
+        let (mut kept, mut four) = (0, 0);
+        for (k, m) in &merged {
+            let Some(b) = base
+                .get(k)
+                .or_else(|| k.split_once('.').and_then(|(_, rest)| base.get(rest)))
+            else {
+                continue; // a new head
+            };
+            if adapted.iter().any(|a| k.starts_with(&format!("{a}."))) || b.dims() != m.dims() {
+                continue;
+            }
+            let mv = values(m);
+            if mv == values(b) {
+                kept += 1;
+                continue;
+            }
+            let tr = |t: &Tensor| t.t().unwrap().contiguous().unwrap();
+            let as_4bit = q4(b) == Some(mv.clone())
+                || q4(&tr(b)).map(|v| {
+                    let (o, i) = tr(b).dims2().unwrap();
+                    values(&tr(&Tensor::from_vec(v, (o, i), &Device::Cpu).unwrap()))
+                }) == Some(mv);
+            assert!(
+                as_4bit,
+                "{name}: {k} is neither the base nor its 4-bit weights"
+            );
+            four += 1;
+        }
+        assert!(four > 0 && kept > 0, "{name}: {four} 4-bit, {kept} kept");
+    }
 }

@@ -1090,3 +1090,89 @@ fn image_caps_are_validated() {
         assert!(e.contains("max_image_"), "{e}");
     }
 }
+
+/// A language model's server (`POST /generate`, TGI's request and answer): greedy
+/// answers are the library's generation, token for token; a seeded sampled answer repeats;
+/// `details` counts the tokens; bad requests are JSON 4xx errors naming the field;
+/// `/info` says it generates text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_language_model_server_answers_as_the_librarys_generation() {
+    use ferrotune::generate::{Sampling, TextGenerator};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("lm");
+    ferrotune::testing::write_tiny_decoder(&model, "llama", 5, |_| {}).unwrap();
+    let app = ferrotune::serve::generate::router(
+        TextGenerator::load(&model).unwrap(),
+        &ServeConfig::default(),
+    );
+    let lib = TextGenerator::load(&model).unwrap();
+    let prompt = "the movie was";
+    let greedy = Sampling {
+        max_new_tokens: 6,
+        ..Sampling::default()
+    };
+    let want = lib.run(prompt, &greedy, |_| {}).unwrap();
+    let a = call(
+        &app,
+        "POST",
+        "/generate",
+        json!({"inputs": prompt, "parameters": {"max_new_tokens": 6, "details": true}}).to_string(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.json());
+    let v = a.json();
+    assert_eq!(v["generated_text"], want.text.as_str(), "{v}");
+    assert_eq!(v["details"]["generated_tokens"], want.ids.len());
+    assert_eq!(v["details"]["finish_reason"], want.finish.as_str());
+    assert!(want.ids.len() <= 6 && !want.ids.is_empty());
+
+    // Sampling with a seed: the same answer twice, and the library's.
+    let sampled = json!({"inputs": prompt,
+        "parameters": {"max_new_tokens": 6, "temperature": 1.5, "top_p": 0.95, "seed": 11}})
+    .to_string();
+    let (a1, a2) = (
+        call(&app, "POST", "/generate", sampled.clone())
+            .await
+            .json(),
+        call(&app, "POST", "/generate", sampled).await.json(),
+    );
+    assert_eq!(a1, a2);
+    let s = Sampling {
+        max_new_tokens: 6,
+        temperature: 1.5,
+        top_p: 0.95,
+        seed: 11,
+    };
+    assert_eq!(
+        a1["generated_text"],
+        lib.run(prompt, &s, |_| {}).unwrap().text.as_str()
+    );
+
+    call(
+        &app,
+        "POST",
+        "/generate",
+        json!({"input": prompt}).to_string(),
+    )
+    .await
+    .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation", "inputs");
+    call(
+        &app,
+        "POST",
+        "/generate",
+        json!({"inputs": prompt, "parameters": {"max_new_tokens": 4000}}).to_string(),
+    )
+    .await
+    .assert_error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation",
+        "max_new_tokens",
+    );
+    call(&app, "POST", "/generate", "{not json")
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "validation", "JSON");
+    let g = call(&app, "GET", "/generate", "").await;
+    assert_eq!(g.status, StatusCode::METHOD_NOT_ALLOWED);
+    let info = call(&app, "GET", "/info", "").await.json();
+    assert_eq!(info["task"], "text-generation");
+}

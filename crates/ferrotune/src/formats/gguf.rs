@@ -984,6 +984,23 @@ pub fn cache_dir() -> PathBuf {
     root.join("gguf")
 }
 
+/// Whether every linear weight of the layers (`blk.*` tensors of two dimensions) of GGUF
+/// file `path` is Q4_1, the blocks [`crate::kernels::q4`] keeps: then a LoRA run keeps
+/// them 4-bit by default, losing nothing.
+pub fn linear_weights_are_q4_1(path: &Path) -> Result<bool> {
+    let g = Gguf::open(path)?;
+    let mut linear = g
+        .content
+        .tensor_infos
+        .iter()
+        .filter(|(name, info)| name.starts_with("blk.") && info.shape.dims().len() == 2)
+        .peekable();
+    if linear.peek().is_none() {
+        return Ok(false);
+    }
+    Ok(linear.all(|(_, info)| info.ggml_dtype == GgmlDType::Q4_1))
+}
+
 /// Whether `path` names a GGUF file (by its extension).
 pub fn is_gguf(path: &Path) -> bool {
     path.extension()

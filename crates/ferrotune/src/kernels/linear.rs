@@ -107,7 +107,7 @@ struct Gelu {
 }
 
 /// The signature [`sgemm`] and [`bgemm`] share.
-type Gemm = unsafe fn(usize, usize, usize, *mut f32, usize, bool, Mat, Mat, f32, bool);
+pub(crate) type Gemm = unsafe fn(usize, usize, usize, *mut f32, usize, bool, Mat, Mat, f32, bool);
 
 impl LinearOp {
     /// The GEMM this op runs.
@@ -143,33 +143,7 @@ impl CustomOp3 for LinearOp {
                 b.len()
             );
         }
-        // Safety: y is n×out, x n×inp and w out×inp, all contiguous; the bias rows fill y
-        // whole (in parallel: a single-threaded fill was ~1.5% of a MiniLM step) before
-        // the GEMM adds into it.
-        let gemm = self.gemm();
-        let y = unsafe {
-            filled(n * out, |yp| {
-                let o = Out(yp, n * out);
-                const ROWS: usize = 64;
-                par_for(n.div_ceil(ROWS), n * out >= PAR_MIN, |i| {
-                    for r in i * ROWS..n.min((i + 1) * ROWS) {
-                        o.part(r * out, out).copy_from_slice(b);
-                    }
-                });
-                gemm(
-                    n,
-                    out,
-                    inp,
-                    yp,
-                    out,
-                    true,
-                    Mat::rows(x.as_ptr(), inp),
-                    Mat::rows_t(w.as_ptr(), inp),
-                    1.0,
-                    true,
-                )
-            })
-        };
+        let y = forward_rows(x, n, inp, w, out, Some(b), self.gemm());
         let y = match &self.gelu {
             None => y,
             Some(g) => {
@@ -219,23 +193,7 @@ impl CustomOp3 for LinearOp {
         let (dx, dwb) = with_f32(x, |x| {
             with_f32(w, |w| {
                 with_f32(&grad, |dy| {
-                    // dx = dy · W (n×out · out×inp).
-                    let dx = self.grad_x.then(|| unsafe {
-                        filled(n * inp, |p| {
-                            gemm(
-                                n,
-                                inp,
-                                out,
-                                p,
-                                inp,
-                                false,
-                                Mat::rows(dy.as_ptr(), out),
-                                Mat::rows(w.as_ptr(), inp),
-                                1.0,
-                                true,
-                            )
-                        })
-                    });
+                    let dx = self.grad_x.then(|| input_grad(dy, n, out, w, inp, gemm));
                     // dW = dyᵀ · x (out×n · n×inp), rows r0.. of it from columns r0.. of dy.
                     let dw_rows = |r0: usize, rows: usize, dst: *mut f32, acc: bool| unsafe {
                         gemm(
@@ -276,6 +234,78 @@ impl CustomOp3 for LinearOp {
             .transpose()?;
         let db = dwb.1.map(|v| Tensor::from_vec(v, out, dev)).transpose()?;
         Ok((dx, dw, db))
+    }
+}
+
+/// `x Wᵀ + b` for `x` `(n, inp)` and `w` `(out, inp)`, row-major (`b` `None`: zero), by
+/// `gemm`: the forward GEMM of the fused linear layer and of the 4-bit one.
+pub(crate) fn forward_rows(
+    x: &[f32],
+    n: usize,
+    inp: usize,
+    w: &[f32],
+    out: usize,
+    b: Option<&[f32]>,
+    gemm: Gemm,
+) -> Vec<f32> {
+    assert!(x.len() >= n * inp && w.len() >= out * inp && b.is_none_or(|b| b.len() == out));
+    // Safety: y is n×out, x n×inp and w out×inp (checked above); the bias rows fill y
+    // whole (in parallel: a single-threaded fill was ~1.5% of a MiniLM step) before the
+    // GEMM adds into it, or the GEMM writes it whole.
+    unsafe {
+        filled(n * out, |yp| {
+            if let Some(b) = b {
+                let o = Out(yp, n * out);
+                const ROWS: usize = 64;
+                par_for(n.div_ceil(ROWS), n * out >= PAR_MIN, |i| {
+                    for r in i * ROWS..n.min((i + 1) * ROWS) {
+                        o.part(r * out, out).copy_from_slice(b);
+                    }
+                });
+            }
+            gemm(
+                n,
+                out,
+                inp,
+                yp,
+                out,
+                b.is_some(),
+                Mat::rows(x.as_ptr(), inp),
+                Mat::rows_t(w.as_ptr(), inp),
+                1.0,
+                true,
+            )
+        })
+    }
+}
+
+/// `dx = dy · W` (`(n, out) · (out, inp)`, row-major) by `gemm`: the input gradient of the
+/// fused linear layer and of the 4-bit one.
+pub(crate) fn input_grad(
+    dy: &[f32],
+    n: usize,
+    out: usize,
+    w: &[f32],
+    inp: usize,
+    gemm: Gemm,
+) -> Vec<f32> {
+    assert!(dy.len() >= n * out && w.len() >= out * inp);
+    // Safety: dx is n×inp, written whole by the GEMM; the sizes are checked above.
+    unsafe {
+        filled(n * inp, |p| {
+            gemm(
+                n,
+                inp,
+                out,
+                p,
+                inp,
+                false,
+                Mat::rows(dy.as_ptr(), out),
+                Mat::rows(w.as_ptr(), inp),
+                1.0,
+                true,
+            )
+        })
     }
 }
 

@@ -15,6 +15,8 @@
 //! - [`conv`]: channels-last convolution (im2col, depthwise), batch norm: image models.
 //! - [`int8`]: int8 weights and the integer GEMM of int8 inference (`par` only).
 //! - [`bf16`]: bf16 weights and the bf16 GEMM (f32 sums) of bf16 inference (`par` only).
+//! - [`q4`]: 4-bit (Q4_1) frozen base weights of LoRA, dequantised inside the layer's op
+//!   (the GEMMs of `linear`).
 //!
 //! Imports point one way: `par`, `gemm`, `simd` ← `grad_sink` ← `fused`, `linear`,
 //! `embedding`, `lm_head`, `rms_norm` ← `attention` (which takes dropout masks from `fused`).
@@ -31,6 +33,7 @@ pub mod int8;
 pub mod linear;
 pub mod lm_head;
 pub mod par;
+pub mod q4;
 pub mod rms_norm;
 pub mod simd;
 pub mod swiglu;

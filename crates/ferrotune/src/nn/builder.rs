@@ -262,8 +262,43 @@ impl<'a> Builder<'a> {
 
     /// With LoRA, the layer of module `module` (export name) as the builder hands it out:
     /// in the group its tensors were placed in, with an adapter when the module is
-    /// targeted. Families that build a linear layer themselves call this with it.
+    /// targeted, and with `load_in_4bit` its weights in 4 bits when it is frozen. Families
+    /// that build a linear layer themselves call this with it.
     pub fn adapt_linear(
+        &mut self,
+        lin: Linear,
+        module: &str,
+        group: usize,
+        new: bool,
+    ) -> Result<Linear> {
+        let lin = self.attach_adapter(lin, module, group, new)?;
+        self.frozen_to_4bit(lin, module)
+    }
+
+    /// With `load_in_4bit`, a frozen layer `module` with its weights in 4 bits
+    /// ([`Linear::into_4bit`]): its f32 weight parameter leaves the store, and the 4-bit
+    /// weights are recorded in [`ParamStore::q4`] for the export.
+    fn frozen_to_4bit(&mut self, lin: Linear, module: &str) -> Result<Linear> {
+        let Some(l) = &self.lora else {
+            return Ok(lin);
+        };
+        if !l.state.spec.base_4bit || lin.group != l.frozen || lin.int8_only {
+            return Ok(lin);
+        }
+        let name = format!("{module}.weight");
+        let Some(i) = self.store.params.iter().rposition(|p| p.name == name) else {
+            return Ok(lin);
+        };
+        let lin = lin.into_4bit()?;
+        if let Some(q) = &lin.q4 {
+            self.store.params.remove(i);
+            self.store.q4.push((name, q.clone()));
+        }
+        Ok(lin)
+    }
+
+    /// [`Builder::adapt_linear`] before the 4-bit weights: the group, and the adapter.
+    fn attach_adapter(
         &mut self,
         mut lin: Linear,
         module: &str,
@@ -285,7 +320,7 @@ impl<'a> Builder<'a> {
                 "LoRA on `{module}`: the model is quantized (int8 weights only); train                  adapters on the f32 model it was quantized from"
             )));
         }
-        let (out, inp) = lin.w.dims2()?;
+        let (out, inp) = lin.dims()?;
         let spec = &l.state.spec;
         let (r, scale, dropout) = (spec.r, spec.scale(), spec.dropout);
         let a = Var::from_tensor(&lora::init_a(&mut l.rng, r, inp, &device)?)?;
@@ -293,7 +328,6 @@ impl<'a> Builder<'a> {
         let id = l.state.modules.len() as u64;
         l.state.modules.push(LoraModule {
             module: module.to_string(),
-            w: lin.w.clone(),
             a: a.clone(),
             b: b.clone(),
         });

@@ -163,7 +163,7 @@ pub fn plain_lm_head(ctx: &Ctx, lm_head: Option<&Linear>, embed: &Embedding) -> 
     }
     match lm_head {
         None => Some(ctx.w(&embed.table, embed.group)),
-        Some(l) if l.lora.is_none() && !l.int8_only => Some(ctx.w(&l.w, l.group)),
+        Some(l) if l.lora.is_none() && !l.int8_only && l.q4.is_none() => Some(ctx.w(&l.w, l.group)),
         Some(_) => None,
     }
 }

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::kernels::int8::QWeight;
 use crate::kernels::{attention, fused, grad_sink, linear};
 use crate::nn::builder::Builder;
-use crate::nn::layers::{add_lora_deltas, Activation, LayerNorm, Linear};
+use crate::nn::layers::{add_lora_deltas, forward_stacked_4bit, Activation, LayerNorm, Linear};
 use crate::nn::params::GroupKind;
 use crate::nn::Ctx;
 
@@ -160,6 +160,10 @@ impl EncoderLayer {
     /// The query, key and value projections side by side, `(tokens, 3·hidden)`: the base
     /// projections from one GEMM, plus the LoRA adapters' outputs of those that have one.
     fn qkv(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let lins = [&self.q, &self.k, &self.v];
+        if let Some(y) = forward_stacked_4bit(ctx, &lins, x)? {
+            return Ok(y);
+        }
         let base = self.qkv_base(ctx, x)?;
         add_lora_deltas(ctx, base, &[&self.q, &self.k, &self.v], x)
     }
@@ -168,6 +172,12 @@ impl EncoderLayer {
     /// one GEMM over the concatenated weights (the input is read once; the weights, a few
     /// hundred KiB, are concatenated per forward pass).
     fn qkv_base(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        if ctx.low_precision() && self.q.q4.is_some() {
+            // 4-bit weights in int8 or bf16 inference: each layer converts its own.
+            let parts = [&self.q, &self.k, &self.v].map(|l| l.forward_base(ctx, x));
+            let [q, k, v] = parts;
+            return Ok(Tensor::cat(&[q?, k?, v?], 1)?);
+        }
         if ctx.low_precision() || (self.q.int8_only && !ctx.train) {
             let l = match self.qkv_low.get() {
                 Some(l) => l,

@@ -3,7 +3,7 @@
 //! fused kernel, or the composition of candle operations it is tested against when the
 //! fused operations are off.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Tensor, Var};
 
@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::kernels::bf16::{self, BWeight};
 use crate::kernels::int8::{self, QWeight};
 use crate::kernels::par::with_f32;
+use crate::kernels::q4::{self, Q4Weight};
 use crate::kernels::{embedding, fused, linear, rms_norm};
 use crate::nn::lora::Lora;
 use crate::nn::Ctx;
@@ -18,7 +19,7 @@ use crate::nn::Ctx;
 /// A linear layer `y = x Wᵀ + b` on 2-D input.
 pub struct Linear {
     /// `(out, in)`; `(out, 0)` for a layer loaded from a quantized model, which holds
-    /// its int8 weights only ([`Linear::int8_only`]).
+    /// its int8 weights only ([`Linear::int8_only`]), and for a 4-bit one ([`Linear::q4`]).
     pub w: Var,
     /// `(out)`.
     pub b: Var,
@@ -34,6 +35,9 @@ pub struct Linear {
     /// A LoRA adapter added to the output ([`crate::nn::lora`]); its base weights are then
     /// in the frozen group, so the base GEMM runs on detached weights.
     pub lora: Option<Lora>,
+    /// Frozen base weights kept in 4 bits (`load_in_4bit`, [`crate::kernels::q4`]): then
+    /// `w` is empty and every pass dequantises these.
+    pub q4: Option<Arc<Q4Weight>>,
 }
 
 impl Linear {
@@ -47,6 +51,7 @@ impl Linear {
             int8_only: false,
             bw: OnceLock::new(),
             lora: None,
+            q4: None,
         }
     }
 
@@ -64,7 +69,33 @@ impl Linear {
             int8_only: true,
             bw: OnceLock::new(),
             lora: None,
+            q4: None,
         })
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match (&self.q4, self.q.get()) {
+            (Some(q), _) => Ok((q.out, q.inp)),
+            (None, Some(q)) if self.int8_only => Ok((q.out, q.inp)),
+            _ => Ok(self.w.dims2()?),
+        }
+    }
+
+    /// This layer with its weights in 4 bits ([`Q4Weight`]), its f32 weights dropped;
+    /// unchanged when they do not fit the blocks (an input width that is not a multiple of
+    /// 32). For frozen layers only: nothing gives 4-bit weights a gradient.
+    pub fn into_4bit(mut self) -> Result<Linear> {
+        if self.int8_only || self.q4.is_some() {
+            return Ok(self);
+        }
+        let (out, inp) = self.w.dims2()?;
+        let wv: Vec<f32> = self.w.as_tensor().flatten_all()?.to_vec1()?;
+        if let Some(q) = Q4Weight::quantize(&wv, out, inp) {
+            self.q4 = Some(Arc::new(q));
+            self.w = Var::from_tensor(&Tensor::zeros((out, 0), DType::F32, self.b.device())?)?;
+        }
+        Ok(self)
     }
 
     /// The error of an int8-only layer asked to train.
@@ -95,12 +126,14 @@ impl Linear {
         if let Some(t) = cell.get() {
             return Ok(Some(t));
         }
-        let w = self.w.as_tensor();
-        let (out, inp) = w.dims2()?;
+        let (out, inp) = self.dims()?;
         if inp != k {
             return Ok(None);
         }
-        let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let wv: Vec<f32> = match &self.q4 {
+            Some(q) => q.dequantize(),
+            None => self.w.as_tensor().flatten_all()?.to_vec1()?,
+        };
         let _ = cell.set(make(&wv, out, inp));
         Ok(cell.get())
     }
@@ -177,8 +210,11 @@ impl Linear {
         if self.int8_only {
             return Err(Linear::int8_only_error());
         }
-        let w = ctx.w(&self.w, self.group);
         let b = ctx.w(&self.b, self.group);
+        if let Some(q) = &self.q4 {
+            return q4::linear(x, std::slice::from_ref(q), Some(&b));
+        }
+        let w = ctx.w(&self.w, self.group);
         if ctx.fused() {
             linear::linear_mixed(x, &w, &b, ctx.bf16 && ctx.train)
         } else {
@@ -197,14 +233,15 @@ impl Linear {
             };
         }
         match act {
-            // int8 or bf16 (or a quantized layer in inference): that GEMM, then the fused
-            // (vectorised) GELU.
+            // int8 or bf16 (or a quantized layer in inference), or 4-bit weights: that
+            // GEMM, then the fused (vectorised) GELU.
             Activation::Gelu
-                if (ctx.low_precision() || (self.int8_only && !ctx.train)) && ctx.fused() =>
+                if (ctx.low_precision() || (self.int8_only && !ctx.train) || self.q4.is_some())
+                    && ctx.fused() =>
             {
                 fused::gelu_erf(&self.forward(ctx, x)?)
             }
-            Activation::Gelu if ctx.fused() && !self.int8_only => {
+            Activation::Gelu if ctx.fused() && !self.int8_only && self.q4.is_none() => {
                 let w = ctx.w(&self.w, self.group);
                 let b = ctx.w(&self.b, self.group);
                 linear::linear_gelu_mixed(x, &w, &b, ctx.bf16 && ctx.train)
@@ -212,6 +249,19 @@ impl Linear {
             act => act.apply(&self.forward(ctx, x)?),
         }
     }
+}
+
+/// The side-by-side outputs of `lins` on `x` (a layer's query, key and value) from one
+/// 4-bit GEMM over their stacked weights, with their adapters' outputs: `None` unless every
+/// layer of `lins` has 4-bit weights (and the pass is not int8 or bf16 inference).
+pub fn forward_stacked_4bit(ctx: &Ctx, lins: &[&Linear], x: &Tensor) -> Result<Option<Tensor>> {
+    let parts: Option<Vec<Arc<Q4Weight>>> = lins.iter().map(|l| l.q4.clone()).collect();
+    let Some(parts) = parts.filter(|_| !ctx.low_precision()) else {
+        return Ok(None);
+    };
+    let bs: Vec<Tensor> = lins.iter().map(|l| ctx.w(&l.b, l.group)).collect();
+    let base = q4::linear(x, &parts, Some(&Tensor::cat(&bs, 0)?))?;
+    Ok(Some(add_lora_deltas(ctx, base, lins, x)?))
 }
 
 /// `base` (the side-by-side outputs of `lins` on `x`, from one fused GEMM over their

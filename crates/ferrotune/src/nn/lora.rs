@@ -88,6 +88,9 @@ pub struct LoraSpec {
     pub use_rslora: bool,
     /// Seed of the adapters' `A` initialisation.
     pub seed: u64,
+    /// `load_in_4bit`: the frozen base linear weights kept in 4 bits
+    /// ([`crate::kernels::q4`]).
+    pub base_4bit: bool,
 }
 
 impl LoraSpec {
@@ -180,8 +183,6 @@ impl Lora {
 pub struct LoraModule {
     /// The module's Hugging Face name (`bert.encoder.layer.0.attention.self.query`).
     pub module: String,
-    /// The base weight `(out, in)`.
-    pub w: Var,
     /// `A`, `(r, in)`.
     pub a: Var,
     /// `B`, `(out, r)`.
@@ -338,7 +339,7 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// The model's tensors with every adapter folded into its base weight (`W + s·B·A`) and
 /// without the adapter tensors: a full model under the base model's names.
 pub fn merged_tensors(params: &ParamStore) -> Result<HashMap<String, Tensor>> {
-    let mut out = params.named_tensors();
+    let mut out = params.named_tensors()?;
     let Some(state) = &params.lora else {
         return Ok(out);
     };
@@ -347,8 +348,11 @@ pub fn merged_tensors(params: &ParamStore) -> Result<HashMap<String, Tensor>> {
         out.remove(&tensor_name(&m.module, "A"));
         out.remove(&tensor_name(&m.module, "B"));
         let delta = (m.b.as_tensor().matmul(m.a.as_tensor())? * s)?;
-        let merged = (m.w.as_tensor() + delta)?;
-        out.insert(format!("{}.weight", m.module), merged);
+        let name = format!("{}.weight", m.module);
+        let base = out.remove(&name).ok_or_else(|| {
+            Error::Msg(format!("LoRA on `{}`: no base weight `{name}`", m.module))
+        })?;
+        out.insert(name, (base + delta)?);
     }
     Ok(out)
 }
@@ -594,6 +598,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<Adapter> {
             modules_to_save,
             use_rslora,
             seed: 0,
+            base_4bit: false,
         },
         task_type,
         tensors,
@@ -703,6 +708,7 @@ mod tests {
             modules_to_save: save.iter().map(|s| s.to_string()).collect(),
             use_rslora: false,
             seed: 0,
+            base_4bit: false,
         }
     }
 

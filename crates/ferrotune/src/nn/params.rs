@@ -83,6 +83,10 @@ pub struct ParamStore {
     pub transposed: Vec<String>,
     /// The LoRA adapters and what else trains beside them (`None` without LoRA).
     pub lora: Option<crate::nn::lora::LoraState>,
+    /// Frozen linear weights kept in 4 bits (`load_in_4bit`) under their export names, in
+    /// ferrotune's `(out, in)` layout: not among `params` (never trained, checkpointed or
+    /// copied for the best epoch); exported dequantised.
+    pub q4: Vec<(String, std::sync::Arc<crate::kernels::q4::Q4Weight>)>,
 }
 
 impl ParamStore {
@@ -116,9 +120,14 @@ impl ParamStore {
             .count()
     }
 
-    /// Total number of scalar parameters.
+    /// Total number of scalar parameters (4-bit weights included).
     pub fn count(&self) -> usize {
-        self.params.iter().map(|p| p.var.elem_count()).sum()
+        let q4: usize = self.q4.iter().map(|(_, q)| q.out * q.inp).sum();
+        self.params
+            .iter()
+            .map(|p| p.var.elem_count())
+            .sum::<usize>()
+            + q4
     }
 
     /// Scalar parameters in group `g`.
@@ -146,15 +155,28 @@ impl ParamStore {
     }
 
     /// A copy of every parameter's and buffer's current value (for keeping the best
-    /// epoch).
+    /// epoch). The frozen group's tensors (LoRA's base weights), which nothing changes, are
+    /// shared rather than copied: a LoRA run keeps no second copy of its base model.
     pub fn snapshot(&self) -> Result<Vec<Tensor>> {
         Ok(self
-            .state()
-            .map(|p| p.var.as_tensor().copy())
+            .params
+            .iter()
+            .map(|p| match self.is_frozen(p.group) {
+                true => Ok(p.var.as_tensor().clone()),
+                false => p.var.as_tensor().copy(),
+            })
+            .chain(self.buffers.iter().map(|p| p.var.as_tensor().copy()))
             .collect::<candle_core::Result<_>>()?)
     }
 
-    /// Sets every parameter and buffer from a [`ParamStore::snapshot`].
+    /// Whether group `g` is the frozen group (LoRA's base weights: never trained).
+    fn is_frozen(&self, g: usize) -> bool {
+        self.groups.get(g).map(|g| g.kind) == Some(GroupKind::Frozen)
+    }
+
+    /// Sets every parameter and buffer from a [`ParamStore::snapshot`] (or another list of
+    /// their values: an average of the weights), but the frozen group's: nothing changes
+    /// those (and a snapshot shares them).
     pub fn restore(&self, snap: &[Tensor]) -> Result<()> {
         if snap.len() != self.state_len() {
             return Err(crate::error::Error::Msg(format!(
@@ -163,8 +185,12 @@ impl ParamStore {
                 self.state_len()
             )));
         }
-        for (p, t) in self.state().zip(snap) {
-            p.var.set(t)?;
+        let params = self.params.iter().map(|p| !self.is_frozen(p.group));
+        let set = params.chain(self.buffers.iter().map(|_| true));
+        for ((p, t), set) in self.state().zip(snap).zip(set) {
+            if set {
+                p.var.set(t)?;
+            }
         }
         Ok(())
     }
@@ -173,7 +199,7 @@ impl ParamStore {
     /// [`ParamStore::transposed`] ones transposed back): what an exported
     /// `model.safetensors` holds.
     pub fn export_tensors(&self) -> Result<HashMap<String, Tensor>> {
-        let mut out = self.named_tensors();
+        let mut out = self.named_tensors()?;
         for name in &self.transposed {
             if let Some(t) = out.get_mut(name) {
                 *t = t.t()?.contiguous()?;
@@ -182,10 +208,21 @@ impl ParamStore {
         Ok(out)
     }
 
-    /// The tensors under their export names, in ferrotune's layout.
-    pub fn named_tensors(&self) -> HashMap<String, Tensor> {
-        self.state()
+    /// The tensors under their export names, in ferrotune's layout (4-bit weights
+    /// dequantised).
+    pub fn named_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out: HashMap<String, Tensor> = self
+            .state()
             .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
-            .collect()
+            .collect();
+        let device = self
+            .params
+            .first()
+            .map_or(candle_core::Device::Cpu, |p| p.var.device().clone());
+        for (name, q) in &self.q4 {
+            let t = Tensor::from_vec(q.dequantize(), (q.out, q.inp), &device)?;
+            out.insert(name.clone(), t);
+        }
+        Ok(out)
     }
 }

@@ -358,7 +358,12 @@ fn worst_table(h: &mut String, run: &RunFiles) {
     }
     h.push_str("<th>loss</th></tr>\n");
     for p in worst {
-        let right = p.target == p.predicted;
+        // A language model's line (perplexity, no class) is neither right nor wrong.
+        let class = match (p.output.is_empty(), p.target == p.predicted) {
+            (true, _) => "",
+            (false, true) => "ok",
+            (false, false) => "bad",
+        };
         let _ = write!(
             h,
             "<tr><td class=\"t\">{}</td><td class=\"t\" title=\"{}\">{}</td>\
@@ -367,7 +372,7 @@ fn worst_table(h: &mut String, run: &RunFiles) {
             escape(&p.text),
             escape(&shorten(&p.text, TEXT_SHOWN)),
             escape(&json_text(&p.target)),
-            if right { "ok" } else { "bad" },
+            class,
             escape(&json_text(&p.predicted)),
         );
         if single {

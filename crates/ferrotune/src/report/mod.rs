@@ -247,6 +247,20 @@ impl RunFiles {
         let mut bad = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let p = serde_json::from_str::<Value>(line).ok().and_then(|v| {
+                // A causal language model's line: its perplexity and counted tokens.
+                if let (None, Some(ppl)) = (v.get("predicted"), v.get("perplexity")) {
+                    return Some(HeldOutPrediction {
+                        id: v.get("id")?.as_str()?.to_string(),
+                        text: v.get("text")?.as_str()?.to_string(),
+                        target: Value::String(format!("{} tokens", v.get("tokens")?)),
+                        predicted: Value::String(format!(
+                            "perplexity {:.2}",
+                            ppl.as_f64().unwrap_or(f64::NAN)
+                        )),
+                        output: Vec::new(),
+                        loss: v.get("loss")?.as_f64().unwrap_or(f64::NAN),
+                    });
+                }
                 Some(HeldOutPrediction {
                     id: v.get("id")?.as_str()?.to_string(),
                     text: v.get("text")?.as_str()?.to_string(),
@@ -413,6 +427,21 @@ mod tests {
         assert!(parse_confusion(",pred_a,pred_b\ntrue_a,1,2\n")
             .unwrap_err()
             .contains("1 rows for 2 classes"));
+    }
+
+    /// A causal language model's held-out lines (perplexity and tokens, no class) are
+    /// read without a note, worst loss first.
+    #[test]
+    fn language_model_predictions_are_read() {
+        let mut run = RunFiles::default();
+        let text = "{\"id\":\"a\",\"line\":2,\"text\":\"x\",\"loss\":2.0,\"perplexity\":7.389,\"tokens\":12.0}\n\
+                    {\"id\":\"b\",\"line\":3,\"text\":\"y\",\"loss\":3.0,\"perplexity\":20.09,\"tokens\":5.0}\n";
+        run.take_predictions(Path::new("eval_predictions.jsonl"), text);
+        assert!(run.notes.is_empty(), "{:?}", run.notes);
+        let worst = run.worst(1);
+        assert_eq!(worst[0].id, "b");
+        assert_eq!(worst[0].predicted, "perplexity 20.09");
+        assert_eq!(worst[0].target, "5.0 tokens");
     }
 
     #[test]

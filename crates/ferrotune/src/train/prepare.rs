@@ -273,9 +273,18 @@ pub(crate) fn lora_note(params: &crate::nn::ParamStore) -> Option<String> {
         .filter(|p| params.groups[p.group].kind != crate::nn::GroupKind::Frozen)
         .map(|p| p.var.elem_count())
         .sum();
+    let four: Vec<&crate::kernels::q4::Q4Weight> = params.q4.iter().map(|(_, q)| &**q).collect();
+    let base = match four.len() {
+        0 => String::new(),
+        n => format!(
+            "; {n} frozen linear layers 4-bit (load_in_4bit): {:.0} MB instead of {:.0} MB",
+            four.iter().map(|q| q.bytes()).sum::<usize>() as f64 / 1e6,
+            four.iter().map(|q| q.out * q.inp * 4).sum::<usize>() as f64 / 1e6
+        ),
+    };
     Some(format!(
         "LoRA r={} alpha={} on {} linear layers; {} of {} parameters train (modules to \
-         save: {})",
+         save: {}){base}",
         l.spec.r,
         l.spec.alpha,
         l.modules.len(),

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::families::{pooling, HeadSpec, HfConfig, Loaded, Model};
 use crate::kernels::{grad_sink, linear, swiglu};
 use crate::nn::decoder::{self, Generator, KvCache, LayerCache, Rope};
-use crate::nn::layers::{add_lora_deltas, Embedding, Linear, RmsNorm};
+use crate::nn::layers::{add_lora_deltas, forward_stacked_4bit, Embedding, Linear, RmsNorm};
 use crate::nn::{Batch, Builder, Ctx, GroupKind, Pooling, TokenBatch, Weights};
 
 use super::Llama;
@@ -271,6 +271,9 @@ impl Layer {
             return Ok(Tensor::cat(&[q?, k?, v?], 1)?);
         }
         let lins = [&self.q, &self.k, &self.v];
+        if let Some(y) = forward_stacked_4bit(ctx, &lins, x)? {
+            return Ok(y);
+        }
         let ws = lins.map(|l| ctx.w(&l.w, l.group));
         let bs = lins.map(|l| ctx.w(&l.b, l.group));
         let w = grad_sink::concat(&ws.each_ref())?;
