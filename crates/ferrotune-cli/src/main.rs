@@ -17,14 +17,20 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// `ferrotune --version`: the version, and whether this build trains over MPI.
-const VERSION: &str = if ferrotune::dist::MPI_BUILT_IN {
-    concat!(env!("CARGO_PKG_VERSION"), " (mpi: built in)")
-} else {
-    concat!(
+/// `ferrotune --version`: the version, whether this build trains over MPI, and whether it
+/// is a debug build (whose timings are not ferrotune's speed; the bench scripts refuse
+/// those).
+const VERSION: &str = match (ferrotune::dist::MPI_BUILT_IN, cfg!(debug_assertions)) {
+    (true, false) => concat!(env!("CARGO_PKG_VERSION"), " (mpi: built in)"),
+    (true, true) => concat!(env!("CARGO_PKG_VERSION"), " (mpi: built in; debug build)"),
+    (false, false) => concat!(
         env!("CARGO_PKG_VERSION"),
         " (mpi: not built in; cargo feature `mpi`)"
-    )
+    ),
+    (false, true) => concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (mpi: not built in; cargo feature `mpi`; debug build)"
+    ),
 };
 
 #[derive(Parser)]

@@ -91,6 +91,9 @@ pub struct BenchResult {
     pub peak_rss_mb: f64,
     /// Threads the kernels used.
     pub threads: usize,
+    /// `"release"` or `"debug"` ([`crate::BUILD_PROFILE`]): a debug build's timings are
+    /// not ferrotune's speed.
+    pub build: &'static str,
 }
 
 /// FLOPs of one forward pass: 2 per multiply-add of the linear layers and of attention's
@@ -224,5 +227,6 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
         gflops: flops / (median / 1000.0) / 1e9,
         peak_rss_mb: peak_rss_mb(),
         threads: candle_core::utils::get_num_threads(),
+        build: crate::BUILD_PROFILE,
     })
 }

@@ -551,6 +551,7 @@ impl Run {
             "precision": precision.name(),
             "precision_reason": why,
             "cpu_features": crate::precision::cpu_features(),
+            "build": crate::BUILD_PROFILE,
             "model_type": self.family.model_type(),
             "problem_type": self.task.name(),
             "loss": self.loss.kind.name(),
@@ -565,7 +566,7 @@ impl Run {
             "warnings": notes.iter().filter(|n| n.starts_with("warning:")).count(),
         }))?;
         progress.message(&format!(
-            "{} training / {} evaluation examples, {} labels, {} parameters ({}), {} steps ({} warm-up), {} threads, {}",
+            "{} training / {} evaluation examples, {} labels, {} parameters ({}), {} steps ({} warm-up), {} threads, {}{}",
             train_n,
             eval_n,
             self.labels.len(),
@@ -574,7 +575,12 @@ impl Run {
             total,
             warmup,
             self.threads,
-            why
+            why,
+            if cfg!(debug_assertions) {
+                " (a debug build: its timings are not ferrotune's speed; build with --release)"
+            } else {
+                ""
+            }
         ));
         if self.world.is_distributed() {
             let mut distinct = hosts.clone();
