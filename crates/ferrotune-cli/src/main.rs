@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 /// `ferrotune --version`: the version, whether this build trains over MPI, and whether it
 /// is a debug build (whose timings are not ferrotune's speed; the bench scripts refuse
 /// those).
-const VERSION: &str = match (ferrotune::dist::MPI_BUILT_IN, cfg!(debug_assertions)) {
+const VERSION: &str = match (ferrotune::dist::MPI_BUILT_IN, ferrotune::DEBUG_BUILD) {
     (true, false) => concat!(env!("CARGO_PKG_VERSION"), " (mpi: built in)"),
     (true, true) => concat!(env!("CARGO_PKG_VERSION"), " (mpi: built in; debug build)"),
     (false, false) => concat!(

@@ -73,6 +73,16 @@ fn train_predict_eval_inspect() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("epoch 1: eval_loss"), "{stdout}");
     assert!(stdout.contains("epoch 2: eval_loss"), "{stdout}");
+    let run: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run["split"], "run");
+    assert_eq!(run["build"], ferrotune::BUILD_PROFILE, "{run}");
     let model = out.join("model");
     let m = model.to_str().unwrap();
 
@@ -260,7 +270,16 @@ fn bench_runs_every_preset_shape() {
         assert_eq!(code, 0, "{}: {stderr}", preset.name);
         let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
         assert!(last["median_ms"].as_f64().unwrap() > 0.0, "{stdout}");
+        assert_eq!(last["build"], ferrotune::BUILD_PROFILE, "{stdout}");
     }
+    // A debug build says so, where timings are read: `--version` (the bench scripts check it).
+    let (code, version, _) = ferrotune(&["--version"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        version.contains("debug build"),
+        ferrotune::DEBUG_BUILD,
+        "{version}"
+    );
     let (code, _, stderr) = ferrotune(&["bench", "infer", "--preset", "gpt-9"]);
     assert_clean_error(code, &stderr, &["gpt-9", "minilm-l6", "bert-base"]);
 }

@@ -57,17 +57,16 @@ pub mod train;
 pub use config::TrainConfig;
 pub use error::{Error, Result};
 
-/// `"release"` or `"debug"`: how this library was compiled, written into every run's log
-/// and every `ferrotune bench` result. A debug build (`cargo build` without `--release`)
-/// compiles this crate at `opt-level = 1` with its assertions (a SmolLM2 training step's
-/// GEMM once measured 40 GFLOP/s in one against 140 in the release build on the same 2
-/// cores, docs/DECODERS.md), so a timing from it says nothing about ferrotune's speed; the
-/// bench scripts refuse to compare one.
-pub const BUILD_PROFILE: &str = if cfg!(debug_assertions) {
-    "debug"
-} else {
-    "release"
-};
+/// True for a debug build (`cargo build` without `--release`): this crate is then compiled
+/// at `opt-level = 1` with its assertions, so a timing from it says nothing about
+/// ferrotune's speed (a SmolLM2 LoRA step ran at 112-128 tokens/s in one against ~150 in
+/// the release build on the same 2 cores, docs/DECODERS.md). `ferrotune --version` and a
+/// run's start message say so, and the bench scripts refuse to compare one.
+pub const DEBUG_BUILD: bool = cfg!(debug_assertions);
+
+/// `"release"` or `"debug"` ([`DEBUG_BUILD`]), written into every run's log and every
+/// `ferrotune bench` result.
+pub const BUILD_PROFILE: &str = if DEBUG_BUILD { "debug" } else { "release" };
 
 /// The number of threads the kernels use: `RAYON_NUM_THREADS` when set, else the physical
 /// cores. Read it once and set `RAYON_NUM_THREADS` to it before the first operation (as the

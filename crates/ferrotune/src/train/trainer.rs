@@ -576,7 +576,7 @@ impl Run {
             warmup,
             self.threads,
             why,
-            if cfg!(debug_assertions) {
+            if crate::DEBUG_BUILD {
                 " (a debug build: its timings are not ferrotune's speed; build with --release)"
             } else {
                 ""
