@@ -157,8 +157,11 @@ impl Lora {
             Some(d) => fused::dropout(x, d)?,
             None => x.clone(),
         };
-        let h = x.matmul(&a.t()?)?;
-        Ok((h.matmul(&b.t()?)? * self.scale)?)
+        // The scale multiplies the thin `(rows, r)` product, not the `(rows, out)` output:
+        // one pass over r columns instead of `out`, forward and backward (for PEFT's
+        // usual power-of-two `alpha / r` the same numbers).
+        let h = (x.matmul(&a.t()?)? * self.scale)?;
+        Ok(h.matmul(&b.t()?)?)
     }
 
     fn dropout_seed(&self, ctx: &Ctx) -> Option<fused::Dropout> {
