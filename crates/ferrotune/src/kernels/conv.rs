@@ -105,6 +105,20 @@ impl Geom {
         let ix = (ox * self.stride + kx).checked_sub(self.pad.left)?;
         (iy < self.h && ix < self.w).then_some((iy, ix))
     }
+
+    /// Calls `f(t, k)` for every tap of output `(oy, ox)`'s window that falls inside the
+    /// image: `t` the input pixel's offset within its image (`(iy·w + ix)·c`), `k` the
+    /// tap's (`(ky·kw + kx)·c`).
+    #[inline(always)]
+    fn taps(&self, oy: usize, ox: usize, mut f: impl FnMut(usize, usize)) {
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                if let Some((iy, ix)) = self.src(oy, ox, ky, kx) {
+                    f((iy * self.w + ix) * self.c, (ky * self.kw + kx) * self.c);
+                }
+            }
+        }
+    }
 }
 
 /// The patches of a k×k convolution as rows: `(batch·out_h·out_w, kh·kw·channels)` from a
@@ -232,20 +246,15 @@ super::simd::dispatch! {
     /// Output row `oy` of image `b`: `dst` (`wo · c`) = Σ over the window of x · w.
     fn depthwise_row(x: &[f32], w: &[f32], dst: &mut [f32], g: Geom, b: usize, oy: usize) {
         dst.fill(0.0);
+        let img = &x[b * g.h * g.w * g.c..(b + 1) * g.h * g.w * g.c];
         for ox in 0..g.wo {
             let d = &mut dst[ox * g.c..(ox + 1) * g.c];
-            for ky in 0..g.kh {
-                for kx in 0..g.kw {
-                    if let Some((iy, ix)) = g.src(oy, ox, ky, kx) {
-                        let s = ((b * g.h + iy) * g.w + ix) * g.c;
-                        let k = (ky * g.kw + kx) * g.c;
-                        d.iter_mut()
-                            .zip(&x[s..s + g.c])
-                            .zip(&w[k..k + g.c])
-                            .for_each(|((d, x), w)| *d += x * w);
-                    }
-                }
-            }
+            g.taps(oy, ox, |t, k| {
+                d.iter_mut()
+                    .zip(&img[t..t + g.c])
+                    .zip(&w[k..k + g.c])
+                    .for_each(|((d, x), w)| *d += x * w)
+            });
         }
     }
 }
@@ -259,24 +268,18 @@ super::simd::dispatch! {
             for ox in 0..g.wo {
                 let r = ((b * g.ho + oy) * g.wo + ox) * g.c;
                 let gy = &dy[r..r + g.c];
-                for ky in 0..g.kh {
-                    for kx in 0..g.kw {
-                        if let Some((iy, ix)) = g.src(oy, ox, ky, kx) {
-                            let t = (iy * g.w + ix) * g.c;
-                            let k = (ky * g.kw + kx) * g.c;
-                            let x = &xs[t..t + g.c];
-                            let dx = &mut d[t..t + g.c];
-                            let ws = &wv[k..k + g.c];
-                            let dwk = &mut dwb[k..k + g.c];
-                            for ((((dx, dwk), &gy), &w), &x) in
-                                dx.iter_mut().zip(dwk.iter_mut()).zip(gy).zip(ws).zip(x)
-                            {
-                                *dx += gy * w;
-                                *dwk += gy * x;
-                            }
-                        }
+                g.taps(oy, ox, |t, k| {
+                    let x = &xs[t..t + g.c];
+                    let dx = &mut d[t..t + g.c];
+                    let ws = &wv[k..k + g.c];
+                    let dwk = &mut dwb[k..k + g.c];
+                    for ((((dx, dwk), &gy), &w), &x) in
+                        dx.iter_mut().zip(dwk.iter_mut()).zip(gy).zip(ws).zip(x)
+                    {
+                        *dx += gy * w;
+                        *dwk += gy * x;
                     }
-                }
+                });
             }
         }
     }
@@ -440,16 +443,12 @@ impl CustomOp1 for MaxPool {
                     dst.fill(f32::NEG_INFINITY);
                     for ox in 0..g.wo {
                         let d = &mut dst[ox * g.c..(ox + 1) * g.c];
-                        for ky in 0..g.kh {
-                            for kx in 0..g.kw {
-                                if let Some((iy, ix)) = g.src(oy, ox, ky, kx) {
-                                    let s = ((b * g.h + iy) * g.w + ix) * g.c;
-                                    d.iter_mut()
-                                        .zip(&x[s..s + g.c])
-                                        .for_each(|(d, &v)| *d = if v > *d { v } else { *d });
-                                }
-                            }
-                        }
+                        let img = &x[b * g.h * g.w * g.c..(b + 1) * g.h * g.w * g.c];
+                        g.taps(oy, ox, |t, _| {
+                            d.iter_mut()
+                                .zip(&img[t..t + g.c])
+                                .for_each(|(d, &v)| *d = if v > *d { v } else { *d })
+                        });
                     }
                 });
             })
@@ -474,19 +473,14 @@ impl CustomOp1 for MaxPool {
                 for oy in 0..g.ho {
                     for ox in 0..g.wo {
                         best.fill(f32::NEG_INFINITY);
-                        for ky in 0..g.kh {
-                            for kx in 0..g.kw {
-                                if let Some((iy, ix)) = g.src(oy, ox, ky, kx) {
-                                    let t = (iy * g.w + ix) * g.c;
-                                    for c in 0..g.c {
-                                        if xs[t + c] > best[c] {
-                                            best[c] = xs[t + c];
-                                            at[c] = t + c;
-                                        }
-                                    }
+                        g.taps(oy, ox, |t, _| {
+                            for c in 0..g.c {
+                                if xs[t + c] > best[c] {
+                                    best[c] = xs[t + c];
+                                    at[c] = t + c;
                                 }
                             }
-                        }
+                        });
                         let r = ((b * g.ho + oy) * g.wo + ox) * g.c;
                         for (c, &gy) in dy[r..r + g.c].iter().enumerate() {
                             d[at[c]] += gy;
