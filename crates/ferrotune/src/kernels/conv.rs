@@ -904,22 +904,17 @@ mod tests {
             .unwrap()
     }
 
+    /// The gradients of `Σ y·probe` (a random linear functional of `y`).
+    fn probe_grads(y: &Tensor, probe: &Tensor) -> candle_core::backprop::GradStore {
+        (y * probe).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     /// The gradients of `vars` through `ours` and `theirs` (under the same random
     /// probe) agree within `tol`.
     fn same_grads(ours: &Tensor, theirs: &Tensor, vars: &[&Var], tol: f32, case: usize) {
         let probe = randn(ours.dims(), 99);
-        let g1 = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (theirs * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = probe_grads(ours, &probe);
+        let g2 = probe_grads(theirs, &probe);
         for v in vars {
             let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
             assert!(max_diff(a, b) < tol, "case {case}: {}", max_diff(a, b));
@@ -1212,12 +1207,7 @@ mod tests {
             Var::from_tensor(&bias).unwrap(),
         );
         let ours = batch_norm(&xv, &wv, &bv, &mean, &var, eps, true, BnAct::None).unwrap();
-        let g = (&ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = probe_grads(&ours, &probe);
         // The reference, in f64.
         let f64v = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
         let (x2, w2, b2) = (f64v(&x), f64v(&w), f64v(&bias));
@@ -1232,12 +1222,7 @@ mod tests {
             .broadcast_add(&b2)
             .unwrap();
         let probe2 = probe.to_dtype(DType::F64).unwrap();
-        let g2 = (&theirs * &probe2)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g2 = probe_grads(&theirs, &probe2);
         let rel = |a: &Tensor, b: &Tensor| {
             let b = b.to_dtype(DType::F32).unwrap();
             let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
@@ -1301,18 +1286,8 @@ mod tests {
                 .unwrap();
             assert!(max_diff(&ours, &theirs) < 1e-4, "case {i}");
             let probe = randn(&dims, 97);
-            let g1 = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&theirs * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g1 = probe_grads(&ours, &probe);
+            let g2 = probe_grads(&theirs, &probe);
             for var_ in [&x, &w, &bias] {
                 let (a, b) = (g1.get(var_).unwrap(), g2.get(var_).unwrap());
                 let scale = b
@@ -1341,12 +1316,7 @@ mod tests {
                 BnAct::None,
             )
             .unwrap();
-            let g = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g = probe_grads(&ours, &probe);
             let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
             let want = probe
                 .broadcast_mul(
