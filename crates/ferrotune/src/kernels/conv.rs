@@ -106,6 +106,25 @@ impl Geom {
         (iy < self.h && ix < self.w).then_some((iy, ix))
     }
 
+    /// Calls `f(d, xs, k)` for every output column of row `oy` of image `b` and every tap
+    /// of its window inside the image: `d` the column's `c` outputs in `dst` (the row),
+    /// `xs` the tap's `c` inputs in `x` (the batch), `k` as in [`Geom::taps`].
+    #[inline(always)]
+    fn row_taps(
+        &self,
+        x: &[f32],
+        b: usize,
+        oy: usize,
+        dst: &mut [f32],
+        mut f: impl FnMut(&mut [f32], &[f32], usize),
+    ) {
+        let img = &x[b * self.h * self.w * self.c..(b + 1) * self.h * self.w * self.c];
+        for ox in 0..self.wo {
+            let d = &mut dst[ox * self.c..(ox + 1) * self.c];
+            self.taps(oy, ox, |t, k| f(&mut *d, &img[t..t + self.c], k));
+        }
+    }
+
     /// Calls `f(t, k)` for every tap of output `(oy, ox)`'s window that falls inside the
     /// image: `t` the input pixel's offset within its image (`(iy·w + ix)·c`), `k` the
     /// tap's (`(ky·kw + kx)·c`).
@@ -246,16 +265,12 @@ super::simd::dispatch! {
     /// Output row `oy` of image `b`: `dst` (`wo · c`) = Σ over the window of x · w.
     fn depthwise_row(x: &[f32], w: &[f32], dst: &mut [f32], g: Geom, b: usize, oy: usize) {
         dst.fill(0.0);
-        let img = &x[b * g.h * g.w * g.c..(b + 1) * g.h * g.w * g.c];
-        for ox in 0..g.wo {
-            let d = &mut dst[ox * g.c..(ox + 1) * g.c];
-            g.taps(oy, ox, |t, k| {
-                d.iter_mut()
-                    .zip(&img[t..t + g.c])
-                    .zip(&w[k..k + g.c])
-                    .for_each(|((d, x), w)| *d += x * w)
-            });
-        }
+        g.row_taps(x, b, oy, dst, |d, xs, k| {
+            d.iter_mut()
+                .zip(xs)
+                .zip(&w[k..k + g.c])
+                .for_each(|((d, x), w)| *d += x * w)
+        });
     }
 }
 
@@ -441,15 +456,11 @@ impl CustomOp1 for MaxPool {
                     let (b, oy) = (t / g.ho, t % g.ho);
                     let dst = o.part(t * g.wo * g.c, g.wo * g.c);
                     dst.fill(f32::NEG_INFINITY);
-                    let img = &x[b * g.h * g.w * g.c..(b + 1) * g.h * g.w * g.c];
-                    for ox in 0..g.wo {
-                        let d = &mut dst[ox * g.c..(ox + 1) * g.c];
-                        g.taps(oy, ox, |t, _| {
-                            d.iter_mut()
-                                .zip(&img[t..t + g.c])
-                                .for_each(|(d, &v)| *d = if v > *d { v } else { *d })
-                        });
-                    }
+                    g.row_taps(x, b, oy, dst, |d, xs, _| {
+                        d.iter_mut()
+                            .zip(xs)
+                            .for_each(|(d, &v)| *d = if v > *d { v } else { *d })
+                    });
                 });
             })
         };
