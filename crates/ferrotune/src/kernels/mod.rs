@@ -15,6 +15,7 @@
 //! - [`conv`]: channels-last convolution (im2col, depthwise), batch norm: image models.
 //! - [`int8`]: int8 weights and the integer GEMM of int8 inference (`par` only).
 //! - [`bf16`]: bf16 weights and the bf16 GEMM (f32 sums) of bf16 inference (`par` only).
+//! - [`lora`]: LoRA adapters' thin GEMMs, with their dropout, as two fused ops.
 //! - [`q4`]: 4-bit (Q4_1) frozen base weights of LoRA, dequantised inside the layer's op
 //!   (the GEMMs of `linear`).
 //!
@@ -32,6 +33,7 @@ pub mod grad_sink;
 pub mod int8;
 pub mod linear;
 pub mod lm_head;
+pub mod lora;
 pub mod par;
 pub mod q4;
 pub mod rms_norm;

@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor, Var};
 use crate::error::{Error, Result};
 use crate::kernels::bf16::{self, BWeight};
 use crate::kernels::int8::{self, QWeight};
+use crate::kernels::lora as lora_ops;
 use crate::kernels::par::with_f32;
 use crate::kernels::q4::{self, Q4Weight};
 use crate::kernels::{embedding, fused, linear, rms_norm};
@@ -183,10 +184,7 @@ impl Linear {
     /// (a quantized model) runs int8 in any inference.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let y = self.forward_base(ctx, x)?;
-        match self.lora_delta(ctx, x)? {
-            Some(d) => Ok((y + d)?),
-            None => Ok(y),
-        }
+        add_lora_deltas(ctx, y, &[self], x)
     }
 
     /// The LoRA adapter's output `s·(dropout(x) Aᵀ) Bᵀ` (`None` without an adapter), for
@@ -266,10 +264,35 @@ pub fn forward_stacked_4bit(ctx: &Ctx, lins: &[&Linear], x: &Tensor) -> Result<O
 
 /// `base` (the side-by-side outputs of `lins` on `x`, from one fused GEMM over their
 /// concatenated weights) plus the LoRA adapters' outputs of those layers that have one,
-/// in the same columns.
+/// in the same columns: the two fused ops of [`lora_ops`] on 2-D input (the adapters'
+/// dropout masks regenerated, not stored), else the composition [`Lora::delta`].
 pub fn add_lora_deltas(ctx: &Ctx, base: Tensor, lins: &[&Linear], x: &Tensor) -> Result<Tensor> {
     if lins.iter().all(|l| l.lora.is_none()) {
         return Ok(base);
+    }
+    if ctx.fused() && x.rank() == 2 && crate::kernels::par::fusable(&[x, &base]) {
+        let (mut a, mut b, mut down, mut up) = (vec![], vec![], vec![], vec![]);
+        let (mut y_col, mut h_col, mut b_row) = (0, 0, 0);
+        for l in lins {
+            let out = l.b.dim(0)?;
+            if let Some(lora) = &l.lora {
+                let (la, lb, part) = lora.fused_part(ctx);
+                up.push(lora_ops::UpPart {
+                    y_col,
+                    out,
+                    h_col,
+                    b_row,
+                });
+                h_col += part.r;
+                b_row += out;
+                a.push(la);
+                b.push(lb);
+                down.push(part);
+            }
+            y_col += out;
+        }
+        let h = lora_ops::down(x, &Tensor::cat(&a, 0)?, &down)?;
+        return lora_ops::up_add(&base, &h, &Tensor::cat(&b, 0)?, &up);
     }
     let parts = lins
         .iter()

@@ -38,7 +38,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::kernels::fused;
+use crate::kernels::{fused, lora};
 use crate::nn::{Ctx, ParamStore};
 
 /// Which linear layers get adapters.
@@ -162,6 +162,17 @@ impl Lora {
         // usual power-of-two `alpha / r` the same numbers).
         let h = (x.matmul(&a.t()?)? * self.scale)?;
         Ok(h.matmul(&b.t()?)?)
+    }
+
+    /// `A`, `B` and the [`lora::Part`] of the fused ops ([`crate::kernels::lora`]) that
+    /// compute what [`Lora::delta`] does: the same scale and dropout masks.
+    pub fn fused_part(&self, ctx: &Ctx) -> (Tensor, Tensor, lora::Part) {
+        let part = lora::Part {
+            r: self.a.dims()[0],
+            scale: self.scale as f32,
+            dropout: self.dropout_seed(ctx),
+        };
+        (ctx.w(&self.a, self.group), ctx.w(&self.b, self.group), part)
     }
 
     fn dropout_seed(&self, ctx: &Ctx) -> Option<fused::Dropout> {
