@@ -8,8 +8,8 @@ data (the official IDX files), transforms (Resize to image_size × image_size, b
 RandomHorizontalFlip in training; Normalize with the checkpoint's mean/std 0.5), AdamW
 (betas 0.9/0.999, eps 1e-8, weight decay on everything but biases and batch-norm weights),
 linear warm-up over warmup_ratio of the steps then linear decay to 0, gradient-norm
-clipping, a seeded shuffle, the checkpoint's dropout (0.2), batch norm in training mode.
-Evaluates on the test set after every epoch, then times inference over it.
+clipping, a seeded shuffle, the checkpoint's dropout (0.2), batch norm in training mode,
+and with the recipe's model_ema_decay timm's ModelEmaV3 of the weights. Evaluates on the test set after every epoch, then times inference over it.
 """
 
 import argparse
@@ -82,14 +82,21 @@ def main():
         opt, lambda s: s / max(1, warm) if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
     gen = torch.Generator().manual_seed(r.get("seed", 42))
 
-    def evaluate():
-        model.eval()
+    # An EMA of the weights (the recipe's model_ema_decay): timm's ModelEmaV3, updated
+    # after every optimizer step, parameters and buffers, as ferrotune's.
+    ema = None
+    if r.get("model_ema_decay"):
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=r["model_ema_decay"], use_warmup=r.get("model_ema_warmup", False))
+
+    def evaluate(m=model):
+        m.eval()
         correct = 0
         t = time.time()
         with torch.no_grad():
             for i in range(0, len(test_x), ebs):
                 x = torch.stack([eval_tf(rgb(a)) for a in test_x[i:i + ebs]])
-                correct += (model(x).argmax(1).numpy() == test_y[i:i + ebs]).sum()
+                correct += (m(x).argmax(1).numpy() == test_y[i:i + ebs]).sum()
         return correct / len(test_x), time.time() - t
 
     out = {"epochs": [], "threads": a.threads}
@@ -108,10 +115,15 @@ def main():
             torch.nn.utils.clip_grad_norm_(model.parameters(), r.get("max_grad_norm", 1.0))
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model, step=sched.last_epoch)
         train_s += time.time() - t
         acc, eval_s = evaluate()
-        out["epochs"].append({"epoch": e + 1, "eval_accuracy": float(acc)})
-        print(f"epoch {e + 1}: eval accuracy {acc:.4f} (train {train_s:.0f} s so far)", flush=True)
+        row = {"epoch": e + 1, "eval_accuracy": float(acc)}
+        if ema is not None:
+            row["eval_ema_accuracy"] = float(evaluate(ema.module)[0])
+        out["epochs"].append(row)
+        print(f"epoch {e + 1}: {row} (train {train_s:.0f} s so far)", flush=True)
     acc, infer_s = evaluate()
     out.update(train_seconds=train_s, train_images_per_second=epochs * len(train_x) / train_s,
                infer_seconds=infer_s, infer_images_per_second=len(test_x) / infer_s,
