@@ -41,17 +41,23 @@ pub struct Part {
     pub dropout: Option<Dropout>,
 }
 
-/// One adapter of an [`up_add`] op: where its output goes in `y` and what it reads.
+/// One adapter of an [`up_add`] op: where its output goes in `y`. Its columns of `H` and
+/// rows of the stacked `B` follow from the adapters' order.
 #[derive(Clone, Copy, Debug)]
 pub struct UpPart {
     /// First column of the adapter's layer in `y`.
     pub y_col: usize,
     /// The layer's outputs (columns of `y`, rows of its `B`).
     pub out: usize,
-    /// First column of the adapter's `rᵢ` columns in `H`.
-    pub h_col: usize,
-    /// First row of its `B` in the stacked `B`.
-    pub b_row: usize,
+}
+
+/// An [`UpPart`] with what it reads: its first column of `H`, its first row of `B`.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    y_col: usize,
+    out: usize,
+    h_col: usize,
+    b_row: usize,
 }
 
 thread_local! {
@@ -296,15 +302,31 @@ impl CustomOp2 for Down {
 }
 
 /// `y + [Hᵢ Bᵢᵀ]ᵢ`: `y` `(rows, cols)` the base output, `h` `(rows, Σ rᵢ)` from [`down`],
-/// `b` the adapters' `B`s `(outᵢ, r)` stacked along their rows; each part's product is
-/// added to its columns of `y`. Differentiable in all three.
+/// `b` the adapters' `B`s `(outᵢ, r)` stacked along their rows, both in the order of
+/// `parts`; each part's product is added to its columns of `y`. Differentiable in all
+/// three.
 pub fn up_add(y: &Tensor, h: &Tensor, b: &Tensor, parts: &[UpPart]) -> Result<Tensor> {
     let (rows, cols) = y.dims2()?;
     let (hr, total) = h.dims2()?;
     let (b_rows, r) = b.dims2()?;
-    let fits = parts
+    let mut b_row = 0;
+    let slots: Vec<Slot> = parts
         .iter()
-        .all(|p| p.y_col + p.out <= cols && p.h_col + r <= total && p.b_row + p.out <= b_rows);
+        .enumerate()
+        .map(|(i, p)| {
+            let s = Slot {
+                y_col: p.y_col,
+                out: p.out,
+                h_col: i * r,
+                b_row,
+            };
+            b_row += p.out;
+            s
+        })
+        .collect();
+    let fits = parts.iter().all(|p| p.y_col + p.out <= cols)
+        && parts.len() * r == total
+        && b_row == b_rows;
     if hr != rows || !fits || !fusable(&[y, h, b]) {
         return Err(Error::Msg(format!(
             "LoRA up: y {:?}, H {:?}, B {:?} do not fit the adapters",
@@ -314,7 +336,7 @@ pub fn up_add(y: &Tensor, h: &Tensor, b: &Tensor, parts: &[UpPart]) -> Result<Te
         )));
     }
     let op = Up {
-        parts: parts.to_vec(),
+        parts: slots,
         rows,
         cols,
         total,
@@ -326,7 +348,7 @@ pub fn up_add(y: &Tensor, h: &Tensor, b: &Tensor, parts: &[UpPart]) -> Result<Te
 }
 
 struct Up {
-    parts: Vec<UpPart>,
+    parts: Vec<Slot>,
     rows: usize,
     cols: usize,
     total: usize,
@@ -488,17 +510,10 @@ mod tests {
             // The fused ops.
             let idx: Vec<usize> = (0..4).filter(|&i| adapted[i]).collect();
             let mut up = vec![];
-            let (mut y_col, mut h_col, mut b_row) = (0, 0, 0);
+            let mut y_col = 0;
             for (i, &o) in outs.iter().enumerate() {
                 if adapted[i] {
-                    up.push(UpPart {
-                        y_col,
-                        out: o,
-                        h_col,
-                        b_row,
-                    });
-                    h_col += r;
-                    b_row += o;
+                    up.push(UpPart { y_col, out: o });
                 }
                 y_col += o;
             }
@@ -593,12 +608,7 @@ mod tests {
         };
         assert!(down(&x, &randn(&[3, 8], 2), &[part]).is_err());
         let h = down(&x, &randn(&[2, 8], 2), &[part]).unwrap();
-        let up = [UpPart {
-            y_col: 4,
-            out: 3,
-            h_col: 0,
-            b_row: 0,
-        }];
+        let up = [UpPart { y_col: 4, out: 3 }];
         assert!(up_add(&randn(&[4, 6], 3), &h, &randn(&[3, 2], 4), &up).is_err());
     }
 }

@@ -272,19 +272,12 @@ pub fn add_lora_deltas(ctx: &Ctx, base: Tensor, lins: &[&Linear], x: &Tensor) ->
     }
     if ctx.fused() && x.rank() == 2 && crate::kernels::par::fusable(&[x, &base]) {
         let (mut a, mut b, mut down, mut up) = (vec![], vec![], vec![], vec![]);
-        let (mut y_col, mut h_col, mut b_row) = (0, 0, 0);
+        let mut y_col = 0;
         for l in lins {
             let out = l.b.dim(0)?;
             if let Some(lora) = &l.lora {
                 let (la, lb, part) = lora.fused_part(ctx);
-                up.push(lora_ops::UpPart {
-                    y_col,
-                    out,
-                    h_col,
-                    b_row,
-                });
-                h_col += part.r;
-                b_row += out;
+                up.push(lora_ops::UpPart { y_col, out });
                 a.push(la);
                 b.push(lb);
                 down.push(part);
