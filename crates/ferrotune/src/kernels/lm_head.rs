@@ -6,9 +6,9 @@
 //! size, and candle's matmul backward, which computes the weight's gradient even when the
 //! weight is frozen (the tied embedding under LoRA: a wasted (vocab × hidden × tokens)
 //! GEMM, 58 GFLOP per SmolLM2 step). Here only the rows whose target is counted are scored
-//! (a prompt's tokens cost nothing), in chunks of up to 512 rows whose logits fit a 128 MB buffer:
-//! one GEMM makes a chunk's logits, one pass over each row sums its loss and turns the
-//! row, in place, into the loss's gradient `softmax − one-hot`, and a second GEMM
+//! (a prompt's tokens cost nothing), in chunks of up to 512 rows whose logits fit a 128 MB
+//! buffer: one GEMM makes a chunk's logits, one pass over each row sums its loss and turns
+//! the row, in place, into the loss's gradient `softmax − one-hot`, and a second GEMM
 //! multiplies that back by `W` into the gradient of `h` (a third adds `gradᵀ h` into
 //! `W`'s, only when `W` trains). The loss is the step's last operation, so its gradients
 //! are known in the forward pass; the backward only scales them by the incoming gradient.
@@ -20,7 +20,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::gemm::{sgemm, Mat};
 use super::grad_sink;
-use super::par::{f32_data, par_for, Out, PAR_MIN};
+use super::par::{f32_data, par_for, with_scratch, Out, PAR_MIN};
 use super::simd::{self, dispatch};
 use crate::error::Result;
 
@@ -111,73 +111,70 @@ impl CustomOp2 for HeadNll {
             hc.extend_from_slice(&h[r * d..(r + 1) * d]);
         }
         let chunk = (self.chunk_elems / v.max(1)).clamp(16, 512).min(m);
-        // Every element a chunk uses is written by its first GEMM before it is read.
-        let mut z = LOGITS.with(|b| b.take());
-        if z.len() < chunk * v {
-            z.resize(chunk * v, 0.0);
-        }
         let mut nll = vec![0f32; m];
         let mut dhc = self.grad_h.then(|| vec![0f32; m * d]);
         let mut dw = self.grad_w.then(|| vec![0f32; v * d]);
-        for c0 in (0..m).step_by(chunk) {
-            let c = chunk.min(m - c0);
-            let hp = hc[c0 * d..].as_ptr();
-            // Safety: z holds c × v, hc's rows c0.. hold c × d, w is v × d, all contiguous.
-            unsafe {
-                sgemm(
-                    c,
-                    v,
-                    d,
-                    z.as_mut_ptr(),
-                    v,
-                    false,
-                    Mat::rows(hp, d),
-                    Mat::rows_t(w.as_ptr(), d),
-                    1.0,
-                    true,
-                )
-            };
-            let (zo, no) = (Out::new(&mut z[..c * v]), Out::new(&mut nll[c0..c0 + c]));
-            par_for(c, c * v >= PAR_MIN, |i| {
-                // Safety: row i of the chunk and its loss are written by this task only.
-                let (row, loss) = unsafe { (zo.part(i * v, v), no.part(i, 1)) };
-                loss[0] = row_loss(row, self.rows[c0 + i].1 as usize, grad);
-            });
-            // Safety: as above; dh's rows c0.. hold c × d, dw holds v × d.
-            if let Some(dh) = dhc.as_mut() {
+        // Every element a chunk uses is written by its first GEMM before it is read.
+        with_scratch(&LOGITS, chunk * v, |z| {
+            for c0 in (0..m).step_by(chunk) {
+                let c = chunk.min(m - c0);
+                let hp = hc[c0 * d..].as_ptr();
+                // Safety: z holds c × v, hc's rows c0.. hold c × d, w is v × d, all contiguous.
                 unsafe {
                     sgemm(
                         c,
-                        d,
                         v,
-                        dh[c0 * d..].as_mut_ptr(),
                         d,
+                        z.as_mut_ptr(),
+                        v,
                         false,
-                        Mat::rows(z.as_ptr(), v),
-                        Mat::rows(w.as_ptr(), d),
-                        1.0,
-                        true,
-                    )
-                };
-            }
-            if let Some(dw) = dw.as_mut() {
-                unsafe {
-                    sgemm(
-                        v,
-                        d,
-                        c,
-                        dw.as_mut_ptr(),
-                        d,
-                        c0 > 0,
-                        Mat::rows_t(z.as_ptr(), v),
                         Mat::rows(hp, d),
+                        Mat::rows_t(w.as_ptr(), d),
                         1.0,
                         true,
                     )
                 };
+                let (zo, no) = (Out::new(&mut z[..c * v]), Out::new(&mut nll[c0..c0 + c]));
+                par_for(c, c * v >= PAR_MIN, |i| {
+                    // Safety: row i of the chunk and its loss are written by this task only.
+                    let (row, loss) = unsafe { (zo.part(i * v, v), no.part(i, 1)) };
+                    loss[0] = row_loss(row, self.rows[c0 + i].1 as usize, grad);
+                });
+                // Safety: as above; dh's rows c0.. hold c × d, dw holds v × d.
+                if let Some(dh) = dhc.as_mut() {
+                    unsafe {
+                        sgemm(
+                            c,
+                            d,
+                            v,
+                            dh[c0 * d..].as_mut_ptr(),
+                            d,
+                            false,
+                            Mat::rows(z.as_ptr(), v),
+                            Mat::rows(w.as_ptr(), d),
+                            1.0,
+                            true,
+                        )
+                    };
+                }
+                if let Some(dw) = dw.as_mut() {
+                    unsafe {
+                        sgemm(
+                            v,
+                            d,
+                            c,
+                            dw.as_mut_ptr(),
+                            d,
+                            c0 > 0,
+                            Mat::rows_t(z.as_ptr(), v),
+                            Mat::rows(hp, d),
+                            1.0,
+                            true,
+                        )
+                    };
+                }
             }
-        }
-        LOGITS.with(|b| b.replace(z));
+        });
         // The gradient of h: the counted rows' back in place, zero elsewhere.
         let dh = dhc.map(|dc| {
             let mut dh = vec![0f32; n * d];

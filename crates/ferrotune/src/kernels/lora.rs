@@ -26,7 +26,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::fused::{self, Dropout};
 use super::gemm::{sgemm, Mat};
-use super::par::{f32_data, filled, fusable, par_for, with_f32, Out, PAR_MIN};
+use super::par::{f32_data, filled, fusable, par_for, with_f32, with_scratch, Out, PAR_MIN};
 use crate::error::{Error, Result};
 
 /// One adapter of a [`down`] op: its rank, scale and dropout (`None`: no dropout, as in
@@ -135,9 +135,7 @@ impl Down {
                 par_for(rows.div_ceil(block), rows * inp >= PAR_MIN, |t| {
                     let r0 = t * block;
                     let n = block.min(rows - r0);
-                    SCRATCH.with(|s| {
-                        let mut s = s.borrow_mut();
-                        s.resize(2 * block * inp, 0.0);
+                    with_scratch(&SCRATCH, 2 * block * inp, |s| {
                         let buf = &mut s[..n * inp];
                         for (p, &c) in self.parts.iter().zip(&offs) {
                             let src = match p.dropout {
@@ -187,9 +185,7 @@ impl Down {
                     let n = block.min(rows - r0);
                     let dxb = dx.part(r0 * inp, n * inp);
                     let da = pa.part(t * per, per);
-                    SCRATCH.with(|s| {
-                        let mut s = s.borrow_mut();
-                        s.resize(2 * block * inp, 0.0);
+                    with_scratch(&SCRATCH, 2 * block * inp, |s| {
                         let (buf, tmp) = s.split_at_mut(block * inp);
                         let (buf, tmp) = (&mut buf[..n * inp], &mut tmp[..n * inp]);
                         for (i, (p, &c)) in self.parts.iter().zip(&offs).enumerate() {

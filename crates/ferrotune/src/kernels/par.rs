@@ -93,6 +93,24 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_cor
     }
 }
 
+/// Runs `f` on `n` elements of this thread's scratch buffer `key`, which keeps its memory
+/// from one call to the next (grown when too small, never shrunk): for buffers too large,
+/// or needed too often, to allocate per call. The elements hold whatever the last user
+/// left there (zeros when new).
+pub(crate) fn with_scratch<R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>,
+    n: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < n {
+            s.resize(n, 0.0);
+        }
+        f(&mut s[..n])
+    })
+}
+
 pub(crate) fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)

@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::gemm::sgemm;
 use super::linear::{forward_rows, input_grad};
-use super::par::{f32_data, par_for, with_f32, Out, PAR_MIN};
+use super::par::{f32_data, par_for, with_f32, with_scratch, Out, PAR_MIN};
 use crate::error::{Error, Result};
 
 /// Weights per block (along the input).
@@ -113,11 +113,9 @@ thread_local! {
 fn with_weights<R>(parts: &[Arc<Q4Weight>], f: impl FnOnce(&[f32]) -> R) -> R {
     let refs: Vec<&Q4Weight> = parts.iter().map(|p| p.as_ref()).collect();
     let n: usize = refs.iter().map(|p| p.out * p.inp).sum();
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        s.resize(n, 0.0);
-        dequantize_parts(&refs, &mut s[..n]);
-        f(&s[..n])
+    with_scratch(&SCRATCH, n, |s| {
+        dequantize_parts(&refs, s);
+        f(s)
     })
 }
 
