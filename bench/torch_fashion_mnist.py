@@ -9,7 +9,8 @@ RandomHorizontalFlip in training; Normalize with the checkpoint's mean/std 0.5),
 (betas 0.9/0.999, eps 1e-8, weight decay on everything but biases and batch-norm weights),
 linear warm-up over warmup_ratio of the steps then linear decay to 0, gradient-norm
 clipping, a seeded shuffle, the checkpoint's dropout (0.2), batch norm in training mode,
-and with the recipe's model_ema_decay timm's ModelEmaV3 of the weights. Evaluates on the test set after every epoch, then times inference over it.
+and with the recipe's model_ema_decay timm's ModelEmaV3 of the weights. Evaluates on the
+test set after every epoch, then times inference over it.
 """
 
 import argparse
