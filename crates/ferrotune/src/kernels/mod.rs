@@ -12,6 +12,7 @@
 //! - [`lm_head`]: a language model's head fused with its next-token loss.
 //! - [`rms_norm`]: Llama's RMS norm.
 //! - [`swiglu`]: Llama's gated MLP activation, `silu(gate) · up`.
+//! - [`rope`]: Llama's rotary position embedding on the fused QKV projection.
 //! - [`conv`]: channels-last convolution (im2col, depthwise), batch norm: image models.
 //! - [`int8`]: int8 weights and the integer GEMM of int8 inference (`par` only).
 //! - [`bf16`]: bf16 weights and the bf16 GEMM (f32 sums) of bf16 inference (`par` only).
@@ -37,5 +38,6 @@ pub mod lora;
 pub mod par;
 pub mod q4;
 pub mod rms_norm;
+pub mod rope;
 pub mod simd;
 pub mod swiglu;

@@ -10,7 +10,8 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
-use crate::kernels::decode;
+use crate::kernels::par::fusable;
+use crate::kernels::{decode, rope};
 use crate::nn::encoder::key_bias;
 use crate::nn::layers::{Embedding, Linear};
 use crate::nn::Ctx;
@@ -96,6 +97,34 @@ impl Rope {
         Ok(y.reshape((rows, w))?)
     }
 
+    /// The fused projection `qkv` `(batch·seq, (heads + 2·kv_heads)·head_dim)` with its
+    /// query and key heads rotated by the tables of [`Rope::tables`] `(seq, head_dim)` and
+    /// its value heads unchanged, in the same layout: one fused operation
+    /// ([`rope::rope_qkv`]) on CPU f32 tensors when `fused`, else the composition of
+    /// [`Rope::apply`] (the same bits). Differentiable in `qkv`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_qkv(
+        &self,
+        fused: bool,
+        qkv: &Tensor,
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        if fused && fusable(&[qkv, cos, sin]) {
+            return rope::rope_qkv(qkv, cos, sin, heads, kv_heads);
+        }
+        let dh = self.head_dim;
+        let q = qkv.narrow(1, 0, heads * dh)?;
+        let k = qkv.narrow(1, heads * dh, kv_heads * dh)?;
+        let v = qkv.narrow(1, (heads + kv_heads) * dh, kv_heads * dh)?;
+        let q = self.apply_rows(&q, batch, cos, sin)?;
+        let k = self.apply_rows(&k, batch, cos, sin)?;
+        Ok(Tensor::cat(&[&q, &k, &v], 1)?)
+    }
+
     /// `x` `(batch, seq, heads, head_dim)` rotated by the tables of [`Rope::tables`]
     /// `(seq, head_dim)`: `x·cos + rotate_half(x)·sin`. Differentiable.
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -168,30 +197,27 @@ pub fn plain_lm_head(ctx: &Ctx, lm_head: Option<&Linear>, embed: &Embedding) -> 
     }
 }
 
-/// Causal self-attention of `q` `(batch·seq, heads·head_dim)` over `k`, `v` `(batch·seq,
-/// kv_heads·head_dim)` (after rotary embedding), with padding `attention_mask` `(batch,
+/// Causal self-attention of the fused projection `qkv` `(batch·seq, (heads +
+/// 2·kv_heads)·head_dim)` (query, key, value heads side by side; after rotary embedding),
+/// with padding `attention_mask` `(batch,
 /// seq)` (1 token, 0 padding) and probability dropout `p`: the fused kernel
 /// ([`decode::causal_attention`], forward and backward), or with the fused operations off
 /// its composition of candle operations (transformers' eager attention). Returns
 /// `(batch·seq, heads·head_dim)`, tokens first.
-#[allow(clippy::too_many_arguments)]
 pub fn causal_attention(
     ctx: &mut Ctx,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: &Tensor,
     attention_mask: &Tensor,
     heads: usize,
     kv_heads: usize,
     p: f64,
 ) -> Result<Tensor> {
-    let qkv = Tensor::cat(&[q, k, v], 1)?;
     let key_bias = key_bias(attention_mask)?;
     let drop = ctx.dropout_seed(p);
     if ctx.fused() {
-        decode::causal_attention(&qkv, &key_bias, drop, heads, kv_heads)
+        decode::causal_attention(qkv, &key_bias, drop, heads, kv_heads)
     } else {
-        decode::causal_attention_composed(&qkv, &key_bias, drop, heads, kv_heads)
+        decode::causal_attention_composed(qkv, &key_bias, drop, heads, kv_heads)
     }
 }
 
@@ -241,4 +267,63 @@ pub fn last_token_rows(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tenso
         .collect();
     let idx = Tensor::from_vec(idx, b, hidden.device())?;
     Ok(hidden.index_select(&idx, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// The fused rotary embedding of a fused QKV projection gives the composition's bits,
+    /// forward and backward: with one and with grouped KV heads, at a later start position,
+    /// and large enough to run on the thread pool. The value heads pass unchanged.
+    #[test]
+    fn fused_rope_on_qkv_is_the_composition() {
+        let dev = Device::Cpu;
+        for (batch, seq, heads, kv, dh, start) in [
+            (1, 3, 2, 1, 4, 0),
+            (3, 40, 6, 2, 16, 0),
+            (2, 200, 9, 3, 64, 0),
+            (1, 5, 4, 4, 8, 7),
+        ] {
+            let rope = Rope::new(dh, 10_000.0);
+            let (cos, sin) = rope.tables(start, seq, &dev).unwrap();
+            let w = (heads + 2 * kv) * dh;
+            let x = Tensor::randn(0f32, 2.0, (batch * seq, w), &dev).unwrap();
+            let x = Var::from_tensor(&x).unwrap();
+            let g = Tensor::randn(0f32, 1.0, (batch * seq, w), &dev).unwrap();
+            let run = |fused| {
+                let y = rope
+                    .apply_qkv(fused, x.as_tensor(), batch, heads, kv, &cos, &sin)
+                    .unwrap();
+                let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx = grads.get(x.as_tensor()).unwrap().clone();
+                (y, dx)
+            };
+            let ((yf, df), (yc, dc)) = (run(true), run(false));
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(bits(&yf), bits(&yc), "forward, {heads}/{kv} heads of {dh}");
+            assert_eq!(bits(&df), bits(&dc), "backward, {heads}/{kv} heads of {dh}");
+            let v0 = (heads + kv) * dh;
+            let v = |t: &Tensor| bits(&t.narrow(1, v0, kv * dh).unwrap());
+            assert_eq!(v(&yf), v(x.as_tensor()));
+            let q = |t: &Tensor| bits(&t.narrow(1, 0, v0).unwrap());
+            assert_ne!(q(&yf), q(x.as_tensor()));
+        }
+    }
+
+    /// Projections whose width is not that of the heads, or whose rows are not whole
+    /// sequences of the tables, are errors, not panics.
+    #[test]
+    fn fused_rope_rejects_mismatched_shapes() {
+        let dev = Device::Cpu;
+        let rope = Rope::new(8, 10_000.0);
+        let (cos, sin) = rope.tables(0, 4, &dev).unwrap();
+        let x = Tensor::zeros((8, 8 * 5), DType::F32, &dev).unwrap();
+        assert!(rope.apply_qkv(true, &x, 2, 3, 1, &cos, &sin).is_ok());
+        let e = rope.apply_qkv(true, &x, 2, 2, 1, &cos, &sin).unwrap_err();
+        assert!(e.to_string().contains("do not hold"), "{e}");
+        let x = Tensor::zeros((7, 8 * 5), DType::F32, &dev).unwrap();
+        assert!(rope.apply_qkv(true, &x, 1, 3, 1, &cos, &sin).is_err());
+    }
 }

@@ -299,17 +299,18 @@ impl LlamaModel {
         let (nh, kvh, dh) = (self.heads, self.kv_heads, self.head_dim);
         let h = l.ln1.forward(ctx, x)?;
         let qkv = l.qkv(ctx, &h)?;
-        let q = qkv.narrow(1, 0, nh * dh)?;
-        let k = qkv.narrow(1, nh * dh, kvh * dh)?;
-        let v = qkv.narrow(1, (nh + kvh) * dh, kvh * dh)?;
-        let q = self.rope.apply_rows(&q, b, cos, sin)?;
-        let k = self.rope.apply_rows(&k, b, cos, sin)?;
+        let qkv = self
+            .rope
+            .apply_qkv(ctx.fused(), &qkv, b, nh, kvh, cos, sin)?;
         let a = match attend {
             Attend::Full { mask } => {
-                decoder::causal_attention(ctx, &q, &k, &v, mask, nh, kvh, self.attention_dropout)?
+                decoder::causal_attention(ctx, &qkv, mask, nh, kvh, self.attention_dropout)?
             }
             Attend::Cached(cache) => {
-                decoder::cached_attention(&q, &k, &v.contiguous()?, nh, kvh, cache)?
+                let q = qkv.narrow(1, 0, nh * dh)?;
+                let k = qkv.narrow(1, nh * dh, kvh * dh)?;
+                let v = qkv.narrow(1, (nh + kvh) * dh, kvh * dh)?.contiguous()?;
+                decoder::cached_attention(&q, &k, &v, nh, kvh, cache)?
             }
         };
         let x = (x + l.o.forward(ctx, &a)?)?;
