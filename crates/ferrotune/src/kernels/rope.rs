@@ -128,7 +128,7 @@ impl RopeQkv {
                         let y = o.part(r * width, width);
                         let k = self.rotated;
                         f(&x[..k], c, s, &mut y[..k]);
-                        y[k..].copy_from_slice(&x[self.rotated..]);
+                        y[k..].copy_from_slice(&x[k..]);
                     }
                 });
             })

@@ -116,10 +116,7 @@ impl Rope {
         if fused && fusable(&[qkv, cos, sin]) {
             return rope::rope_qkv(qkv, cos, sin, heads, kv_heads);
         }
-        let dh = self.head_dim;
-        let q = qkv.narrow(1, 0, heads * dh)?;
-        let k = qkv.narrow(1, heads * dh, kv_heads * dh)?;
-        let v = qkv.narrow(1, (heads + kv_heads) * dh, kv_heads * dh)?;
+        let [q, k, v] = split_qkv(qkv, heads, kv_heads, self.head_dim)?;
         let q = self.apply_rows(&q, batch, cos, sin)?;
         let k = self.apply_rows(&k, batch, cos, sin)?;
         Ok(Tensor::cat(&[&q, &k, &v], 1)?)
@@ -197,10 +194,26 @@ pub fn plain_lm_head(ctx: &Ctx, lm_head: Option<&Linear>, embed: &Embedding) -> 
     }
 }
 
+/// The query, key and value blocks (views) of a fused projection `(rows, (heads +
+/// 2·kv_heads)·head_dim)`: `(rows, heads·head_dim)`, then `(rows, kv_heads·head_dim)` twice.
+pub fn split_qkv(
+    qkv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<[Tensor; 3]> {
+    let (q, kv) = (heads * head_dim, kv_heads * head_dim);
+    Ok([
+        qkv.narrow(1, 0, q)?,
+        qkv.narrow(1, q, kv)?,
+        qkv.narrow(1, q + kv, kv)?,
+    ])
+}
+
 /// Causal self-attention of the fused projection `qkv` `(batch·seq, (heads +
 /// 2·kv_heads)·head_dim)` (query, key, value heads side by side; after rotary embedding),
-/// with padding `attention_mask` `(batch,
-/// seq)` (1 token, 0 padding) and probability dropout `p`: the fused kernel
+/// with padding `attention_mask` `(batch, seq)` (1 token, 0 padding) and probability
+/// dropout `p`: the fused kernel
 /// ([`decode::causal_attention`], forward and backward), or with the fused operations off
 /// its composition of candle operations (transformers' eager attention). Returns
 /// `(batch·seq, heads·head_dim)`, tokens first.

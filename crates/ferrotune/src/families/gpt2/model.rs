@@ -11,7 +11,6 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::families::{pooling, HeadSpec, HfConfig, Loaded, Model};
-use crate::kernels::decode;
 use crate::nn::decoder::{self, Generator, KvCache, LayerCache};
 use crate::nn::layers::{Activation, Embedding, LayerNorm, Linear};
 use crate::nn::{Batch, Builder, Ctx, GroupKind, Pooling, TokenBatch, Weights};
@@ -193,17 +192,12 @@ impl Gpt2Model {
         let qkv = k.attn.forward(ctx, &k.ln1.forward(ctx, x)?)?;
         let a = match (attend, cache) {
             (_, Some(c)) => {
-                let part = |i: usize| qkv.narrow(1, i * h, h)?.contiguous();
-                decoder::cached_attention(&part(0)?, &part(1)?, &part(2)?, nh, nh, c)?
+                let [q, keys, values] =
+                    decoder::split_qkv(&qkv, nh, nh, h / nh)?.map(|t| t.contiguous());
+                decoder::cached_attention(&q?, &keys?, &values?, nh, nh, c)?
             }
             (Some(mask), None) => {
-                let drop = ctx.dropout_seed(self.attn_drop);
-                let key_bias = crate::nn::encoder::key_bias(mask)?;
-                if ctx.fused() {
-                    decode::causal_attention(&qkv, &key_bias, drop, nh, nh)?
-                } else {
-                    decode::causal_attention_composed(&qkv, &key_bias, drop, nh, nh)?
-                }
+                decoder::causal_attention(ctx, &qkv, mask, nh, nh, self.attn_drop)?
             }
             (None, None) => unreachable!("a mask or a cache"),
         };

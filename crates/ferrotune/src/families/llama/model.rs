@@ -307,10 +307,8 @@ impl LlamaModel {
                 decoder::causal_attention(ctx, &qkv, mask, nh, kvh, self.attention_dropout)?
             }
             Attend::Cached(cache) => {
-                let q = qkv.narrow(1, 0, nh * dh)?;
-                let k = qkv.narrow(1, nh * dh, kvh * dh)?;
-                let v = qkv.narrow(1, (nh + kvh) * dh, kvh * dh)?.contiguous()?;
-                decoder::cached_attention(&q, &k, &v, nh, kvh, cache)?
+                let [q, k, v] = decoder::split_qkv(&qkv, nh, kvh, dh)?;
+                decoder::cached_attention(&q, &k, &v.contiguous()?, nh, kvh, cache)?
             }
         };
         let x = (x + l.o.forward(ctx, &a)?)?;
