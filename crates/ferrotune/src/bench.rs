@@ -183,7 +183,7 @@ pub fn run(spec: &BenchSpec, mut on_step: impl FnMut(usize, f64)) -> Result<Benc
                 frozen: &frozen,
                 rng: Some(&mut rng),
                 int8: false,
-                bf16: false,
+                bf16: precision == Precision::Bf16,
                 row0: 0,
                 tokens: (0, 0),
                 freeze_bn: false,

@@ -4,14 +4,15 @@
 //! - `int8`: inference only; linear layers through int8 weights (per output channel) and
 //!   int8 activations (per row, dynamic), [`crate::kernels::int8`]. On the fly from an f32
 //!   model, or from a directory written by `ferrotune quantize` (int8 weights only).
-//! - `bf16`: bf16 products with f32 sums (layer norms, softmax, loss stay f32). It pays only
+//! - `bf16`: bf16 products with f32 sums (layer norms, softmax, loss, master weights and
+//!   optimizer state stay f32), for training (mixed precision) and inference. It pays only
 //!   on CPUs with a bf16 dot product (`avx512_bf16`, `amx_bf16`); elsewhere it would run
-//!   slower than f32, so asking for it there is an error. Inference has it
-//!   ([`crate::kernels::bf16`], `vdpbf16ps`); training does not yet, so a bf16 recipe is
-//!   refused on every CPU, saying which reason applies.
-//! - `auto` (the default): int8 for a quantized model, otherwise f32, with the reason in
-//!   the run's first line and log. bf16 is not picked by `auto` until it has been measured
-//!   faster than f32 on a CPU that has it.
+//!   slower than f32, so asking for it there is an error. Kernels: [`crate::kernels::bf16`].
+//! - `auto` (the default): training in bf16 mixed precision where bf16 pays (an AMX CPU,
+//!   [`bf16_pays`]), else f32; inference in int8 for a quantized model, else f32 (bf16 and
+//!   int8 inference are faster but approximate, so they are asked for, not picked: the
+//!   predictions of a model stay the same on every CPU unless asked otherwise). The reason
+//!   goes in the run's first line and log.
 //!
 //! The choice is made at run time from the CPU's flags, never at build time.
 
@@ -79,6 +80,13 @@ pub fn bf16_dot_product() -> bool {
     crate::kernels::bf16::Kernel::Avx512Bf16.available()
 }
 
+/// True when bf16 pays on this CPU: its fastest bf16 kernel is AMX's (`tdpbf16ps`),
+/// measured faster than f32 (docs/PRECISION.md). `vdpbf16ps` alone (Zen 4) runs about the
+/// f32 GEMM's rate here, so `auto` keeps f32 there.
+pub fn bf16_pays() -> bool {
+    crate::kernels::bf16::Kernel::best() == crate::kernels::bf16::Kernel::Amx
+}
+
 /// The CPU features that decide the kernels, as `/proc/cpuinfo` names them (for messages
 /// and logs): e.g. `"avx2 fma"` or `"avx2 fma avx512f avx512_vnni avx512_bf16"`.
 pub fn cpu_features() -> String {
@@ -98,6 +106,9 @@ pub fn cpu_features() -> String {
         has!("avx512vnni", "avx512_vnni");
         has!("avxvnni", "avx_vnni");
         has!("avx512bf16", "avx512_bf16");
+        if crate::kernels::bf16::Kernel::Amx.available() {
+            f.push("amx_bf16");
+        }
         if f.is_empty() {
             "none of avx2/fma/avx512".into()
         } else {
@@ -140,12 +151,24 @@ fn bf16_choice() -> Result<(Precision, String)> {
 pub fn for_training(requested: Precision) -> Result<(Precision, String)> {
     match requested {
         Precision::F32 => Ok((Precision::F32, "f32 (as asked)".into())),
+        Precision::Auto if bf16_pays() => Ok((
+            Precision::Bf16,
+            format!(
+                "bf16 mixed precision (auto: this CPU has AMX, where a bf16 training step \
+                 measured 1.4x faster than f32; precision = \"f32\" for full precision; \
+                 it has {})",
+                cpu_features()
+            ),
+        )),
         Precision::Auto => Ok((
             Precision::F32,
             if bf16_dot_product() {
-                "f32 (auto: this CPU has bf16; ask for it with precision = \"bf16\" — not \
-                 picked by auto until measured faster)"
-                    .into()
+                format!(
+                    "f32 (auto: this CPU has avx512_bf16 but no AMX, and bf16 was not \
+                     measured faster than f32 there; ask for it with precision = \"bf16\"; \
+                     it has {})",
+                    cpu_features()
+                )
             } else {
                 format!(
                     "f32 (auto: this CPU has no bf16 dot product; it has {})",
@@ -187,6 +210,10 @@ pub fn for_inference(
             Precision::F32,
             if requested == Precision::F32 {
                 "f32 (as asked)".into()
+            } else if bf16_pays() {
+                "f32 (auto: bf16 and int8 are faster here but approximate, ask for one with \
+                 --precision bf16 or int8)"
+                    .into()
             } else {
                 "f32 (auto: int8 is faster but approximate, ask for it with --precision int8)"
                     .into()
@@ -234,7 +261,12 @@ mod tests {
 
     #[test]
     fn training_choices() {
-        assert_eq!(for_training(Precision::Auto).unwrap().0, Precision::F32);
+        let auto = if bf16_pays() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
+        assert_eq!(for_training(Precision::Auto).unwrap().0, auto);
         assert_eq!(for_training(Precision::F32).unwrap().0, Precision::F32);
         let e = for_training(Precision::Int8).unwrap_err().to_string();
         assert!(e.contains("inference"), "{e}");

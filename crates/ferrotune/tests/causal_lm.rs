@@ -737,6 +737,9 @@ fn a_4bit_base_trains_exactly_as_its_f32_weights() {
         lora_dropout: 0.1,
         lora_target_modules: Some(LoraTargets::Named("all-linear".into())),
         load_in_4bit: Some(four),
+        // Both in f32: `auto` trains the f32 weights in bf16 on an AMX CPU, while the 4-bit
+        // layers' GEMMs are f32 always.
+        precision: ferrotune::precision::Precision::F32,
         ..llama_recipe(tmp.path(), out)
     };
     // Linear widths of whole blocks (64 and 96 inputs), the weights made 4-bit exact.

@@ -336,6 +336,9 @@ pub struct Run {
     schedule: LrSchedule,
     steps_per_epoch: usize,
     threads: usize,
+    /// The linear layers' GEMMs in bf16 (mixed precision: `precision` bf16, or auto on a
+    /// CPU where bf16 pays, [`crate::precision::for_training`]).
+    mixed_bf16: bool,
     group_lr: Vec<f64>,
     optimizer: Optimizer,
     dropout_rng: ChaCha8Rng,
@@ -488,6 +491,7 @@ impl Run {
                 .model_ema_decay
                 .map(|d| Ema::new(d, cfg.model_ema_warmup)),
             threads: candle_core::utils::get_num_threads(),
+            mixed_bf16: crate::precision::for_training(cfg.precision)?.0 == Precision::Bf16,
             frozen: Vec::new(),
             grads: vec![None; n],
             speed: (Instant::now(), 0, 0),
@@ -898,8 +902,7 @@ impl Run {
                 frozen: &self.frozen,
                 rng: Some(&mut self.dropout_rng),
                 int8: false,
-                // Mixed precision: validated (`precision::for_training`) when loaded.
-                bf16: self.cfg.precision == Precision::Bf16,
+                bf16: self.mixed_bf16,
                 row0,
                 tokens: batch
                     .tokens()
