@@ -155,7 +155,7 @@ pub fn for_training(requested: Precision) -> Result<(Precision, String)> {
             Precision::Bf16,
             format!(
                 "bf16 mixed precision (auto: this CPU has AMX, where a bf16 training step \
-                 measured 1.4x faster than f32; precision = \"f32\" for full precision; \
+                 measured 1.3-2.5x faster than f32; precision = \"f32\" for full precision; \
                  it has {})",
                 cpu_features()
             ),
