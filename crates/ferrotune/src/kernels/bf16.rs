@@ -30,7 +30,7 @@
 //! 256 KiB of `B` outside row groups of about 256 KiB of `A`, so both stay in L2.
 
 use super::gemm::Mat;
-use super::par::{filled, par_for};
+use super::par::{filled, par_for, with_scratch};
 
 /// Output columns per packed block (one 512-bit register, or one AMX tile, of f32 sums).
 const NR: usize = 16;
@@ -441,83 +441,83 @@ unsafe fn gemm_packed(
     let mp = m.div_ceil(TB) * TB;
     let big = m * n * kp >= super::par::PAR_MIN * 16;
     let parallel = parallel && big;
-    let mut abuf = A_BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    if abuf.len() < mp * kp {
-        abuf.resize(mp * kp, 0);
-    }
-    // A in bf16, TB rows per task, zero-padded to kp columns and mp rows.
-    let ap = Ptr(abuf.as_mut_ptr());
-    par_for(mp / TB, parallel, |p| {
-        let rows = TB.min(m.saturating_sub(p * TB));
-        // Safety: task p alone writes rows p·TB.. of the buffer (mp·kp long).
-        let buf = unsafe { std::slice::from_raw_parts_mut(ap.get().add(p * TB * kp), TB * kp) };
-        if rows > 0 {
-            fill(p * TB, rows, &mut buf[..rows * kp]);
-        }
-        for r in 0..rows {
-            buf[r * kp + k..(r + 1) * kp].fill(0);
-        }
-        buf[rows * kp..].fill(0);
-        if kernel == Kernel::Amx {
-            tile_panel(buf, kp);
-        }
-    });
-    let abuf_ref = &abuf[..mp * kp];
-    // Tasks: column chunks (outer) × row groups, each about CACHE_BYTES of its operand.
-    // Equal chunks: the pool gives each thread a run of consecutive tasks, so a short last
-    // chunk (384 columns as 320 + 64) left one thread idle most of the GEMM.
-    let span = (CACHE_BYTES / (2 * kp.max(1)) / TB).max(1) * TB;
-    let even = |len: usize| len.div_ceil(len.div_ceil(span)).div_ceil(TB) * TB;
-    let (cw, rh) = (even(n), even(mp));
-    let (ncc, nrg) = (n.div_ceil(cw), mp.div_ceil(rh));
-    let dst = Ptr(dst);
-    par_for(ncc * nrg, parallel, |t| {
-        let (cc, rg) = (t / nrg, t % nrg);
-        #[cfg(target_arch = "x86_64")]
-        if kernel == Kernel::Amx {
-            // Safety: the CPU has AMX and Linux granted the tile state (`available`).
-            unsafe { amx::configure() };
-        }
-        let mut acc = [[0f32; TB]; TB];
-        for r0 in (rg * rh..mp.min((rg + 1) * rh)).step_by(TB) {
-            if r0 >= m {
-                break;
+    with_scratch(&A_BUF, mp * kp, |abuf| {
+        // A in bf16, TB rows per task, zero-padded to kp columns and mp rows.
+        let ap = Ptr(abuf.as_mut_ptr());
+        par_for(mp / TB, parallel, |p| {
+            let rows = TB.min(m.saturating_sub(p * TB));
+            // Safety: task p alone writes rows p·TB.. of the buffer (mp·kp long).
+            let buf = unsafe { std::slice::from_raw_parts_mut(ap.get().add(p * TB * kp), TB * kp) };
+            if rows > 0 {
+                fill(p * TB, rows, &mut buf[..rows * kp]);
             }
-            let a = &abuf_ref[r0 * kp..(r0 + TB) * kp];
-            for j0 in (cc * cw..n.min((cc + 1) * cw)).step_by(TB) {
-                let nc = TB.min(n - j0);
-                let b0 = &bp[(j0 / NR) * NR * kp..];
-                let two = nc > NR;
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    // Safety: AMX is configured on this thread; `a` holds TB rows and `b0`
-                    // one (or two) blocks of kp.
-                    Kernel::Amx => unsafe { amx::block(a, kp, b0, two, &mut acc) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Bf16 => vector_block(a, kp, b0, two, &mut acc, |a, b, s| {
-                        // Safety: the CPU has AVX-512 BF16 (`available`).
-                        unsafe { avx512_block(a, kp, b, s) }
-                    }),
-                    _ => vector_block(a, kp, b0, two, &mut acc, |a, b, s| {
-                        emulated_block(a, kp, b, s)
-                    }),
+            for r in 0..rows {
+                buf[r * kp + k..(r + 1) * kp].fill(0);
+            }
+            buf[rows * kp..].fill(0);
+            if kernel == Kernel::Amx {
+                tile_panel(buf, kp);
+            }
+        });
+        let abuf_ref = &abuf[..mp * kp];
+        // Tasks: column chunks (outer) × row groups, each about CACHE_BYTES of its operand.
+        // Equal chunks: the pool gives each thread a run of consecutive tasks, so a short last
+        // chunk (384 columns as 320 + 64) left one thread idle most of the GEMM.
+        let span = (CACHE_BYTES / (2 * kp.max(1)) / TB).max(1) * TB;
+        let even = |len: usize| len.div_ceil(len.div_ceil(span)).div_ceil(TB) * TB;
+        let (cw, rh) = (even(n), even(mp));
+        let (ncc, nrg) = (n.div_ceil(cw), mp.div_ceil(rh));
+        let dst = Ptr(dst);
+        par_for(ncc * nrg, parallel, |t| {
+            let (cc, rg) = (t / nrg, t % nrg);
+            #[cfg(target_arch = "x86_64")]
+            if kernel == Kernel::Amx {
+                // Safety: the CPU has AMX and Linux granted the tile state (`available`).
+                unsafe { amx::configure() };
+            }
+            let mut acc = [[0f32; TB]; TB];
+            for r0 in (rg * rh..mp.min((rg + 1) * rh)).step_by(TB) {
+                if r0 >= m {
+                    break;
                 }
-                for (r, s) in acc.iter().enumerate().take(TB.min(m - r0)) {
-                    // Safety: task t alone writes rows r0.. and columns j0.. of `dst`.
-                    let row = unsafe {
-                        std::slice::from_raw_parts_mut(dst.get().add((r0 + r) * dst_rs + j0), nc)
-                    };
-                    ep.apply(&s[..nc], row, j0);
+                let a = &abuf_ref[r0 * kp..(r0 + TB) * kp];
+                for j0 in (cc * cw..n.min((cc + 1) * cw)).step_by(TB) {
+                    let nc = TB.min(n - j0);
+                    let b0 = &bp[(j0 / NR) * NR * kp..];
+                    let two = nc > NR;
+                    match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        // Safety: AMX is configured on this thread; `a` holds TB rows and `b0`
+                        // one (or two) blocks of kp.
+                        Kernel::Amx => unsafe { amx::block(a, kp, b0, two, &mut acc) },
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx512Bf16 => vector_block(a, kp, b0, two, &mut acc, |a, b, s| {
+                            // Safety: the CPU has AVX-512 BF16 (`available`).
+                            unsafe { avx512_block(a, kp, b, s) }
+                        }),
+                        _ => vector_block(a, kp, b0, two, &mut acc, |a, b, s| {
+                            emulated_block(a, kp, b, s)
+                        }),
+                    }
+                    for (r, s) in acc.iter().enumerate().take(TB.min(m - r0)) {
+                        // Safety: task t alone writes rows r0.. and columns j0.. of `dst`.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dst.get().add((r0 + r) * dst_rs + j0),
+                                nc,
+                            )
+                        };
+                        ep.apply(&s[..nc], row, j0);
+                    }
                 }
             }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if kernel == Kernel::Amx {
-            // Safety: as above; the state is not needed after this task.
-            unsafe { amx::release() };
-        }
-    });
-    A_BUF.with(|b| *b.borrow_mut() = abuf);
+            #[cfg(target_arch = "x86_64")]
+            if kernel == Kernel::Amx {
+                // Safety: as above; the state is not needed after this task.
+                unsafe { amx::release() };
+            }
+        });
+    })
 }
 
 thread_local! {
@@ -530,10 +530,8 @@ thread_local! {
 /// every tile load reads 1 KiB of consecutive memory (strided rows made the loads of `A`
 /// ~40% of the kernel's time).
 fn tile_panel(buf: &mut [u16], kp: usize) {
-    PANEL.with(|t| {
-        let mut t = t.borrow_mut();
-        t.clear();
-        t.extend_from_slice(&buf[..TB * kp]);
+    with_scratch(&PANEL, TB * kp, |t| {
+        t.copy_from_slice(&buf[..TB * kp]);
         let chunks = kp / KB;
         for r in 0..TB {
             let (half, row) = (r / 16, r % 16);

@@ -97,15 +97,15 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_cor
 /// from one call to the next (grown when too small, never shrunk): for buffers too large,
 /// or needed too often, to allocate per call. The elements hold whatever the last user
 /// left there (zeros when new).
-pub(crate) fn with_scratch<R>(
-    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>,
+pub(crate) fn with_scratch<T: Copy + Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
     n: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
+    f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
     key.with(|s| {
         let mut s = s.borrow_mut();
         if s.len() < n {
-            s.resize(n, 0.0);
+            s.resize(n, T::default());
         }
         f(&mut s[..n])
     })
