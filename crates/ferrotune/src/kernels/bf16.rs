@@ -29,6 +29,7 @@
 //! `tdpbf16ps` read). The output is computed in 32×32 blocks, column blocks of about
 //! 256 KiB of `B` outside row groups of about 256 KiB of `A`, so both stay in L2.
 
+use super::amx;
 use super::gemm::Mat;
 use super::par::{filled, par_for, with_scratch};
 
@@ -39,7 +40,7 @@ const MR: usize = 8;
 /// `k` per AMX tile row (64 bytes of bf16); packed operands pad `k` to a multiple of it.
 const KB: usize = 32;
 /// Rows and columns of one output block (2 × 2 AMX tiles of sums).
-const TB: usize = 32;
+const TB: usize = amx::TB;
 /// About how many bytes of each packed operand one task keeps in cache.
 const CACHE_BYTES: usize = 256 << 10;
 
@@ -346,7 +347,7 @@ impl Kernel {
         match self {
             Kernel::Emulated => true,
             Kernel::Avx512Bf16 => avx512_bf16(),
-            Kernel::Amx => avx512_bf16() && amx::available(),
+            Kernel::Amx => avx512_bf16() && amx::available(amx::Op::Bf16),
         }
     }
 
@@ -397,6 +398,50 @@ impl Epilogue<'_> {
                 .zip(s)
                 .zip(&b[j0..])
                 .for_each(|((o, &v), &b)| *o += scale * v + b),
+        }
+    }
+}
+
+impl Epilogue<'_> {
+    /// [`Epilogue::apply`] on `rows` rows and `nc` columns of a block's sums, the same
+    /// float operations in the same order, 16 lanes at a time (the 4-lane loop was 5% of a
+    /// bf16 inference pass); row `r` goes to `y + r·ys`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `y` is valid for the `rows × nc` block at row stride `ys`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn apply_avx512(
+        &self,
+        acc: &[[f32; TB]; TB],
+        rows: usize,
+        nc: usize,
+        y: *mut f32,
+        ys: usize,
+        j0: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let scale = _mm512_set1_ps(self.scale);
+        for c in (0..nc).step_by(16) {
+            let mask: __mmask16 = if nc - c >= 16 {
+                0xffff
+            } else {
+                (1u16 << (nc - c)) - 1
+            };
+            let bias = self
+                .bias
+                .map(|b| _mm512_maskz_loadu_ps(mask, b.as_ptr().add(j0 + c)));
+            for (r, s) in acc.iter().enumerate().take(rows) {
+                let p = y.add(r * ys + c);
+                let mut v = _mm512_mul_ps(scale, _mm512_loadu_ps(s.as_ptr().add(c)));
+                if let Some(b) = bias {
+                    v = _mm512_add_ps(v, b);
+                }
+                if self.accumulate {
+                    v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), v);
+                }
+                _mm512_mask_storeu_ps(p, mask, v);
+            }
         }
     }
 }
@@ -489,7 +534,16 @@ unsafe fn gemm_packed(
                         #[cfg(target_arch = "x86_64")]
                         // Safety: AMX is configured on this thread; `a` holds TB rows and `b0`
                         // one (or two) blocks of kp.
-                        Kernel::Amx => unsafe { amx::block(a, kp, b0, two, &mut acc) },
+                        Kernel::Amx => unsafe {
+                            amx::block(
+                                amx::Op::Bf16,
+                                a.as_ptr() as *const u8,
+                                2 * kp,
+                                b0.as_ptr() as *const u8,
+                                two,
+                                &mut acc,
+                            )
+                        },
                         #[cfg(target_arch = "x86_64")]
                         Kernel::Avx512Bf16 => vector_block(a, kp, b0, two, &mut acc, |a, b, s| {
                             // Safety: the CPU has AVX-512 BF16 (`available`).
@@ -499,7 +553,24 @@ unsafe fn gemm_packed(
                             emulated_block(a, kp, b, s)
                         }),
                     }
-                    for (r, s) in acc.iter().enumerate().take(TB.min(m - r0)) {
+                    let rows = TB.min(m - r0);
+                    #[cfg(target_arch = "x86_64")]
+                    if kernel != Kernel::Emulated {
+                        // Safety: the hardware kernels' CPUs have AVX-512F; task t alone
+                        // writes rows r0.. and columns j0..j0 + nc of `dst`.
+                        unsafe {
+                            ep.apply_avx512(
+                                &acc,
+                                rows,
+                                nc,
+                                dst.get().add(r0 * dst_rs + j0),
+                                dst_rs,
+                                j0,
+                            )
+                        };
+                        continue;
+                    }
+                    for (r, s) in acc.iter().enumerate().take(rows) {
                         // Safety: task t alone writes rows r0.. and columns j0.. of `dst`.
                         let row = unsafe {
                             std::slice::from_raw_parts_mut(
@@ -525,21 +596,12 @@ thread_local! {
     static PANEL: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Reorders a row-major panel of [`TB`] rows (stride `kp`) in place into AMX tiles: for
-/// each 16-row half, its `kp / KB` tiles of 16 rows × [`KB`] values one after another, so
-/// every tile load reads 1 KiB of consecutive memory (strided rows made the loads of `A`
-/// ~40% of the kernel's time).
+/// Reorders a row-major panel of [`TB`] rows (stride `kp`) in place into AMX tile order
+/// ([`amx::tile_order`]).
 fn tile_panel(buf: &mut [u16], kp: usize) {
     with_scratch(&PANEL, TB * kp, |t| {
         t.copy_from_slice(&buf[..TB * kp]);
-        let chunks = kp / KB;
-        for r in 0..TB {
-            let (half, row) = (r / 16, r % 16);
-            for c in 0..chunks {
-                let dst = ((half * chunks + c) * 16 + row) * KB;
-                buf[dst..dst + KB].copy_from_slice(&t[r * kp + c * KB..r * kp + (c + 1) * KB]);
-            }
-        }
+        amx::tile_order(t, buf, 2 * kp);
     })
 }
 
@@ -744,141 +806,6 @@ unsafe fn avx512_block(xb: &[u16], kp: usize, wb: &[u16], acc: &mut [[f32; NR]; 
     }
     for (r, sr) in s.iter().enumerate() {
         _mm512_storeu_ps(acc[r].as_mut_ptr(), *sr);
-    }
-}
-
-/// Intel AMX through inline assembly (Rust has no stable AMX intrinsics): tile state
-/// granted by Linux once per process, each task configures its thread's tiles and
-/// releases them when done.
-mod amx {
-    #[cfg(target_arch = "x86_64")]
-    use super::{KB, NR, TB};
-
-    /// True when the CPU has AMX-BF16 and Linux granted this process the tile data
-    /// state (asked once).
-    pub(super) fn available() -> bool {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-            {
-                // CPUID.(7, 0).EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
-                let r = std::arch::x86_64::__cpuid_count(7, 0);
-                let cpu = r.edx & (1 << 22) != 0 && r.edx & (1 << 24) != 0;
-                // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
-                const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-                const XFEATURE_XTILEDATA: libc::c_long = 18;
-                // Safety: a plain system call; it only changes this process's permissions.
-                cpu && unsafe {
-                    libc::syscall(
-                        libc::SYS_arch_prctl,
-                        ARCH_REQ_XCOMP_PERM,
-                        XFEATURE_XTILEDATA,
-                    )
-                } == 0
-            }
-            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-            {
-                false
-            }
-        })
-    }
-
-    /// The tile configuration: palette 1, tiles 0–7 of 16 rows × 64 bytes.
-    #[cfg(target_arch = "x86_64")]
-    #[repr(C, align(64))]
-    struct Config([u8; 64]);
-
-    /// Loads the tile configuration on this thread.
-    ///
-    /// # Safety
-    /// [`available`] must be true.
-    #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn configure() {
-        let mut c = Config([0; 64]);
-        c.0[0] = 1;
-        for t in 0..8 {
-            c.0[16 + 2 * t] = 64; // bytes per row (little-endian u16)
-            c.0[48 + t] = 16; // rows
-        }
-        std::arch::asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly));
-    }
-
-    /// Gives the tile state back (so a context switch need not save it).
-    ///
-    /// # Safety
-    /// [`available`] must be true.
-    #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn release() {
-        std::arch::asm!("tilerelease", options(nostack, nomem));
-    }
-
-    /// `acc = A · B` for A's TB rows (`a`, in tiles: [`super::tile_panel`]) and one or two
-    /// (`two`) packed column blocks at `b`: tiles 0–3 hold the sums, 4–5 A's rows 0–15
-    /// and 16–31, 6–7 the column blocks.
-    ///
-    /// # Safety
-    /// [`configure`] ran on this thread; `a` holds TB·kp values, `b` (1 or 2)·NR·kp.
-    #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn block(
-        a: &[u16],
-        kp: usize,
-        b: &[u16],
-        two: bool,
-        acc: &mut [[f32; TB]; TB],
-    ) {
-        use std::arch::asm;
-        assert!(a.len() >= TB * kp && b.len() >= if two { 2 } else { 1 } * NR * kp);
-        let (sa, sb, sc) = (64usize, 64usize, TB * 4);
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
-        for kc in 0..kp / KB {
-            let a0 = ap.add(kc * 16 * KB);
-            let a1 = ap.add(16 * kp + kc * 16 * KB);
-            let b0 = bp.add(kc * KB * NR);
-            if two {
-                let b1 = bp.add(NR * kp + kc * KB * NR);
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
-                    sa = in(reg) sa, sb = in(reg) sb,
-                    options(nostack, readonly)
-                );
-            } else {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0,
-                    sa = in(reg) sa, sb = in(reg) sb,
-                    options(nostack, readonly)
-                );
-            }
-        }
-        let c = acc.as_mut_ptr() as *mut f32;
-        asm!(
-            "tilestored [{c0} + {sc}*1], tmm0",
-            "tilestored [{c1} + {sc}*1], tmm1",
-            "tilestored [{c2} + {sc}*1], tmm2",
-            "tilestored [{c3} + {sc}*1], tmm3",
-            c0 = in(reg) c, c1 = in(reg) c.add(NR), c2 = in(reg) c.add(16 * TB),
-            c3 = in(reg) c.add(16 * TB + NR), sc = in(reg) sc,
-            options(nostack)
-        );
     }
 }
 

@@ -14,16 +14,24 @@
 //!
 //! Where the CPU has AVX-512 VNNI (Zen 4, Ice Lake and later Xeons), `vpdpbusd` does the
 //! same byte products and sums them into 32 bits in one instruction; the 7-bit weights are
-//! kept so that one quantized model gives the same numbers on every CPU.
+//! kept so that one quantized model gives the same numbers on every CPU. Where it has AMX
+//! (`amx_int8`, Sapphire Rapids), `tdpbusd` does them on tiles: 16 rows × 64 bytes of
+//! activations times 64 × 16 weights per instruction, into 16×16 i32 sums
+//! ([`super::amx`]); the packed weights are already in the layout its tiles read.
 //!
 //! The portable kernel does the same integer arithmetic and the same float epilogue in
 //! the same order, so all kernels give bit-identical outputs (tested wherever the CPU has
 //! them; elsewhere the test says it skipped them).
 
+use super::amx;
+
 /// Output columns per packed block (two AVX2 registers of eight i32 sums).
 const NR: usize = 16;
 /// Rows per micro-kernel call.
 const MR: usize = 4;
+/// What `k` is padded to: 64 bytes, one AMX tile row (a weight block's every 64 inputs
+/// are then one tile of 16 rows of 16 columns × 4 bytes).
+const KP: usize = 64;
 /// The weight range: ±63 (7 bits; see the module documentation).
 pub const W_MAX: f32 = 63.0;
 /// The activation range: ±127.
@@ -36,7 +44,7 @@ pub struct QWeight {
     pub out: usize,
     /// Input features.
     pub inp: usize,
-    /// `inp` rounded up to a multiple of 4.
+    /// `inp` rounded up to a multiple of [`KP`].
     kp: usize,
     /// Blocks of [`NR`] columns; in each, for every 4 inputs, [`NR`] × 4 bytes (column
     /// `c`'s four consecutive weights together), zero-padded.
@@ -67,7 +75,7 @@ impl QWeight {
 
     /// Packs weights already quantized (`q` row-major `(out, inp)`, each in ±63).
     pub fn from_quantized(q: Vec<i8>, scales: Vec<f32>, out: usize, inp: usize) -> QWeight {
-        let kp = inp.div_ceil(4) * 4;
+        let kp = inp.div_ceil(KP) * KP;
         let blocks = out.div_ceil(NR);
         let mut packed = vec![0i8; blocks * NR * kp];
         for j in 0..out {
@@ -131,27 +139,66 @@ fn quantize_rows_with(
     kp: usize,
     use_avx2: bool,
 ) -> (Vec<u8>, Vec<f32>) {
-    let mut q = vec![128u8; m * kp];
+    let mut q = vec![0u8; m * kp];
     let mut scales = vec![0f32; m];
-    for i in 0..m {
+    quantize_into(x, k, kp, &mut q, &mut scales, use_avx2);
+    (q, scales)
+}
+
+/// [`quantize_rows`] into `q` (`scales.len()` rows of `kp`, padding included) and
+/// `scales`, with the AVX2 (or AVX-512) loop when `use_avx2` (the caller checked the CPU).
+fn quantize_into(x: &[f32], k: usize, kp: usize, q: &mut [u8], scales: &mut [f32], use_avx2: bool) {
+    for (i, sc) in scales.iter_mut().enumerate() {
         let row = &x[i * k..(i + 1) * k];
         let a = max_abs(row);
         let s = if a > 0.0 { a / X_MAX } else { 1.0 };
-        scales[i] = s;
+        *sc = s;
         let inv = 1.0 / s;
-        let dst = &mut q[i * kp..i * kp + k];
+        let dst = &mut q[i * kp..(i + 1) * kp];
+        dst[k..].fill(128);
+        let dst = &mut dst[..k];
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
         if use_avx2 {
-            // Safety: AVX2 checked by the caller; both slices hold `k` elements.
-            done = unsafe { quantize_avx2(row, inv, dst) };
+            done = if super::simd::avx512() {
+                // Safety: AVX-512 checked; both slices hold `k` elements.
+                unsafe { quantize_avx512(row, inv, dst) }
+            } else {
+                // Safety: AVX2 checked by the caller; as above.
+                unsafe { quantize_avx2(row, inv, dst) }
+            };
         }
         let _ = use_avx2;
         for (d, &v) in dst[done..].iter_mut().zip(&row[done..]) {
             *d = quantize_one(v, inv);
         }
     }
-    (q, scales)
+}
+
+/// [`quantize_one`] over the first multiple of 16 of `row`, the same float operations in
+/// sixteen lanes; returns how many were done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_avx512(row: &[f32], inv: f32, dst: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    let n = row.len() / 16 * 16;
+    let (vinv, lo, hi) = (
+        _mm512_set1_ps(inv),
+        _mm512_set1_ps(-X_MAX),
+        _mm512_set1_ps(X_MAX),
+    );
+    let magic = _mm512_set1_ps(12_582_912.0);
+    let off = _mm512_set1_epi32(128);
+    let p = row.as_ptr();
+    for i in (0..n).step_by(16) {
+        let v = _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), vinv);
+        let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        let v = _mm512_sub_ps(_mm512_add_ps(v, magic), magic);
+        // 1..=255: the low byte of each lane is the value.
+        let b = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvttps_epi32(v), off));
+        _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, b);
+    }
+    n
 }
 
 /// One activation: `round(clamp(v / s)) + 128`.
@@ -200,20 +247,26 @@ fn round(x: f32) -> i32 {
     ((x + MAGIC) - MAGIC) as i32
 }
 
-/// `max |v|`, in eight lanes so that it vectorises.
-fn max_abs(v: &[f32]) -> f32 {
-    let mut m = [0f32; 8];
-    let chunks = v.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &x) in m.iter_mut().zip(c) {
-            *m = m.max(x.abs());
+super::simd::dispatch! {
+    /// `max |v|`, in 32 lanes so that it vectorises into independent chains (exact in any
+    /// order).
+    fn max_abs(v: &[f32]) -> f32 {
+        let mut m = [0f32; 32];
+        let chunks = v.chunks_exact(32);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (m, &x) in m.iter_mut().zip(c) {
+                // A compare, not `f32::max`, whose NaN handling took a blend per lane
+                // (8% of an int8 pass); both skip NaN.
+                let a = x.abs();
+                *m = if a > *m { a } else { *m };
+            }
         }
+        tail.iter()
+            .fold(m.iter().fold(0f32, |a, &b| a.max(b)), |a, &x| {
+                a.max(x.abs())
+            })
     }
-    tail.iter()
-        .fold(m.iter().fold(0f32, |a, &b| a.max(b)), |a, &x| {
-            a.max(x.abs())
-        })
 }
 
 /// An integer GEMM kernel. All three compute the same exact i32 sums and the same float
@@ -227,21 +280,26 @@ pub enum Kernel {
     /// AVX-512 VNNI (with AVX-512 VL, on 256-bit registers): `vpdpbusd`, four byte products
     /// summed into 32 bits in one instruction.
     Vnni,
+    /// AMX (`amx_int8`, Sapphire Rapids and later): `tdpbusd`, the same byte products on
+    /// 16×64 by 64×16 tiles ([`super::amx`]).
+    Amx,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU runs (checked at run time). `FERROTUNE_INT8_KERNEL`
-    /// (`portable`, `avx2`, `vnni`) picks another, where the CPU has it, for measurements.
+    /// (`portable`, `avx2`, `vnni`, `amx`) picks another, where the CPU has it, for
+    /// measurements.
     pub fn best() -> Kernel {
         static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
             let asked = std::env::var("FERROTUNE_INT8_KERNEL").ok().and_then(|v| {
-                [Kernel::Portable, Kernel::Avx2, Kernel::Vnni]
+                [Kernel::Portable, Kernel::Avx2, Kernel::Vnni, Kernel::Amx]
                     .into_iter()
                     .find(|k| k.name() == v)
             });
             match asked {
                 Some(k) if k.available() => k,
+                _ if Kernel::Amx.available() => Kernel::Amx,
                 _ if Kernel::Vnni.available() => Kernel::Vnni,
                 _ if Kernel::Avx2.available() => Kernel::Avx2,
                 _ => Kernel::Portable,
@@ -255,15 +313,17 @@ impl Kernel {
             Kernel::Portable => true,
             Kernel::Avx2 => avx2(),
             Kernel::Vnni => vnni(),
+            Kernel::Amx => vnni() && amx_avx512() && amx::available(amx::Op::Int8),
         }
     }
 
-    /// Its name (`portable`, `avx2`, `vnni`).
+    /// Its name (`portable`, `avx2`, `vnni`, `amx`).
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Portable => "portable",
             Kernel::Avx2 => "avx2",
             Kernel::Vnni => "vnni",
+            Kernel::Amx => "amx",
         }
     }
 }
@@ -297,6 +357,18 @@ fn vnni() -> bool {
     }
 }
 
+/// AVX-512F, which the AMX kernel's epilogue uses (every CPU with AMX has it).
+fn amx_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Rows per task: quantized together, then every column block of the weights runs over
 /// them while it is in cache.
 const PANEL: usize = 32;
@@ -311,7 +383,6 @@ pub fn linear_i8(
     parallel: bool,
     kernel: Kernel,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; m * w.out];
     let zeros;
     let bias = match bias {
         Some(b) => b,
@@ -325,9 +396,43 @@ pub fn linear_i8(
     } else {
         Kernel::Portable
     };
+    let big = m * w.out * w.inp >= super::par::PAR_MIN * 16;
+    let n = m * w.out;
+    // Safety: every kernel writes every output (each panel's rows, every column block),
+    // so `y` need not be zeroed first (that memset was 5% of an int8 MiniLM pass).
+    unsafe {
+        super::par::filled(n, |y| {
+            linear_into(
+                x,
+                m,
+                w,
+                bias,
+                super::par::Out(y, n),
+                parallel && big,
+                kernel,
+            )
+        })
+    }
+}
+
+/// [`linear_i8`] into `out` (`m · w.out`, written completely) with an available kernel.
+fn linear_into(
+    x: &[f32],
+    m: usize,
+    w: &QWeight,
+    bias: &[f32],
+    out: super::par::Out,
+    parallel: bool,
+    kernel: Kernel,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Amx {
+        // Safety: the CPU has AMX-INT8 and AVX-512F (`available`).
+        unsafe { amx_linear(x, m, w, bias, out, parallel) };
+        return;
+    }
     let use_avx2 = kernel != Kernel::Portable;
     let use_vnni = kernel == Kernel::Vnni;
-    let out = super::par::Out::new(&mut y);
     let run = |t: usize| {
         let p0 = t * PANEL;
         let prows = PANEL.min(m - p0);
@@ -381,9 +486,103 @@ pub fn linear_i8(
             }
         }
     };
-    let big = m * w.out * w.inp >= super::par::PAR_MIN * 16;
-    super::par::par_for(m.div_ceil(PANEL), parallel && big, run);
-    y
+    super::par::par_for(m.div_ceil(PANEL), parallel, run);
+}
+
+thread_local! {
+    /// A panel's quantized rows, row-major, then (second half) in AMX tile order.
+    static TILES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`linear_i8`] by AMX: per panel of [`PANEL`] (= [`amx::TB`]) rows, the quantized rows
+/// in tile order, then 32×32 blocks of exact i32 sums ([`amx::block`]) through the same
+/// float epilogue as the other kernels (so the outputs are bit-identical).
+///
+/// # Safety
+/// The CPU has AMX-INT8 and AVX-512F and Linux granted the tile state
+/// ([`Kernel::available`]); `out` holds `m · w.out` elements.
+#[cfg(target_arch = "x86_64")]
+unsafe fn amx_linear(
+    x: &[f32],
+    m: usize,
+    w: &QWeight,
+    bias: &[f32],
+    out: super::par::Out,
+    parallel: bool,
+) {
+    const _: () = assert!(PANEL == amx::TB);
+    let (kp, n) = (w.kp, w.out);
+    super::par::par_for(m.div_ceil(PANEL), parallel, |t| {
+        let p0 = t * PANEL;
+        let prows = PANEL.min(m - p0);
+        let mut sx = [1f32; PANEL];
+        super::par::with_scratch(&TILES, 2 * PANEL * kp, |buf| {
+            let (rows, tiles) = buf.split_at_mut(PANEL * kp);
+            let xp = &x[p0 * w.inp..(p0 + prows) * w.inp];
+            quantize_into(xp, w.inp, kp, rows, &mut sx[..prows], true);
+            rows[prows * kp..].fill(128); // rows past m: zeros (their sums are not used)
+            amx::tile_order(rows, tiles, kp);
+            // Safety: the caller checked the CPU; the tiles are released below.
+            unsafe { amx::configure() };
+            let mut acc = [[0i32; amx::TB]; amx::TB];
+            for j0 in (0..n).step_by(amx::TB) {
+                let nc = amx::TB.min(n - j0);
+                // Safety: `tiles` holds TB·kp bytes; block j0 / NR (and the next when
+                // nc > NR) NR·kp bytes each of `packed`; kp is a multiple of 64.
+                unsafe {
+                    amx::block(
+                        amx::Op::Int8,
+                        tiles.as_ptr(),
+                        kp,
+                        w.packed.as_ptr().add(j0 * kp) as *const u8,
+                        nc > NR,
+                        &mut acc,
+                    )
+                };
+                let ep = Epilogue {
+                    sx: &sx[..prows],
+                    sums: &w.col_sums[j0..j0 + nc],
+                    scales: &w.scales[j0..j0 + nc],
+                    bias: &bias[j0..j0 + nc],
+                };
+                // Safety: AVX-512F (the caller); panel t alone writes rows p0.. of `out`,
+                // and row r's columns j0..j0 + nc are inside it.
+                unsafe { epilogue_avx512(&acc, &ep, out.ptr().add(p0 * n + j0), n) };
+            }
+            // Safety: as above.
+            unsafe { amx::release() };
+        })
+    });
+}
+
+/// A block's outputs from its integer sums (`ep.sx.len()` rows, `ep.sums.len()` columns,
+/// row stride `ys`): the portable epilogue's float operations in the same order (no fused
+/// multiply-add), 16 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn epilogue_avx512(acc: &[[i32; amx::TB]; amx::TB], ep: &Epilogue, y: *mut f32, ys: usize) {
+    use std::arch::x86_64::*;
+    let nc = ep.sums.len();
+    let c128 = _mm512_set1_epi32(128);
+    for c in (0..nc).step_by(16) {
+        let mask: __mmask16 = if nc - c >= 16 {
+            0xffff
+        } else {
+            (1u16 << (nc - c)) - 1
+        };
+        let s = _mm512_mullo_epi32(
+            _mm512_maskz_loadu_epi32(mask, ep.sums.as_ptr().add(c)),
+            c128,
+        );
+        let sc = _mm512_maskz_loadu_ps(mask, ep.scales.as_ptr().add(c));
+        let b = _mm512_maskz_loadu_ps(mask, ep.bias.as_ptr().add(c));
+        for (r, &sx) in ep.sx.iter().enumerate() {
+            let a = _mm512_loadu_si512(acc[r].as_ptr().add(c) as *const _);
+            let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, s));
+            let o = _mm512_add_ps(_mm512_mul_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx), sc)), b);
+            _mm512_mask_storeu_ps(y.add(r * ys + c), mask, o);
+        }
+    }
 }
 
 /// `acc[r][c] += Σ_k xb[r,k] · w[c,k]` (bytes `qx+128` times weights), portable.
@@ -548,6 +747,8 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    const FAST: [Kernel; 3] = [Kernel::Avx2, Kernel::Vnni, Kernel::Amx];
+
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
@@ -579,7 +780,7 @@ mod tests {
             let fast = linear_i8(&x, m, &q, Some(&b), true, Kernel::best());
             let portable = linear_i8(&x, m, &q, Some(&b), false, Kernel::Portable);
             assert_eq!(fast, portable, "{m}x{out}x{inp}");
-            for k in [Kernel::Avx2, Kernel::Vnni] {
+            for k in FAST {
                 if k.available() {
                     let y = linear_i8(&x, m, &q, Some(&b), true, k);
                     assert_eq!(y, portable, "{} {m}x{out}x{inp}", k.name());
@@ -620,7 +821,7 @@ mod tests {
         let y = linear_i8(&x, m, &q, None, false, Kernel::Portable);
         assert_eq!(y[0], inp as f32);
         assert_eq!(y[1], -(inp as f32));
-        for k in [Kernel::Avx2, Kernel::Vnni] {
+        for k in FAST {
             if k.available() {
                 assert_eq!(y, linear_i8(&x, m, &q, None, false, k), "{}", k.name());
             } else {

@@ -14,6 +14,7 @@
 //! - [`swiglu`]: Llama's gated MLP activation, `silu(gate) · up`.
 //! - [`rope`]: Llama's rotary position embedding on the fused QKV projection.
 //! - [`conv`]: channels-last convolution (im2col, depthwise), batch norm: image models.
+//! - [`amx`]: Intel AMX tiles (inline assembly): the micro-kernel of `bf16` and `int8`.
 //! - [`int8`]: int8 weights and the integer GEMM of int8 inference (`par` only).
 //! - [`bf16`]: bf16 weights and the bf16 GEMM (f32 sums) of bf16 inference (`par` only).
 //! - [`lora`]: LoRA adapters' thin GEMMs, with their dropout, as two fused ops.
@@ -23,6 +24,7 @@
 //! Imports point one way: `par`, `gemm`, `simd` ← `grad_sink` ← `fused`, `linear`,
 //! `embedding`, `lm_head`, `rms_norm` ← `attention` (which takes dropout masks from `fused`).
 
+pub mod amx;
 pub mod attention;
 pub mod bf16;
 pub mod conv;
