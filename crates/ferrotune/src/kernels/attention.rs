@@ -47,23 +47,7 @@ pub fn attention(
     dropout: Option<Dropout>,
     heads: usize,
 ) -> Result<Tensor> {
-    attend(qkv, key_bias, pos_bias, dropout, heads, false, false)
-}
-
-/// [`attention`] (or with `first_only` [`attention_first_query`]) for bf16 inference: no
-/// dropout, and both products (`Q Kᵀ`, `P V`) in bf16 with f32 sums ([`super::bf16::bgemm`]:
-/// AMX tiles), as PyTorch's bf16 autocast runs them; the softmax stays f32. Where the CPU
-/// has no bf16 GEMM (the kernel would be the slow emulation), the products stay f32. The
-/// full queries' products were ~11% of a bf16 MiniLM inference pass in f32.
-pub fn attention_bf16(
-    qkv: &Tensor,
-    key_bias: &Tensor,
-    pos_bias: Option<&Tensor>,
-    heads: usize,
-    first_only: bool,
-) -> Result<Tensor> {
-    let hw = super::bf16::Kernel::best() != super::bf16::Kernel::Emulated;
-    attend(qkv, key_bias, pos_bias, None, heads, first_only, hw)
+    attend(qkv, key_bias, pos_bias, dropout, heads, false)
 }
 
 /// [`attention`] for each sequence's first query (`[CLS]`) only: `(batch, hidden)`, row `b`
@@ -77,12 +61,11 @@ pub fn attention_first_query(
     dropout: Option<Dropout>,
     heads: usize,
 ) -> Result<Tensor> {
-    attend(qkv, key_bias, pos_bias, dropout, heads, true, false)
+    attend(qkv, key_bias, pos_bias, dropout, heads, true)
 }
 
-/// [`attention`], or with `first_only` [`attention_first_query`]: the fused op (its
-/// products in bf16 when `bf16`), or the composition when the inputs are not on the CPU in
-/// f32.
+/// [`attention`], or with `first_only` [`attention_first_query`]: the fused op, or the
+/// composition when the inputs are not on the CPU in f32.
 fn attend(
     qkv: &Tensor,
     key_bias: &Tensor,
@@ -90,7 +73,6 @@ fn attend(
     dropout: Option<Dropout>,
     heads: usize,
     first_only: bool,
-    bf16: bool,
 ) -> Result<Tensor> {
     let (batch, seq) = key_bias.dims2()?;
     let shape = Dims::new(batch, seq, heads, qkv)?;
@@ -110,7 +92,6 @@ fn attend(
             shape,
             dropout,
             queries,
-            bf16,
         };
         let (qkv, kb) = (qkv.contiguous()?, key_bias.contiguous()?);
         return Ok(match pos_bias {
@@ -203,31 +184,6 @@ struct AttentionOp {
     /// Query rows per sequence: `seq` (every token), or 1 (the first token only; the
     /// output then has one row per sequence).
     queries: usize,
-    /// The forward pass's products in bf16 ([`attention_bf16`]; inference only).
-    bf16: bool,
-}
-
-/// [`sgemm`], or [`super::bf16::bgemm`] when `bf16` (same contract).
-///
-/// # Safety
-/// As [`sgemm`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm(
-    bf16: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    scale: f32,
-) {
-    if bf16 {
-        super::bf16::bgemm(m, n, k, dst, dst_rs, false, a, b, scale, false)
-    } else {
-        sgemm(m, n, k, dst, dst_rs, false, a, b, scale, false)
-    }
 }
 
 /// Pointer wrapper for reading a shared input from the tasks.
@@ -263,16 +219,17 @@ impl AttentionOp {
         let (bi, hd) = (t / heads, t % heads);
         let q = qkv.get().add(bi * s * 3 * h + hd * dh);
         let k = q.add(h);
-        gemm(
-            self.bf16 && self.queries > 1,
+        sgemm(
             self.queries,
             s,
             dh,
             p.as_mut_ptr(),
             s,
+            false,
             Mat::rows(q, 3 * h),
             Mat::rows_t(k, 3 * h),
             scale,
+            false,
         );
         if let Some(pb) = pb {
             // This head's first `queries` rows of the position bias.
@@ -338,16 +295,17 @@ impl AttentionOp {
                     let v = qkv_in.get().add(bi * s * 3 * h + 2 * h + hd * dh);
                     // Task t alone writes rows of sequence bi, columns of head hd.
                     let dst = yo.ptr().add(bi * nq * h + hd * dh);
-                    gemm(
-                        self.bf16 && nq > 1,
+                    sgemm(
                         nq,
                         dh,
                         s,
                         dst,
                         h,
+                        false,
                         Mat::rows(p.as_ptr(), s),
                         Mat::rows(v, 3 * h),
                         1.0,
+                        false,
                     );
                 });
             })
@@ -641,51 +599,6 @@ mod tests {
             let d = max_diff(g.get(&qkv).unwrap(), gr.get(&qkv).unwrap());
             assert!(d < 1e-4, "grad {what}: {d}");
         }
-    }
-
-    /// bf16 inference attention: its products in bf16 where the CPU has a bf16 GEMM (then
-    /// within bf16's rounding of f32 attention, and not equal to it), else f32 (then equal);
-    /// the first-query form gives the full form's first rows; padding keys get nothing.
-    #[test]
-    fn bf16_attention_tracks_f32() {
-        let hw = super::super::bf16::Kernel::best() != super::super::bf16::Kernel::Emulated;
-        if !hw {
-            eprintln!("bf16_attention_tracks_f32: no bf16 GEMM on this CPU, products stay f32");
-        }
-        for case in CASES {
-            let (batch, seq, heads, dh, _) = case;
-            let h = heads * dh;
-            let (qkv, kb, _) = inputs((batch, seq, heads, dh, false), 41);
-            let what = format!("{batch}x{seq} heads {heads}x{dh}");
-            let f = attention(&qkv, &kb, None, None, heads).unwrap();
-            let b = attention_bf16(&qkv, &kb, None, heads, false).unwrap();
-            let d = max_diff(&f, &b);
-            if hw && seq > 1 {
-                // Inputs within 2⁻⁸ relative: scores and the weighted values within ~1%.
-                assert!(d > 0.0 && d < 0.03, "{what}: {d}");
-            } else {
-                assert_eq!(d, 0.0, "{what}");
-            }
-            let first = attention_bf16(&qkv, &kb, None, heads, true).unwrap();
-            let rows = b.reshape((batch, seq, h)).unwrap().narrow(1, 0, 1).unwrap();
-            let rows = rows.reshape((batch, h)).unwrap();
-            assert!(max_diff(&first, &rows) < 0.03, "first {what}");
-        }
-        // Padding: sequence 1 of a 2 x 8 batch has one padding key; changing that key's
-        // value row changes nothing.
-        let (batch, seq, heads, dh) = (2, 8, 2, 32);
-        let (qkv, kb, _) = inputs((batch, seq, heads, dh, false), 43);
-        let mut v: Vec<f32> = qkv.flatten_all().unwrap().to_vec1().unwrap();
-        let h = heads * dh;
-        let pad = (2 * seq - 1) * 3 * h; // the last token of sequence 1
-        v[pad + 2 * h..pad + 3 * h]
-            .iter_mut()
-            .for_each(|x| *x += 100.0);
-        let changed = Tensor::from_vec(v, (batch * seq, 3 * h), &Device::Cpu).unwrap();
-        let a = attention_bf16(&qkv, &kb, None, heads, false).unwrap();
-        let c = attention_bf16(&changed, &kb, None, heads, false).unwrap();
-        let rows = |t: &Tensor| t.narrow(0, seq, seq - 1).unwrap();
-        assert_eq!(max_diff(&rows(&a), &rows(&c)), 0.0);
     }
 
     /// The first-query op gives row `b·seq` of the full op's output for every sequence `b`,

@@ -323,10 +323,7 @@ impl Encoder {
             let attn = if ctx.fused() {
                 let qkv = layer.qkv(ctx, &x)?;
                 let drop = ctx.dropout_seed(d.attention);
-                if ctx.bf16 && !ctx.train && !ctx.int8 {
-                    // bf16 inference: the products in bf16 too.
-                    attention::attention_bf16(&qkv, &key_bias, pos_bias, nh, first)?
-                } else if first {
+                if first {
                     // One row per sequence (the first query's).
                     attention::attention_first_query(&qkv, &key_bias, pos_bias, drop, nh)?
                 } else {
