@@ -436,55 +436,36 @@ fn linear_into(
     let run = |t: usize| {
         let p0 = t * PANEL;
         let prows = PANEL.min(m - p0);
-        let (qx, sx) = quantize_rows(&x[p0 * w.inp..(p0 + prows) * w.inp], prows, w.inp, w.kp);
-        // Safety: panel `t` writes rows p0..p0+prows only.
-        let yp = unsafe { out.part(p0 * w.out, prows * w.out) };
-        for b in 0..w.out.div_ceil(NR) {
-            let wb = &w.packed[b * NR * w.kp..(b + 1) * NR * w.kp];
-            for r0 in (0..prows).step_by(MR) {
-                let rows = MR.min(prows - r0);
-                let xb = &qx[r0 * w.kp..(r0 + rows) * w.kp];
-                let mut acc = [[0i32; NR]; MR];
-                let (j0, nc) = (b * NR, NR.min(w.out - b * NR));
-                #[cfg(target_arch = "x86_64")]
-                if use_avx2 && nc == NR {
-                    let ep = Epilogue {
-                        sx: &sx[r0..r0 + rows],
-                        sums: &w.col_sums[j0..j0 + NR],
-                        scales: &w.scales[j0..j0 + NR],
-                        bias: &bias[j0..j0 + NR],
-                    };
-                    // Safety: AVX2 checked above; slices hold rows·kp and NR·kp bytes,
-                    // and row r's output starts at (r0 + r)·out + j0 with NR to go.
-                    unsafe {
-                        let y0 = yp.as_mut_ptr().add(r0 * w.out + j0);
-                        avx2_block_out(xb, rows, w.kp, wb, &ep, y0, w.out, use_vnni);
-                    }
-                    continue;
-                } else if use_avx2 {
-                    // Safety: as above.
-                    unsafe { avx2_block(xb, rows, w.kp, wb, &mut acc, use_vnni) };
-                } else {
-                    portable_block(xb, rows, w.kp, wb, &mut acc);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                {
-                    let _ = (use_avx2, use_vnni);
-                    portable_block(xb, rows, w.kp, wb, &mut acc);
-                }
-                let sums = &w.col_sums[j0..j0 + nc];
-                let scales = &w.scales[j0..j0 + nc];
-                let bias = &bias[j0..j0 + nc];
-                for (r, acc) in acc.iter().enumerate().take(rows) {
-                    let s = sx[r0 + r];
-                    let yr = &mut yp[(r0 + r) * w.out + j0..(r0 + r) * w.out + j0 + nc];
-                    for c in 0..nc {
-                        let v = (acc[c] - 128 * sums[c]) as f32 * (s * scales[c]);
-                        yr[c] = v + bias[c];
+        let mut sx = [1f32; PANEL];
+        super::par::with_scratch(&TILES, PANEL * w.kp, |qx| {
+            let xp = &x[p0 * w.inp..(p0 + prows) * w.inp];
+            quantize_into(xp, w.inp, w.kp, qx, &mut sx[..prows], use_avx2);
+            let ep = Epilogue {
+                sx: &sx[..prows],
+                sums: &w.col_sums,
+                scales: &w.scales,
+                bias,
+            };
+            // Safety: panel `t` writes rows p0..p0+prows only, all `w.out` columns of each.
+            #[cfg(target_arch = "x86_64")]
+            if use_avx2 {
+                // Safety: the CPU has the kernel's instructions (`Kernel::available`);
+                // `qx` holds prows·kp bytes, `packed` every column block.
+                unsafe {
+                    let y = out.ptr().add(p0 * w.out);
+                    if use_vnni {
+                        vnni_panel(qx, w.kp, &w.packed, &ep, y, w.out);
+                    } else {
+                        avx2_panel(qx, w.kp, &w.packed, &ep, y, w.out);
                     }
                 }
+                return;
             }
-        }
+            let _ = use_vnni;
+            // Safety: as above.
+            let yp = unsafe { out.part(p0 * w.out, prows * w.out) };
+            portable_panel(qx, w, &ep, yp);
+        })
     };
     super::par::par_for(m.div_ceil(PANEL), parallel, run);
 }
@@ -608,105 +589,134 @@ struct Epilogue<'a> {
     bias: &'a [f32],
 }
 
-/// [`avx2_block`], then the epilogue in registers (the same float operations as the
-/// portable one, in order, no fused multiply-add), written to `y` (row stride `ys`). The
-/// sums by VNNI when `vnni` (the caller checked the CPU has it).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn avx2_block_out(
-    xb: &[u8],
-    rows: usize,
-    kp: usize,
-    wb: &[i8],
-    ep: &Epilogue,
-    y: *mut f32,
-    ys: usize,
-    vnni: bool,
-) {
-    use std::arch::x86_64::*;
-    let s = sums(xb, rows, kp, wb, vnni);
-    let c128 = _mm256_set1_epi32(128);
-    let half = |h: usize| {
-        (
-            _mm256_mullo_epi32(
-                _mm256_loadu_si256(ep.sums.as_ptr().add(8 * h) as *const __m256i),
-                c128,
-            ),
-            _mm256_loadu_ps(ep.scales.as_ptr().add(8 * h)),
-            _mm256_loadu_ps(ep.bias.as_ptr().add(8 * h)),
-        )
-    };
-    let parts = [half(0), half(1)];
-    for (r, sr) in s.iter().enumerate().take(rows) {
-        let sx = _mm256_set1_ps(ep.sx[r]);
-        for (h, (cs, sc, b)) in parts.iter().enumerate() {
-            let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(sr[h], *cs));
-            let out = _mm256_add_ps(_mm256_mul_ps(v, _mm256_mul_ps(sx, *sc)), *b);
-            _mm256_storeu_ps(y.add(r * ys + 8 * h), out);
+/// A panel's outputs by the portable kernel: every column block, [`MR`] rows at a time.
+fn portable_panel(qx: &[u8], w: &QWeight, ep: &Epilogue, yp: &mut [f32]) {
+    let prows = ep.sx.len();
+    for b in 0..w.out.div_ceil(NR) {
+        let wb = &w.packed[b * NR * w.kp..(b + 1) * NR * w.kp];
+        let (j0, nc) = (b * NR, NR.min(w.out - b * NR));
+        for r0 in (0..prows).step_by(MR) {
+            let rows = MR.min(prows - r0);
+            let mut acc = [[0i32; NR]; MR];
+            portable_block(&qx[r0 * w.kp..(r0 + rows) * w.kp], rows, w.kp, wb, &mut acc);
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                let s = ep.sx[r0 + r];
+                let yr = &mut yp[(r0 + r) * w.out + j0..(r0 + r) * w.out + j0 + nc];
+                for (c, y) in yr.iter_mut().enumerate() {
+                    let (j, a) = (j0 + c, acc[c]);
+                    let v = (a - 128 * ep.sums[j]) as f32 * (s * ep.scales[j]);
+                    *y = v + ep.bias[j];
+                }
+            }
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn avx2_block(
-    xb: &[u8],
-    rows: usize,
-    kp: usize,
-    wb: &[i8],
-    acc: &mut [[i32; NR]; MR],
-    vnni: bool,
-) {
-    use std::arch::x86_64::*;
-    let s = sums(xb, rows, kp, wb, vnni);
-    for (r, sr) in s.iter().enumerate().take(rows) {
-        let a = acc[r].as_mut_ptr();
-        _mm256_storeu_si256(a as *mut __m256i, sr[0]);
-        _mm256_storeu_si256(a.add(8) as *mut __m256i, sr[1]);
-    }
+/// A panel kernel on 256-bit registers: for every column block of [`NR`], every [`MR`]
+/// rows of the panel's quantized activations (`qx`, row stride `kp`, `ep.sx.len()` rows),
+/// the integer sums by `$sums`, then the epilogue in registers (the portable one's float
+/// operations in the same order, no fused multiply-add), written to `y` (row stride `ys`).
+/// One function runs the whole panel so that the sums and the epilogue inline into it
+/// (one call per 4×16 block, with the block's arguments passed through memory, was a
+/// tenth of an int8 MiniLM pass). The two builds differ only in the sums' instructions.
+macro_rules! panel_kernel {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $sums:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(qx: &[u8], kp: usize, packed: &[i8], ep: &Epilogue, y: *mut f32, ys: usize) {
+            use std::arch::x86_64::*;
+            let (prows, n) = (ep.sx.len(), ep.sums.len());
+            let c128 = _mm256_set1_epi32(128);
+            for j0 in (0..n).step_by(NR) {
+                let nc = NR.min(n - j0);
+                // The block's column sums (times 128), scales and biases; a last block of
+                // fewer than NR columns reads them from a zero-padded copy.
+                let (mut cs, mut sc, mut bi) = ([0i32; NR], [0f32; NR], [0f32; NR]);
+                cs[..nc].copy_from_slice(&ep.sums[j0..j0 + nc]);
+                sc[..nc].copy_from_slice(&ep.scales[j0..j0 + nc]);
+                bi[..nc].copy_from_slice(&ep.bias[j0..j0 + nc]);
+                let col = |h: usize| {
+                    (
+                        _mm256_mullo_epi32(
+                            _mm256_loadu_si256(cs.as_ptr().add(8 * h) as *const __m256i),
+                            c128,
+                        ),
+                        _mm256_loadu_ps(sc.as_ptr().add(8 * h)),
+                        _mm256_loadu_ps(bi.as_ptr().add(8 * h)),
+                    )
+                };
+                let cols = [col(0), col(1)];
+                let w = packed.as_ptr().add(j0 * kp);
+                for r0 in (0..prows).step_by(MR) {
+                    let rows = MR.min(prows - r0);
+                    let x = qx.as_ptr().add(r0 * kp);
+                    // The row count is a constant in each build of the sums, so their
+                    // loop over rows unrolls into straight code (with `rows` a variable,
+                    // a test and branch per row took a fifth of the inner loop).
+                    let s = match rows {
+                        4 => $sums::<4>(x, kp, w),
+                        3 => $sums::<3>(x, kp, w),
+                        2 => $sums::<2>(x, kp, w),
+                        _ => $sums::<1>(x, kp, w),
+                    };
+                    let mut tail = [[0f32; NR]; MR];
+                    for (r, sr) in s.iter().enumerate().take(rows) {
+                        let sx = _mm256_set1_ps(ep.sx[r0 + r]);
+                        for (h, (cs, sc, b)) in cols.iter().enumerate() {
+                            let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(sr[h], *cs));
+                            let o = _mm256_add_ps(_mm256_mul_ps(v, _mm256_mul_ps(sx, *sc)), *b);
+                            if nc == NR {
+                                _mm256_storeu_ps(y.add((r0 + r) * ys + j0 + 8 * h), o);
+                            } else {
+                                _mm256_storeu_ps(tail[r].as_mut_ptr().add(8 * h), o);
+                            }
+                        }
+                        if nc < NR {
+                            let yr = y.add((r0 + r) * ys + j0);
+                            std::ptr::copy_nonoverlapping(tail[r].as_ptr(), yr, nc);
+                        }
+                    }
+                }
+            }
+        }
+    };
 }
 
-/// The integer sums of a block by VNNI when `vnni` (the caller checked the CPU has it),
-/// else by AVX2.
+panel_kernel! {
+    /// [`panel_kernel`] by AVX2 ([`avx2_sums`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `qx` holds `ep.sx.len() · kp` bytes, `packed` every column block
+    /// of `ep.sums.len()` columns, and `y` the panel's rows of `ys ≥ ep.sums.len()` floats.
+    avx2_panel, "avx2", avx2_sums
+}
+
+panel_kernel! {
+    /// [`panel_kernel`] by AVX-512 VNNI ([`vnni_sums`]); safety as [`avx2_panel`], and the
+    /// CPU has AVX-512 VNNI and VL.
+    vnni_panel, "avx2,avx512f,avx512vl,avx512vnni", vnni_sums
+}
+
+/// The integer sums of a block: `R` rows (`x`, row stride `kp`) by [`NR`] columns (`w`,
+/// `NR · kp` bytes), two registers a row; rows `R..` are zeros.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn sums(
-    xb: &[u8],
-    rows: usize,
+unsafe fn avx2_sums<const R: usize>(
+    x: *const u8,
     kp: usize,
-    wb: &[i8],
-    vnni: bool,
-) -> [[std::arch::x86_64::__m256i; 2]; MR] {
-    if vnni {
-        vnni_sums(xb, rows, kp, wb)
-    } else {
-        avx2_sums(xb, rows, kp, wb)
-    }
-}
-
-/// The integer sums of a block: `rows` rows by [`NR`] columns, two registers a row.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn avx2_sums(
-    xb: &[u8],
-    rows: usize,
-    kp: usize,
-    wb: &[i8],
+    w: *const i8,
 ) -> [[std::arch::x86_64::__m256i; 2]; MR] {
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
     let mut s = [[_mm256_setzero_si256(); 2]; MR];
-    let xp = xb.as_ptr();
-    let wp = wb.as_ptr();
     for k4 in 0..kp / 4 {
-        let w0 = _mm256_loadu_si256(wp.add(k4 * NR * 4) as *const __m256i);
-        let w1 = _mm256_loadu_si256(wp.add(k4 * NR * 4 + 32) as *const __m256i);
-        for (r, sr) in s.iter_mut().enumerate().take(rows) {
+        let w0 = _mm256_loadu_si256(w.add(k4 * NR * 4) as *const __m256i);
+        let w1 = _mm256_loadu_si256(w.add(k4 * NR * 4 + 32) as *const __m256i);
+        for (r, sr) in s.iter_mut().enumerate().take(R) {
             // Four activation bytes of row r, in every 32-bit lane.
-            let xv = _mm256_set1_epi32((xp.add(r * kp + k4 * 4) as *const i32).read_unaligned());
+            let xv = _mm256_set1_epi32((x.add(r * kp + k4 * 4) as *const i32).read_unaligned());
             let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w0), ones);
             let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w1), ones);
             sr[0] = _mm256_add_epi32(sr[0], p0);
@@ -720,21 +730,19 @@ unsafe fn avx2_sums(
 /// bytes and signed weight bytes of each 32-bit lane into it, with no 16-bit step.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-unsafe fn vnni_sums(
-    xb: &[u8],
-    rows: usize,
+#[inline]
+unsafe fn vnni_sums<const R: usize>(
+    x: *const u8,
     kp: usize,
-    wb: &[i8],
+    w: *const i8,
 ) -> [[std::arch::x86_64::__m256i; 2]; MR] {
     use std::arch::x86_64::*;
     let mut s = [[_mm256_setzero_si256(); 2]; MR];
-    let xp = xb.as_ptr();
-    let wp = wb.as_ptr();
     for k4 in 0..kp / 4 {
-        let w0 = _mm256_loadu_si256(wp.add(k4 * NR * 4) as *const __m256i);
-        let w1 = _mm256_loadu_si256(wp.add(k4 * NR * 4 + 32) as *const __m256i);
-        for (r, sr) in s.iter_mut().enumerate().take(rows) {
-            let xv = _mm256_set1_epi32((xp.add(r * kp + k4 * 4) as *const i32).read_unaligned());
+        let w0 = _mm256_loadu_si256(w.add(k4 * NR * 4) as *const __m256i);
+        let w1 = _mm256_loadu_si256(w.add(k4 * NR * 4 + 32) as *const __m256i);
+        for (r, sr) in s.iter_mut().enumerate().take(R) {
+            let xv = _mm256_set1_epi32((x.add(r * kp + k4 * 4) as *const i32).read_unaligned());
             sr[0] = _mm256_dpbusd_epi32(sr[0], xv, w0);
             sr[1] = _mm256_dpbusd_epi32(sr[1], xv, w1);
         }
