@@ -633,17 +633,23 @@ macro_rules! panel_kernel {
                 // The block's column sums (times 128), scales and biases; a last block of
                 // fewer than NR columns reads them from a zero-padded copy.
                 let (mut cs, mut sc, mut bi) = ([0i32; NR], [0f32; NR], [0f32; NR]);
-                cs[..nc].copy_from_slice(&ep.sums[j0..j0 + nc]);
-                sc[..nc].copy_from_slice(&ep.scales[j0..j0 + nc]);
-                bi[..nc].copy_from_slice(&ep.bias[j0..j0 + nc]);
+                let (csp, scp, bip) = if nc == NR {
+                    let p = (ep.sums.as_ptr(), ep.scales.as_ptr(), ep.bias.as_ptr());
+                    (p.0.add(j0), p.1.add(j0), p.2.add(j0))
+                } else {
+                    cs[..nc].copy_from_slice(&ep.sums[j0..j0 + nc]);
+                    sc[..nc].copy_from_slice(&ep.scales[j0..j0 + nc]);
+                    bi[..nc].copy_from_slice(&ep.bias[j0..j0 + nc]);
+                    (cs.as_ptr(), sc.as_ptr(), bi.as_ptr())
+                };
                 let col = |h: usize| {
                     (
                         _mm256_mullo_epi32(
-                            _mm256_loadu_si256(cs.as_ptr().add(8 * h) as *const __m256i),
+                            _mm256_loadu_si256(csp.add(8 * h) as *const __m256i),
                             c128,
                         ),
-                        _mm256_loadu_ps(sc.as_ptr().add(8 * h)),
-                        _mm256_loadu_ps(bi.as_ptr().add(8 * h)),
+                        _mm256_loadu_ps(scp.add(8 * h)),
+                        _mm256_loadu_ps(bip.add(8 * h)),
                     )
                 };
                 let cols = [col(0), col(1)];
