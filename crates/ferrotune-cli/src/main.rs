@@ -57,6 +57,26 @@ enum Precision {
     Bf16,
 }
 
+/// `--encoding-errors`: what eval and predict do with bytes of the input that are not
+/// valid UTF-8 (the recipe's `encoding_errors`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Encoding {
+    /// Stop with an error naming the file, line and column.
+    Error,
+    /// Replace each invalid sequence with U+FFFD (as training with
+    /// `encoding_errors = "replace"` read it).
+    Replace,
+}
+
+impl From<Encoding> for EncodingErrors {
+    fn from(e: Encoding) -> Self {
+        match e {
+            Encoding::Error => EncodingErrors::Error,
+            Encoding::Replace => EncodingErrors::Replace,
+        }
+    }
+}
+
 impl From<Precision> for ferrotune::precision::Precision {
     fn from(p: Precision) -> Self {
         use ferrotune::precision::Precision as P;
@@ -113,6 +133,10 @@ enum Cmd {
         /// (`--text-column 1`).
         #[arg(long)]
         no_header: bool,
+        /// Bytes of the input that are not valid UTF-8: stop with an error naming the
+        /// file and line, or replace them with U+FFFD (the recipe's `encoding_errors`).
+        #[arg(long, value_enum, default_value_t = Encoding::Error)]
+        encoding_errors: Encoding,
         /// Number format of the linear layers: auto (int8 for a quantized model, else f32),
         /// f32, int8 (weights quantized per output channel when loaded, activations per
         /// row; embeddings, norms, softmax stay f32), or bf16 (CPUs with avx512_bf16).
@@ -145,6 +169,10 @@ enum Cmd {
         /// (`--text-column 1`).
         #[arg(long)]
         no_header: bool,
+        /// Bytes of the input that are not valid UTF-8: stop with an error naming the
+        /// file and line, or replace them with U+FFFD (the recipe's `encoding_errors`).
+        #[arg(long, value_enum, default_value_t = Encoding::Error)]
+        encoding_errors: Encoding,
         /// Inputs read, batched by length and written at a time (memory holds one chunk).
         #[arg(long, default_value_t = ferrotune::predict::STREAM_CHUNK)]
         chunk_size: usize,
@@ -608,6 +636,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             text_column,
             label_column,
             no_header,
+            encoding_errors,
             precision,
             block_size,
         } => {
@@ -647,6 +676,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             if no_header {
                 opts.header = false;
             }
+            opts.encoding_errors = encoding_errors.into();
             let label_column = opts.label_column.clone().unwrap_or_default();
             let mut rows = open_examples(&input, &opts)?;
             let stop = stop_on_signals();
@@ -682,6 +712,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             output,
             text_column,
             no_header,
+            encoding_errors,
             chunk_size,
             precision,
         } => {
@@ -699,6 +730,7 @@ fn try_main(cli: Cli) -> anyhow::Result<()> {
             if no_header {
                 opts.header = false;
             }
+            opts.encoding_errors = encoding_errors.into();
             let mut rows = open_examples(&input, &opts)?;
             let stop = stop_on_signals();
             let stopped = || stop.load(Ordering::SeqCst) || STDOUT_CLOSED.load(Ordering::SeqCst);

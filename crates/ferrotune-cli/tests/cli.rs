@@ -810,6 +810,40 @@ fn int8_predict_and_eval_track_f32() {
     assert!(stderr.contains("invalid value 'fp8'"), "{stderr}");
 }
 
+/// Invalid UTF-8 in eval's and predict's input: a one-line error that names the file and
+/// line and says what to pass; with `--encoding-errors replace` every row is read.
+#[test]
+fn eval_and_predict_take_encoding_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let model = trained(t.path(), "");
+    let m = model.to_str().unwrap();
+    let mut data = std::fs::read(t.path().join("train.csv")).unwrap();
+    data.extend_from_slice(b"the caf\xe9 was great .,pos\n");
+    let input = t.path().join("latin1.csv");
+    std::fs::write(&input, data).unwrap();
+    let d = input.to_str().unwrap();
+    for cmd in ["eval", "predict"] {
+        let (code, _, stderr) = ferrotune(&[cmd, "--model", m, "--input", d]);
+        assert_eq!(code, 2, "{stderr}");
+        assert_clean_error(
+            code,
+            &stderr,
+            &[
+                "latin1.csv:66",
+                "invalid UTF-8",
+                "--encoding-errors replace",
+            ],
+        );
+    }
+    let args = ["--model", m, "--input", d, "--encoding-errors", "replace"];
+    let (code, stdout, stderr) = ferrotune(&[&["eval"], &args[..]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("\"eval_examples\":65"), "{stdout}");
+    let (code, stdout, stderr) = ferrotune(&[&["predict"], &args[..]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(jsonl(&stdout).len(), 65);
+}
+
 #[test]
 fn a_quantized_model_predicts_as_int8_and_precision_errors_are_one_line() {
     let t = tempfile::tempdir().unwrap();

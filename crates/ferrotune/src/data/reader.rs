@@ -34,7 +34,8 @@ const SUPPORTED: &str = "a directory with one subdirectory per class, .csv, .tsv
                          IDX image file (…-idx3-ubyte[.gz]) or an image";
 
 /// The hint appended to every invalid-UTF-8 error.
-const REPLACE_HINT: &str = "(set encoding_errors = \"replace\" to replace invalid bytes)";
+const REPLACE_HINT: &str = "(set encoding_errors = \"replace\" in the recipe, or pass \
+     --encoding-errors replace to eval and predict, to replace invalid bytes)";
 
 /// A label as read from the data, before it is mapped to a class id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1870,7 +1871,8 @@ mod tests {
             msg,
             format!(
                 "{}:3: field `text`: invalid UTF-8 (byte 0xe9 at byte 4 of the field) \
-                 (set encoding_errors = \"replace\" to replace invalid bytes)",
+                 (set encoding_errors = \"replace\" in the recipe, or pass --encoding-errors \
+                 replace to eval and predict, to replace invalid bytes)",
                 p.display()
             )
         );
