@@ -13,9 +13,52 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// GOP/s of the AVX2 kernel's instruction sequence alone on one core (`vpmaddubsw`,
+/// `vpmaddwd`, `vpaddd` on registers, four independent sums, 64 operations a sequence):
+/// the ceiling the AVX2 int8 GEMM can approach; the best of 7 runs. `None` without AVX2.
+#[cfg(target_arch = "x86_64")]
+fn avx2_ceiling() -> Option<f64> {
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        return None;
+    }
+    const N: u64 = 20_000_000;
+    let mut best = f64::INFINITY;
+    for _ in 0..7 {
+        let t = Instant::now();
+        let n = N;
+        // Safety: AVX2 checked above; the loop touches registers only.
+        unsafe {
+            std::arch::asm!(
+                "vpcmpeqw ymm15, ymm15, ymm15",
+                "2:",
+                "vpmaddubsw ymm1, ymm13, ymm14", "vpmaddwd ymm1, ymm1, ymm15", "vpaddd ymm2, ymm2, ymm1",
+                "vpmaddubsw ymm3, ymm12, ymm14", "vpmaddwd ymm3, ymm3, ymm15", "vpaddd ymm4, ymm4, ymm3",
+                "vpmaddubsw ymm5, ymm11, ymm14", "vpmaddwd ymm5, ymm5, ymm15", "vpaddd ymm6, ymm6, ymm5",
+                "vpmaddubsw ymm7, ymm10, ymm14", "vpmaddwd ymm7, ymm7, ymm15", "vpaddd ymm8, ymm8, ymm7",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) n => _,
+                out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _, out("ymm5") _,
+                out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm15") _,
+                options(nomem, nostack),
+            );
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Some((N * 4 * 64) as f64 / best / 1e9)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_ceiling() -> Option<f64> {
+    None
+}
+
 fn main() -> ferrotune::Result<()> {
     let threads = ferrotune::num_threads();
     println!("int8 kernel: {}, {threads} threads", int8::kernel_name());
+    if let Some(g) = avx2_ceiling() {
+        println!("AVX2 instruction-sequence ceiling, one core: {g:.0} GOP/s");
+    }
     println!(
         "| m | out | in | f32 ms | int8 ms (incl. quantizing x) | int8 / f32 | int8 best GOP/s |"
     );

@@ -649,21 +649,23 @@ macro_rules! panel_kernel {
                         2 => $sums::<2>(x, kp, w),
                         _ => $sums::<1>(x, kp, w),
                     };
-                    let mut tail = [[0f32; NR]; MR];
                     for (r, sr) in s.iter().enumerate().take(rows) {
                         let sx = _mm256_set1_ps(ep.sx[r0 + r]);
-                        for (h, (cs, sc, b)) in cols.iter().enumerate() {
-                            let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(sr[h], *cs));
-                            let o = _mm256_add_ps(_mm256_mul_ps(v, _mm256_mul_ps(sx, *sc)), *b);
-                            if nc == NR {
-                                _mm256_storeu_ps(y.add((r0 + r) * ys + j0 + 8 * h), o);
-                            } else {
-                                _mm256_storeu_ps(tail[r].as_mut_ptr().add(8 * h), o);
-                            }
-                        }
-                        if nc < NR {
-                            let yr = y.add((r0 + r) * ys + j0);
-                            std::ptr::copy_nonoverlapping(tail[r].as_ptr(), yr, nc);
+                        let out = |h: usize| {
+                            let (cs, sc, b) = cols[h];
+                            let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(sr[h], cs));
+                            _mm256_add_ps(_mm256_mul_ps(v, _mm256_mul_ps(sx, sc)), b)
+                        };
+                        let yr = y.add((r0 + r) * ys + j0);
+                        if nc == NR {
+                            _mm256_storeu_ps(yr, out(0));
+                            _mm256_storeu_ps(yr.add(8), out(1));
+                        } else {
+                            // A last block of fewer than NR columns: through a row buffer.
+                            let mut tail = [0f32; NR];
+                            _mm256_storeu_ps(tail.as_mut_ptr(), out(0));
+                            _mm256_storeu_ps(tail.as_mut_ptr().add(8), out(1));
+                            std::ptr::copy_nonoverlapping(tail.as_ptr(), yr, nc);
                         }
                     }
                 }
