@@ -1,6 +1,7 @@
 //! The int8 linear layer against the f32 one on the shapes of MiniLM-L6 (16×128 tokens)
 //! and bert-base (8×128), median of 7 runs each, on all threads (`RAYON_NUM_THREADS=1`:
-//! one), with the int8 kernel's best run in GOP/s (two operations a multiply-add).
+//! one), with the picked int8 kernel's median and every kernel's best run in GOP/s (two
+//! operations a multiply-add; the kernels' runs interleaved).
 //! `cargo run --release -p ferrotune --example int8_bench`
 
 use std::time::Instant;
@@ -13,16 +14,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// GOP/s of the AVX2 kernel's instruction sequence alone on one core (`vpmaddubsw`,
-/// `vpmaddwd`, `vpaddd` on registers, four independent sums, 64 operations a sequence):
-/// the ceiling the AVX2 int8 GEMM can approach; the best of 7 runs. `None` without AVX2.
+/// GOP/s of the AVX2 kernels' instruction sequences alone on one core, on registers,
+/// four independent sums, the best of 7 runs: 8-bit activations (`vpmaddubsw`,
+/// `vpmaddwd`, `vpaddd`: 64 operations a sequence) and 7-bit ones (two `vpmaddubsw`
+/// added by `vpaddw`, then `vpmaddwd`, `vpaddd`: 128 operations). The ceilings the
+/// `avx2` and `avx2-7bit` kernels can approach; `None` without AVX2.
 #[cfg(target_arch = "x86_64")]
-fn avx2_ceiling() -> Option<f64> {
+fn avx2_ceilings() -> Option<(f64, f64)> {
     if !std::arch::is_x86_feature_detected!("avx2") {
         return None;
     }
     const N: u64 = 20_000_000;
-    let mut best = f64::INFINITY;
+    let (mut best8, mut best7) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..7 {
         let t = Instant::now();
         let n = N;
@@ -43,24 +46,60 @@ fn avx2_ceiling() -> Option<f64> {
                 options(nomem, nostack),
             );
         }
-        best = best.min(t.elapsed().as_secs_f64());
+        best8 = best8.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let n = N;
+        // Safety: as above.
+        unsafe {
+            std::arch::asm!(
+                "vpcmpeqw ymm15, ymm15, ymm15",
+                "2:",
+                "vpmaddubsw ymm1, ymm13, ymm14", "vpmaddubsw ymm0, ymm13, ymm9", "vpaddw ymm1, ymm1, ymm0",
+                "vpmaddwd ymm1, ymm1, ymm15", "vpaddd ymm2, ymm2, ymm1",
+                "vpmaddubsw ymm3, ymm12, ymm14", "vpmaddubsw ymm0, ymm12, ymm9", "vpaddw ymm3, ymm3, ymm0",
+                "vpmaddwd ymm3, ymm3, ymm15", "vpaddd ymm4, ymm4, ymm3",
+                "vpmaddubsw ymm5, ymm11, ymm14", "vpmaddubsw ymm0, ymm11, ymm9", "vpaddw ymm5, ymm5, ymm0",
+                "vpmaddwd ymm5, ymm5, ymm15", "vpaddd ymm6, ymm6, ymm5",
+                "vpmaddubsw ymm7, ymm10, ymm14", "vpmaddubsw ymm0, ymm10, ymm9", "vpaddw ymm7, ymm7, ymm0",
+                "vpmaddwd ymm7, ymm7, ymm15", "vpaddd ymm8, ymm8, ymm7",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) n => _,
+                out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _,
+                out("ymm5") _, out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm15") _,
+                options(nomem, nostack),
+            );
+        }
+        best7 = best7.min(t.elapsed().as_secs_f64());
     }
-    Some((N * 4 * 64) as f64 / best / 1e9)
+    let ops = (N * 4 * 64) as f64 / 1e9;
+    Some((ops / best8, 2.0 * ops / best7))
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn avx2_ceiling() -> Option<f64> {
+fn avx2_ceilings() -> Option<(f64, f64)> {
     None
 }
 
 fn main() -> ferrotune::Result<()> {
     let threads = ferrotune::num_threads();
     println!("int8 kernel: {}, {threads} threads", int8::kernel_name());
-    if let Some(g) = avx2_ceiling() {
-        println!("AVX2 instruction-sequence ceiling, one core: {g:.0} GOP/s");
+    if let Some((g8, g7)) = avx2_ceilings() {
+        println!(
+            "AVX2 instruction-sequence ceilings, one core: {g8:.0} GOP/s (8-bit activations), \
+             {g7:.0} GOP/s (7-bit)"
+        );
     }
+    // Every kernel this CPU has but the portable one, interleaved run by run so that the
+    // VM's drifts hit them alike.
+    let kernels: Vec<int8::Kernel> = int8::Kernel::ALL
+        .into_iter()
+        .filter(|k| k.available() && *k != int8::Kernel::Portable)
+        .collect();
+    let names: Vec<&str> = kernels.iter().map(|k| k.name()).collect();
     println!(
-        "| m | out | in | f32 ms | int8 ms (incl. quantizing x) | int8 / f32 | int8 best GOP/s |"
+        "| m | out | in | f32 ms | int8 ms (incl. quantizing x) | int8 / f32 | best GOP/s: {} |",
+        names.join(" / ")
     );
     println!("|---|---|---|---|---|---|---|");
     let shapes = [
@@ -83,23 +122,32 @@ fn main() -> ferrotune::Result<()> {
         let bv: Vec<f32> = b.to_vec1()?;
         let q = int8::QWeight::quantize(&wv, out, inp);
         let mut tf = Vec::new();
-        let mut ti = Vec::new();
+        let mut ti = vec![Vec::new(); kernels.len()];
         for _ in 0..7 {
             let t = Instant::now();
             let y = linear::linear(&x, &w, &b)?;
             std::hint::black_box(y);
             tf.push(t.elapsed().as_secs_f64() * 1e3);
-            let t = Instant::now();
-            let y = int8::linear_i8(&xv, m, &q, Some(&bv), true, int8::Kernel::best());
-            std::hint::black_box(y);
-            ti.push(t.elapsed().as_secs_f64() * 1e3);
+            for (k, t) in kernels.iter().zip(ti.iter_mut()) {
+                let t0 = Instant::now();
+                let y = int8::linear_i8(&xv, m, &q, Some(&bv), true, *k);
+                std::hint::black_box(y);
+                t.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
         }
-        let best = ti.iter().copied().fold(f64::INFINITY, f64::min);
-        let gops = 2.0 * (m * out * inp) as f64 / best / 1e6;
-        let (f, i) = (median(tf), median(ti));
+        let gops: Vec<String> = ti
+            .iter()
+            .map(|t| {
+                let best = t.iter().copied().fold(f64::INFINITY, f64::min);
+                format!("{:.0}", 2.0 * (m * out * inp) as f64 / best / 1e6)
+            })
+            .collect();
+        let pick = kernels.iter().position(|k| *k == int8::Kernel::best());
+        let (f, i) = (median(tf), pick.map_or(f64::NAN, |p| median(ti[p].clone())));
         println!(
-            "| {m} | {out} | {inp} | {f:.2} | {i:.2} | {:.2} | {gops:.0} |",
-            i / f
+            "| {m} | {out} | {inp} | {f:.2} | {i:.2} | {:.2} | {} |",
+            i / f,
+            gops.join(" / ")
         );
     }
     Ok(())

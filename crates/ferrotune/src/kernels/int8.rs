@@ -268,17 +268,18 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// Every kernel.
+    pub const ALL: [Kernel; 4] = [Kernel::Portable, Kernel::Avx2, Kernel::Vnni, Kernel::Amx];
+
     /// The fastest kernel this CPU runs (checked at run time). `FERROTUNE_INT8_KERNEL`
     /// (`portable`, `avx2`, `vnni`, `amx`) picks another, where the CPU has it, for
     /// measurements.
     pub fn best() -> Kernel {
         static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
-            let asked = std::env::var("FERROTUNE_INT8_KERNEL").ok().and_then(|v| {
-                [Kernel::Portable, Kernel::Avx2, Kernel::Vnni, Kernel::Amx]
-                    .into_iter()
-                    .find(|k| k.name() == v)
-            });
+            let asked = std::env::var("FERROTUNE_INT8_KERNEL")
+                .ok()
+                .and_then(|v| Kernel::ALL.into_iter().find(|k| k.name() == v));
             match asked {
                 Some(k) if k.available() => k,
                 _ if Kernel::Amx.available() => Kernel::Amx,
