@@ -14,54 +14,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// GOP/s of the AVX2 kernels' instruction sequences alone on one core, on registers,
-/// four independent sums, the best of 7 runs: 8-bit activations (`vpmaddubsw`,
-/// `vpmaddwd`, `vpaddd`: 64 operations a sequence) and 7-bit ones (two `vpmaddubsw`
-/// added by `vpaddw`, then `vpmaddwd`, `vpaddd`: 128 operations). The ceilings the
-/// `avx2` and `avx2-7bit` kernels can approach; `None` without AVX2.
+/// Loop count of each instruction-sequence timing.
 #[cfg(target_arch = "x86_64")]
-fn avx2_ceilings() -> Option<(f64, f64)> {
-    if !std::arch::is_x86_feature_detected!("avx2") {
-        return None;
-    }
-    const N: u64 = 20_000_000;
-    let (mut best8, mut best7) = (f64::INFINITY, f64::INFINITY);
-    for _ in 0..7 {
+const N: u64 = 20_000_000;
+
+/// Seconds that [`N`] runs of the AVX2 loop body `$body` (registers only; `ymm15` holds
+/// all ones, `ymm0`-`ymm8` are free) take. The caller checks AVX2.
+#[cfg(target_arch = "x86_64")]
+macro_rules! time_loop {
+    ($($body:literal),+ $(,)?) => {{
         let t = Instant::now();
         let n = N;
-        // Safety: AVX2 checked above; the loop touches registers only.
+        // Safety: the caller checked AVX2; the loop touches registers only.
         unsafe {
             std::arch::asm!(
                 "vpcmpeqw ymm15, ymm15, ymm15",
                 "2:",
-                "vpmaddubsw ymm1, ymm13, ymm14", "vpmaddwd ymm1, ymm1, ymm15", "vpaddd ymm2, ymm2, ymm1",
-                "vpmaddubsw ymm3, ymm12, ymm14", "vpmaddwd ymm3, ymm3, ymm15", "vpaddd ymm4, ymm4, ymm3",
-                "vpmaddubsw ymm5, ymm11, ymm14", "vpmaddwd ymm5, ymm5, ymm15", "vpaddd ymm6, ymm6, ymm5",
-                "vpmaddubsw ymm7, ymm10, ymm14", "vpmaddwd ymm7, ymm7, ymm15", "vpaddd ymm8, ymm8, ymm7",
-                "dec {n}",
-                "jnz 2b",
-                n = inout(reg) n => _,
-                out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _, out("ymm5") _,
-                out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm15") _,
-                options(nomem, nostack),
-            );
-        }
-        best8 = best8.min(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let n = N;
-        // Safety: as above.
-        unsafe {
-            std::arch::asm!(
-                "vpcmpeqw ymm15, ymm15, ymm15",
-                "2:",
-                "vpmaddubsw ymm1, ymm13, ymm14", "vpmaddubsw ymm0, ymm13, ymm9", "vpaddw ymm1, ymm1, ymm0",
-                "vpmaddwd ymm1, ymm1, ymm15", "vpaddd ymm2, ymm2, ymm1",
-                "vpmaddubsw ymm3, ymm12, ymm14", "vpmaddubsw ymm0, ymm12, ymm9", "vpaddw ymm3, ymm3, ymm0",
-                "vpmaddwd ymm3, ymm3, ymm15", "vpaddd ymm4, ymm4, ymm3",
-                "vpmaddubsw ymm5, ymm11, ymm14", "vpmaddubsw ymm0, ymm11, ymm9", "vpaddw ymm5, ymm5, ymm0",
-                "vpmaddwd ymm5, ymm5, ymm15", "vpaddd ymm6, ymm6, ymm5",
-                "vpmaddubsw ymm7, ymm10, ymm14", "vpmaddubsw ymm0, ymm10, ymm9", "vpaddw ymm7, ymm7, ymm0",
-                "vpmaddwd ymm7, ymm7, ymm15", "vpaddd ymm8, ymm8, ymm7",
+                $($body,)+
                 "dec {n}",
                 "jnz 2b",
                 n = inout(reg) n => _,
@@ -70,7 +39,59 @@ fn avx2_ceilings() -> Option<(f64, f64)> {
                 options(nomem, nostack),
             );
         }
-        best7 = best7.min(t.elapsed().as_secs_f64());
+        t.elapsed().as_secs_f64()
+    }};
+}
+
+/// GOP/s of AVX2 int8 instruction sequences alone on one core, on registers, four
+/// independent sums, the best of 7 runs: the `avx2` kernel's (`vpmaddubsw`, `vpmaddwd`,
+/// `vpaddd`: 64 operations a sequence), the ceiling it can approach, and that of 7-bit
+/// activations (two `vpmaddubsw` added by `vpaddw`, then `vpmaddwd`, `vpaddd`: 128
+/// operations; tried and not kept, docs/RESULTS.md, "7-bit activations on AVX2").
+/// `None` without AVX2.
+#[cfg(target_arch = "x86_64")]
+fn avx2_ceilings() -> Option<(f64, f64)> {
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        return None;
+    }
+    let (mut best8, mut best7) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..7 {
+        best8 = best8.min(time_loop!(
+            "vpmaddubsw ymm1, ymm13, ymm14",
+            "vpmaddwd ymm1, ymm1, ymm15",
+            "vpaddd ymm2, ymm2, ymm1",
+            "vpmaddubsw ymm3, ymm12, ymm14",
+            "vpmaddwd ymm3, ymm3, ymm15",
+            "vpaddd ymm4, ymm4, ymm3",
+            "vpmaddubsw ymm5, ymm11, ymm14",
+            "vpmaddwd ymm5, ymm5, ymm15",
+            "vpaddd ymm6, ymm6, ymm5",
+            "vpmaddubsw ymm7, ymm10, ymm14",
+            "vpmaddwd ymm7, ymm7, ymm15",
+            "vpaddd ymm8, ymm8, ymm7",
+        ));
+        best7 = best7.min(time_loop!(
+            "vpmaddubsw ymm1, ymm13, ymm14",
+            "vpmaddubsw ymm0, ymm13, ymm9",
+            "vpaddw ymm1, ymm1, ymm0",
+            "vpmaddwd ymm1, ymm1, ymm15",
+            "vpaddd ymm2, ymm2, ymm1",
+            "vpmaddubsw ymm3, ymm12, ymm14",
+            "vpmaddubsw ymm0, ymm12, ymm9",
+            "vpaddw ymm3, ymm3, ymm0",
+            "vpmaddwd ymm3, ymm3, ymm15",
+            "vpaddd ymm4, ymm4, ymm3",
+            "vpmaddubsw ymm5, ymm11, ymm14",
+            "vpmaddubsw ymm0, ymm11, ymm9",
+            "vpaddw ymm5, ymm5, ymm0",
+            "vpmaddwd ymm5, ymm5, ymm15",
+            "vpaddd ymm6, ymm6, ymm5",
+            "vpmaddubsw ymm7, ymm10, ymm14",
+            "vpmaddubsw ymm0, ymm10, ymm9",
+            "vpaddw ymm7, ymm7, ymm0",
+            "vpmaddwd ymm7, ymm7, ymm15",
+            "vpaddd ymm8, ymm8, ymm7",
+        ));
     }
     let ops = (N * 4 * 64) as f64 / 1e9;
     Some((ops / best8, 2.0 * ops / best7))
