@@ -220,14 +220,26 @@ pub fn length_sorted_batches(feats: &[Features], batch_size: usize) -> Vec<Vec<u
 mod tests {
     use super::*;
 
+    /// The tokenizers of tiny BERT and RoBERTa models (WordPiece, byte-level BPE) written
+    /// under `t`, truncating to `max` tokens, with their family names.
+    fn tiny_tokenizers(t: &std::path::Path, max: usize) -> Vec<(&'static str, Tokenizer)> {
+        ["bert", "roberta"]
+            .into_iter()
+            .map(|family| {
+                let dir = t.join(family);
+                let spec = crate::testing::TinySpec::of(family);
+                crate::testing::write_tiny_model(&dir, &spec).unwrap();
+                let tok = crate::data::tokenizer::load_tokenizer(&dir, max).unwrap();
+                (family, tok)
+            })
+            .collect()
+    }
+
     #[test]
     fn clipping_long_texts_changes_no_token() {
         let t = tempfile::tempdir().unwrap();
-        for family in ["bert", "roberta"] {
-            let dir = t.path().join(family);
-            crate::testing::write_tiny_model(&dir, &crate::testing::TinySpec::of(family)).unwrap();
-            let max = 16;
-            let tok = crate::data::tokenizer::load_tokenizer(&dir, max).unwrap();
+        let max = 16;
+        for (family, tok) in tiny_tokenizers(t.path(), max) {
             // Long enough to be clipped (over 1024 characters), short enough for the
             // reference: tokenizers' pair truncation makes every overflow combination.
             let words = "the film was good and the plot was fine . ".repeat(100);
@@ -263,11 +275,8 @@ mod tests {
     #[test]
     fn a_short_prefix_stands_for_a_long_text_when_its_tokens_reach_past_the_budget() {
         let t = tempfile::tempdir().unwrap();
-        for family in ["bert", "roberta"] {
-            let dir = t.path().join(family);
-            crate::testing::write_tiny_model(&dir, &crate::testing::TinySpec::of(family)).unwrap();
-            let max = 64;
-            let tok = crate::data::tokenizer::load_tokenizer(&dir, max).unwrap();
+        let max = 64;
+        for (family, tok) in tiny_tokenizers(t.path(), max) {
             let words = "the film was good and the plot was fine . ".repeat(40);
             // The short prefix is taken for this text: truncated, the kept tokens end
             // more than CUT_MARGIN bytes before the cut.
