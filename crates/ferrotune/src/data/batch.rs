@@ -85,6 +85,16 @@ fn short_clip(text: &str, max_tokens: usize) -> Option<&str> {
     }
 }
 
+/// True when `e`, the truncated encoding of `prefix` (from [`short_clip`]), is the whole
+/// text's: truncation cut it (the prefix holds more tokens than are kept) and the kept
+/// tokens end [`CUT_MARGIN`] bytes before the cut, so they are the whole text's first ones
+/// (the margin keeps the cut's neighbourhood out of them, for a tokenizer whose pieces
+/// could reach across whitespace).
+fn stands_for_whole(e: &Encoding, prefix: &str) -> bool {
+    let kept_end = e.get_offsets().iter().map(|o| o.1).max().unwrap_or(0);
+    !e.get_overflowing().is_empty() && kept_end + CUT_MARGIN <= prefix.len()
+}
+
 /// Encodes `(text, text pair)` inputs with `tok`'s truncation, clipping long texts first.
 /// The result is the same as encoding the whole texts:
 /// - a single text first tries a short prefix cut between words ([`short_clip`]); its
@@ -110,12 +120,7 @@ pub fn encode_clipped(
     for &(a, b) in texts {
         if let (Some(c), None) = (short_clip(a, max), b) {
             let e = tok.encode(c, true)?;
-            // Truncated, with the kept tokens ending well before the cut: the prefix
-            // holds more tokens than are kept, and those are the whole text's first
-            // ones (the margin keeps the cut's neighbourhood out of them, for a
-            // tokenizer whose pieces could reach across whitespace).
-            let kept_end = e.get_offsets().iter().map(|o| o.1).max().unwrap_or(0);
-            if !e.get_overflowing().is_empty() && kept_end + CUT_MARGIN <= c.len() {
+            if stands_for_whole(&e, c) {
                 done.push(Some(e));
                 continue;
             }
@@ -289,6 +294,7 @@ mod tests {
                 "{family}: {kept_end} of {}",
                 c.len()
             );
+            assert!(stands_for_whole(&e, c), "{family}");
             // Taken or not, the tokens are the whole text's.
             let few_words = "supercalifragilistic expialidocious ".repeat(30);
             for text in [&words, &few_words] {
