@@ -461,16 +461,6 @@ fn bars() -> Bars {
     }
 }
 
-/// glibc hands large freed buffers back to the OS and page-faults them in again on the
-/// next step; keeping them in the heap removes that cost (see docs/DESIGN-NOTES.md).
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
 /// Fixes the thread count for rayon and candle (read when their pools start, not yet
 /// started here). Without `n`, candle's default (the physical cores) is written down once:
 /// candle asks for the count on every operation, and with the variable unset it parses
@@ -1126,7 +1116,8 @@ fn toml_string(s: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
+    // Before any thread starts (ferrotune::malloc's documentation says why).
+    ferrotune::malloc::keep_freed_memory();
     // A file-size limit (`ulimit -f`) then fails the write with EFBIG, reported with its
     // path like a full disk, instead of killing the process mid-write.
     #[cfg(unix)]

@@ -25,6 +25,7 @@
 //! 13. [`report`] — the HTML report and PNG plots of a run directory (files only).
 //! 14. [`formats`] — safetensors and PyTorch pickle files, read as data only.
 //! 15. [`precision`] — f32, bf16, int8 or auto: what runs on this CPU (used by 1, 8, 10).
+//! 16. [`malloc`] — allocator settings a long-running process makes first (the CLI does).
 #![warn(missing_docs)]
 
 pub mod artifact;
@@ -42,6 +43,7 @@ pub mod generate;
 pub mod infer;
 pub mod kernels;
 pub mod loss;
+pub mod malloc;
 pub mod nn;
 pub mod optim;
 pub mod precision;
