@@ -7,7 +7,9 @@
 //! training step (docs/DESIGN-NOTES.md, "Allocator"). And each thread other than the main
 //! one gets an arena of its own, built of 64 MiB heaps that glibc creates and unmaps as a
 //! batch's buffers come and go: the server's inference worker page-faulted 40,000-110,000
-//! times a second that way (issue 17, BBC News int8 under `bench/serve-load`). Elsewhere than glibc on Linux this does nothing.
+//! times a second that way (issue 17, BBC News int8 under `bench/serve-load`). A thread
+//! that allocated before the call keeps its arena: hence first thing in `main`.
+//! Elsewhere than glibc on Linux this does nothing.
 
 /// Keeps freed memory in the process: buffers up to 32 MiB (glibc's most) come from the
 /// heap, the heap is not trimmed below 1 GiB of free space, and every thread allocates from
@@ -15,8 +17,8 @@
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // Safety: mallopt only changes the allocator's parameters; it is called before any
-        // thread starts, as its documentation asks.
+        // Safety: mallopt takes no pointers and only changes the allocator's parameters
+        // (under its own lock); calling it early is for its effect, not for safety.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1

@@ -13,7 +13,7 @@ fn main() {
         let mut per_batch = Vec::new();
         for batch in 0..12 {
             let before = minor_faults();
-            // Like a forward pass: buffers of 4-20 MiB, a few alive at once, the batch's
+            // Like a forward pass: buffers of 6-20 MiB, a few alive at once, the batch's
             // size changing from batch to batch.
             let floats = (1 << 20) * (3 + batch % 3);
             let mut alive: Vec<Vec<f32>> = Vec::new();
