@@ -1,7 +1,9 @@
 //! The int8 linear layer against the f32 one on the shapes of MiniLM-L6 (16×128 tokens)
 //! and bert-base (8×128), median of 7 runs each, on all threads (`RAYON_NUM_THREADS=1`:
 //! one), with the picked int8 kernel's median and every kernel's best run in GOP/s (two
-//! operations a multiply-add; the kernels' runs interleaved).
+//! operations a multiply-add; the kernels' runs interleaved). On AVX2 it first prints the
+//! instruction sequences' ceilings on one core and, from them, the least time the linear
+//! layers of a MiniLM-L6 and a bert-base inference pass can take on this CPU.
 //! `cargo run --release -p ferrotune --example int8_bench`
 
 use std::time::Instant;
@@ -97,6 +99,18 @@ fn avx2_ceilings() -> Option<(f64, f64)> {
     Some((ops / best8, 2.0 * ops / best7))
 }
 
+/// GOP of the linear layers of one encoder inference pass (`batch` sequences of `seq`
+/// tokens; hidden width `h`, intermediate `i`, `layers` layers) as ferrotune runs it: every
+/// token through every layer but the last, whose attention output, output projection and
+/// feed-forward run for the `[CLS]` row of each sequence only (the classifier reads
+/// nothing else); its Q, K, V projection runs for every token (the keys and values).
+fn pass_gop(batch: usize, seq: usize, h: usize, i: usize, layers: usize) -> f64 {
+    let qkv = 3 * h * h;
+    let rest = h * h + 2 * h * i;
+    let macs = batch * seq * (layers * qkv + (layers - 1) * rest) + batch * rest;
+    2.0 * macs as f64 / 1e9
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_ceilings() -> Option<(f64, f64)> {
     None
@@ -110,6 +124,22 @@ fn main() -> ferrotune::Result<()> {
             "AVX2 instruction-sequence ceilings, one core: {g8:.0} GOP/s (8-bit activations), \
              {g7:.0} GOP/s (7-bit)"
         );
+        // The least time a whole int8 pass can take with these instructions: its linear
+        // layers alone at the ceiling on every thread (perfect scaling; attention, softmax,
+        // GELU, norms and quantizing free). Against PyTorch's best time of the same pass
+        // (`bench/step-side-by-side --int8 --infer-only`) it bounds the ratio from below.
+        for (name, gop) in [
+            ("MiniLM-L6 16x128", pass_gop(16, 128, 384, 1536, 6)),
+            ("bert-base 8x128", pass_gop(8, 128, 768, 3072, 12)),
+        ] {
+            let cores = threads as f64;
+            println!(
+                "{name} inference pass: linear layers {gop:.1} GOP, at least {:.0} ms \
+                 (8-bit) / {:.0} ms (7-bit) on {threads} cores at those ceilings",
+                gop / (g8 * cores) * 1e3,
+                gop / (g7 * cores) * 1e3
+            );
+        }
     }
     // Every kernel this CPU has but the portable one, interleaved run by run so that the
     // VM's drifts hit them alike.
