@@ -9,6 +9,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use ferrotune::bench::Preset;
 use ferrotune::kernels::{int8, linear};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -99,16 +100,19 @@ fn avx2_ceilings() -> Option<(f64, f64)> {
     Some((ops / best8, 2.0 * ops / best7))
 }
 
-/// GOP of the linear layers of one encoder inference pass (`batch` sequences of `seq`
-/// tokens; hidden width `h`, intermediate `i`, `layers` layers) as ferrotune runs it: every
-/// token through every layer but the last, whose attention output, output projection and
-/// feed-forward run for the `[CLS]` row of each sequence only (the classifier reads
-/// nothing else); its Q, K, V projection runs for every token (the keys and values).
-fn pass_gop(batch: usize, seq: usize, h: usize, i: usize, layers: usize) -> f64 {
+/// GOP of the linear layers of one inference pass of `preset` (`batch` sequences of `seq`
+/// tokens) as ferrotune runs it: every token through every layer but the last, whose
+/// attention output, output projection and feed-forward run for the `[CLS]` row of each
+/// sequence only (the classifier reads nothing else); its Q, K, V projection runs for
+/// every token (the keys and values). [`ferrotune::bench::forward_flops`] counts every
+/// layer whole, attention's products included.
+fn pass_gop(preset: &str, batch: usize, seq: usize) -> ferrotune::Result<f64> {
+    let p: Preset = preset.parse().map_err(ferrotune::Error::Msg)?;
+    let (h, i, layers) = (p.shape.hidden, p.shape.intermediate, p.shape.layers);
     let qkv = 3 * h * h;
     let rest = h * h + 2 * h * i;
     let macs = batch * seq * (layers * qkv + (layers - 1) * rest) + batch * rest;
-    2.0 * macs as f64 / 1e9
+    Ok(2.0 * macs as f64 / 1e9)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -128,13 +132,11 @@ fn main() -> ferrotune::Result<()> {
         // layers alone at the ceiling on every thread (perfect scaling; attention, softmax,
         // GELU, norms and quantizing free). Against PyTorch's best time of the same pass
         // (`bench/step-side-by-side --int8 --infer-only`) it bounds the ratio from below.
-        for (name, gop) in [
-            ("MiniLM-L6 16x128", pass_gop(16, 128, 384, 1536, 6)),
-            ("bert-base 8x128", pass_gop(8, 128, 768, 3072, 12)),
-        ] {
+        for (name, batch) in [("minilm-l6", 16), ("bert-base", 8)] {
+            let gop = pass_gop(name, batch, 128)?;
             let cores = threads as f64;
             println!(
-                "{name} inference pass: linear layers {gop:.1} GOP, at least {:.0} ms \
+                "{name} {batch}x128 inference pass: linear layers {gop:.1} GOP, at least {:.0} ms \
                  (8-bit) / {:.0} ms (7-bit) on {threads} cores at those ceilings",
                 gop / (g8 * cores) * 1e3,
                 gop / (g7 * cores) * 1e3
